@@ -1,0 +1,182 @@
+"""``audit``: the command line, a thin layer over the library.
+
+Each command parses its options, calls one library function and prints where its
+outputs are. Errors the user can fix (AuditError) become one line on stderr and
+exit status 1 (2 for a bad option value), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichBar
+
+from .errors import AuditError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Audit a labelled image dataset with Monte-Carlo dropout.",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class BarProgress:
+    """A rich progress bar on stderr; one summary line per finished task."""
+
+    def __init__(self, console: Console = err) -> None:
+        self.console = console
+        self.bar: RichBar | None = None
+        self.task = None
+
+    def start(self, description: str, total: int) -> None:
+        self.close()
+        self.bar = RichBar(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total or None, info="")
+
+    def advance(self, n: int, **fields: Any) -> None:
+        if self.bar is None:
+            return
+        info = " ".join(_fmt(k, v) for k, v in fields.items())
+        self.bar.update(self.task, advance=n, info=info)
+
+    def close(self, summary: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if summary:
+            self.console.print(summary, markup=False)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if key == "ips":
+        return f"{value:,.0f} img/s"
+    if isinstance(value, float):
+        return f"{key} {value:.4f}"
+    return f"{key} {value}"
+
+
+def handle_errors(fn):
+    """Turn AuditError into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AuditError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(2 if e.usage else 1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _root() -> None:
+    """Audit a labelled image dataset with Monte-Carlo dropout."""
+
+
+RunOpt = typer.Option(Path("runs/default"), "--run", help="Run folder (created by train).")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, gpu, or a chainer spec such as @cupy:1.")
+
+
+@app.command()
+@handle_errors
+def train(
+    data: str = typer.Option("mnist", "--data", help="mnist, an .npz file, or a folder DIR/{train,valid}/<class>/*.png."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
+    run: Path = RunOpt,
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(1000, "--batch-size"),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam's alpha."),
+    dropout: float = typer.Option(0.5, "--dropout", help="Dropout ratio of both dropout layers."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    subset: Optional[Path] = typer.Option(None, "--subset", help="Train only on these training indices (one per line, or .npy)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+) -> None:
+    """Train the origin CNN and write RUN/model.npz, train_log.csv and run.json."""
+    from .train import TrainConfig, train_run
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed)
+    result = train_run(
+        run,
+        data=data,
+        data_dir=None if data_dir is None else str(data_dir),
+        config=config,
+        subset=subset,
+        device=device,
+        overwrite=overwrite,
+        progress=BarProgress(),
+    )
+    err.print(
+        f"trained on {result.n_train:,} images in {result.seconds:.1f} s on {result.device}; "
+        f"validation accuracy {result.valid_accuracy:.4f}",
+        markup=False,
+    )
+    typer.echo(f"run written to {run}/ (model.npz, train_log.csv, run.json)")
+
+
+@app.command()
+@handle_errors
+def score(
+    run: Path = RunOpt,
+    samples: int = typer.Option(50, "--samples", "-T", help="Stochastic passes per image."),
+    splits: str = typer.Option("train,valid", "--splits", help="Comma-separated: train, valid."),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per batch (B*T rows go through the head)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the dropout masks."),
+    data: str = typer.Option("mnist", "--data", help="Data to train on when the run has no model yet."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
+) -> None:
+    """Score every image by MC dropout into RUN/scores.csv and mc_summary.npz (trains first if needed)."""
+    from .score import score_run
+
+    result = score_run(
+        run,
+        samples=samples,
+        splits=splits,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        data=data,
+        data_dir=None if data_dir is None else str(data_dir),
+        progress=BarProgress(),
+    )
+    df = result.scores
+    per_split = ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts(sort=False).items())
+    err.print(
+        f"scored {len(df):,} images ({per_split}) x {samples} passes in {result.seconds:.1f} s "
+        f"({len(df) / result.seconds:,.0f} images/s on {result.device}); accuracy of the MC mean "
+        f"{result.accuracy:.4f}; mean entropy {df['entropy'].mean():.4f}",
+        markup=False,
+    )
+    typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
+
+
+def main() -> None:  # pragma: no cover - console-script entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

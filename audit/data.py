@@ -1,0 +1,453 @@
+"""Datasets: MNIST from its IDX files, an ``.npz`` file, or a folder of images.
+
+Every loader returns a :class:`Dataset` of two :class:`Split` s (``train`` and
+``valid``) holding images as ``(N, C, H, W)`` uint8 or float32 arrays, ``(N,)`` int32
+labels, the class names, and, for folders, the path of each image.
+
+Glossary: N images, C channels, H x W pixels, ``n_classes`` classes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AuditError
+from .progress import NullProgress, Progress
+
+SPLITS = ("train", "valid")
+
+# design.md: sha256 of the *decompressed* IDX files.
+MNIST_FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# The original host answers 403 since 2024; these serve the same gzipped files.
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset.
+
+    x: (N, C, H, W) uint8 (0..255) or float32 images.
+    y: (N,) int32 labels in [0, n_classes).
+    paths: where each image came from (relative to the data folder), or None.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    paths: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled dataset with a training and a validation split."""
+
+    train: Split
+    valid: Split
+    class_names: tuple[str, ...]
+    source: str
+    fingerprint: str = field(default="")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(int(s) for s in self.train.x.shape[1:])  # type: ignore[return-value]
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise AuditError(f"split: expected one of {', '.join(SPLITS)}, got {name!r}")
+        return getattr(self, name)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """Images as float32 in [0, 1] for uint8 input; float input is taken as it is."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) * np.float32(1.0 / 255.0)
+    return x.astype(np.float32, copy=False)
+
+
+def fingerprint(train: Split, valid: Split, class_names: tuple[str, ...]) -> str:
+    """sha256 over both splits' images, labels and the class names."""
+    h = hashlib.sha256()
+    for s in (train, valid):
+        for a in (s.x, s.y):
+            h.update(str((a.dtype.str, a.shape)).encode())
+            h.update(np.ascontiguousarray(a).data)
+    h.update("\0".join(class_names).encode())
+    return h.hexdigest()
+
+
+def _finish(train: Split, valid: Split, class_names: tuple[str, ...], source: str) -> Dataset:
+    return Dataset(train, valid, class_names, source, fingerprint(train, valid, class_names))
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    data: str | os.PathLike = "mnist",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    progress: Progress | None = None,
+) -> Dataset:
+    """Load ``data``: ``"mnist"``, an ``.npz`` file or an image folder.
+
+    ``data_dir`` is where MNIST's IDX files are looked for first (then
+    ``$AUDIT_DATA_DIR``, then the user cache, downloading there when missing).
+
+    >>> ds = load_dataset("mnist")                      # doctest: +SKIP
+    >>> ds.train.x.shape, ds.valid.x.shape, ds.n_classes  # doctest: +SKIP
+    ((60000, 1, 28, 28), (10000, 1, 28, 28), 10)
+    """
+    if str(data) == "mnist":
+        return load_mnist(data_dir, download=download, progress=progress)
+    path = Path(data)
+    if not path.exists():
+        raise AuditError(
+            f"--data: {path} does not exist; expected 'mnist', an .npz file or a folder "
+            "with train/ and valid/"
+        )
+    if path.is_dir():
+        return load_image_folder(path, progress=progress)
+    if path.suffix.lower() == ".npz":
+        return load_npz(path)
+    raise AuditError(
+        f"--data: {path} is neither 'mnist', an .npz file nor a folder (suffix {path.suffix!r})"
+    )
+
+
+# ------------------------------------------------------------------------------ MNIST
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "audit" / "mnist"
+
+
+def mnist_search_path(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for MNIST, in order: ``data_dir``, ``$AUDIT_DATA_DIR``, cache."""
+    dirs = []
+    if data_dir is not None:
+        dirs.append(Path(data_dir))
+    if os.environ.get("AUDIT_DATA_DIR"):
+        dirs.append(Path(os.environ["AUDIT_DATA_DIR"]))
+    dirs.append(default_cache_dir())
+    return dirs
+
+
+def _find_mnist(dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        if all((d / f"{name}.gz").is_file() or (d / name).is_file() for name in MNIST_FILES):
+            return d
+    return None
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: Progress | None = None,
+) -> Dataset:
+    """MNIST: train = the 60,000 training images, valid = the 10,000 test images.
+
+    Each file's decompressed content is checked against design.md's sha256.
+    """
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise AuditError(f"--data-dir: {data_dir} is not a folder")
+    dirs = mnist_search_path(data_dir)
+    found = _find_mnist(dirs)
+    if found is None:
+        if not download:
+            raise AuditError(
+                "MNIST: the four IDX files are in none of " + ", ".join(map(str, dirs))
+            )
+        found = download_mnist(default_cache_dir(), progress=progress)
+    raw = {name: _read_checked(found, name) for name in MNIST_FILES}
+    train = Split(
+        _parse_idx_images(raw["train-images-idx3-ubyte"], found / "train-images-idx3-ubyte"),
+        _parse_idx_labels(raw["train-labels-idx1-ubyte"], found / "train-labels-idx1-ubyte"),
+    )
+    valid = Split(
+        _parse_idx_images(raw["t10k-images-idx3-ubyte"], found / "t10k-images-idx3-ubyte"),
+        _parse_idx_labels(raw["t10k-labels-idx1-ubyte"], found / "t10k-labels-idx1-ubyte"),
+    )
+    for s, what in ((train, "train"), (valid, "t10k")):
+        if len(s.x) != len(s.y):
+            raise AuditError(
+                f"MNIST {what}: {len(s.x)} images but {len(s.y)} labels in {found}"
+            )
+    return _finish(train, valid, tuple(str(i) for i in range(10)), "mnist")
+
+
+def _read_checked(folder: Path, name: str) -> bytes:
+    gz, plain = folder / f"{name}.gz", folder / name
+    path = gz if gz.is_file() else plain
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                content = f.read()
+        else:
+            content = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise AuditError(f"{path}: not a readable gzip file ({e}); delete it to re-download") from None
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != MNIST_FILES[name]:
+        raise AuditError(
+            f"{path}: sha256 of the content is {digest[:16]}..., expected "
+            f"{MNIST_FILES[name][:16]}... (corrupt or not the original MNIST file)"
+        )
+    return content
+
+
+def _parse_idx_images(content: bytes, path: Path) -> np.ndarray:
+    if len(content) < 16:
+        raise AuditError(f"{path}: truncated IDX header ({len(content)} bytes)")
+    magic, n, rows, cols = struct.unpack(">IIII", content[:16])
+    if magic != 0x00000803:
+        raise AuditError(f"{path}: IDX magic {magic:#010x}, expected 0x00000803 (uint8 images)")
+    if len(content) != 16 + n * rows * cols:
+        raise AuditError(
+            f"{path}: {len(content) - 16} bytes of pixels, expected {n}x{rows}x{cols}"
+        )
+    return np.frombuffer(content, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()
+
+
+def _parse_idx_labels(content: bytes, path: Path) -> np.ndarray:
+    if len(content) < 8:
+        raise AuditError(f"{path}: truncated IDX header ({len(content)} bytes)")
+    magic, n = struct.unpack(">II", content[:8])
+    if magic != 0x00000801:
+        raise AuditError(f"{path}: IDX magic {magic:#010x}, expected 0x00000801 (uint8 labels)")
+    if len(content) != 8 + n:
+        raise AuditError(f"{path}: {len(content) - 8} labels, expected {n}")
+    return np.frombuffer(content, np.uint8, offset=8).astype(np.int32)
+
+
+def download_mnist(
+    folder: Path, *, mirrors: tuple[str, ...] | None = None, progress: Progress | None = None
+) -> Path:
+    """Download the four gzipped IDX files into ``folder``; each is checked, then
+    moved into place, so a failed download leaves nothing behind."""
+    progress = progress or NullProgress()
+    mirrors = MNIST_MIRRORS if mirrors is None else mirrors
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for name in MNIST_FILES:
+        target = folder / f"{name}.gz"
+        if target.is_file():
+            continue
+        for mirror in mirrors:
+            try:
+                _download(mirror + f"{name}.gz", target, progress)
+                _read_checked(folder, name)
+                break
+            except (urllib.error.URLError, OSError, TimeoutError) as e:
+                errors.append(f"{mirror}: {getattr(e, 'reason', e)}")
+            except AuditError as e:
+                target.unlink(missing_ok=True)
+                errors.append(str(e))
+        else:
+            raise AuditError(
+                f"MNIST: could not download {name}.gz into {folder} (offline?); "
+                f"put the four IDX files there or pass --data-dir. Tried: {'; '.join(errors)}"
+            )
+    return folder
+
+
+def _download(url: str, target: Path, progress: Progress) -> None:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0)
+        progress.start(f"download {target.name}", total)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    progress.advance(len(chunk))
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            progress.close()
+
+
+# -------------------------------------------------------------------------------- npz
+
+
+def load_npz(path: str | os.PathLike) -> Dataset:
+    """An ``.npz`` with ``x_train, y_train, x_valid, y_valid`` (and optionally
+    ``class_names``). Images N x H x W or N x C x H x W, uint8 or float."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile, pickle and format errors all mean "not an npz"
+        raise AuditError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("x_train", "y_train", "x_valid", "y_valid") if k not in arrays]
+    if missing:
+        raise AuditError(
+            f"{path}: missing array(s) {', '.join(missing)}; expected x_train, y_train, "
+            f"x_valid, y_valid (found {', '.join(sorted(arrays)) or 'none'})"
+        )
+    xs = {s: _check_images(arrays[f"x_{s}"], f"{path}: x_{s}") for s in SPLITS}
+    if xs["train"].shape[1:] != xs["valid"].shape[1:]:
+        raise AuditError(
+            f"{path}: x_train images are {xs['train'].shape[1:]} but x_valid images are "
+            f"{xs['valid'].shape[1:]} (C, H, W); they must match"
+        )
+    ys = {s: _check_labels(arrays[f"y_{s}"], f"{path}: y_{s}") for s in SPLITS}
+    for s in SPLITS:
+        if len(xs[s]) != len(ys[s]):
+            raise AuditError(f"{path}: x_{s} has {len(xs[s])} images but y_{s} has {len(ys[s])} labels")
+    if "class_names" in arrays:
+        class_names = tuple(str(c) for c in np.asarray(arrays["class_names"]).ravel())
+    else:
+        top = max(int(ys[s].max(initial=-1)) for s in SPLITS)
+        class_names = tuple(str(i) for i in range(top + 1))
+    for s in SPLITS:
+        bad = (ys[s] < 0) | (ys[s] >= len(class_names))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise AuditError(
+                f"{path}: y_{s}[{i}] = {int(ys[s][i])} is out of range; expected labels in "
+                f"0..{len(class_names) - 1} ({int(bad.sum())} bad)"
+            )
+    if len(class_names) < 2:
+        raise AuditError(f"{path}: found {len(class_names)} class(es); need at least 2")
+    train, valid = (Split(xs[s], ys[s]) for s in SPLITS)
+    return _finish(train, valid, class_names, str(path))
+
+
+def _check_images(x: np.ndarray, what: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise AuditError(f"{what}: expected N x H x W or N x C x H x W images, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise AuditError(f"{what}: no images")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise AuditError(f"{what}: contains NaN or infinite values")
+        return x
+    raise AuditError(f"{what}: expected uint8 or float images, got dtype {x.dtype}")
+
+
+def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise AuditError(f"{what}: expected a 1-d array of labels, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        raise AuditError(f"{what}: expected integer labels, got dtype {y.dtype}")
+    return y.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
+    """Images laid out as ``root/train/<class>/*.png`` and ``root/valid/<class>/*``.
+
+    Class names are the sorted folder names of ``train``. All images must share one
+    size; greyscale images stay one channel unless any image is colour (then RGB).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    progress = progress or NullProgress()
+    root = Path(root)
+    for s in SPLITS:
+        if not (root / s).is_dir():
+            raise AuditError(f"--data: {root} has no {s}/ folder; expected {root}/{s}/<class>/*.png")
+    class_names = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    if len(class_names) < 2:
+        raise AuditError(
+            f"{root}/train: found {len(class_names)} class folder(s); need at least 2"
+        )
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for s in SPLITS:
+        files[s] = []
+        for d in sorted(p for p in (root / s).iterdir() if p.is_dir()):
+            if d.name not in class_names:
+                raise AuditError(f"{d}: class {d.name!r} is not among the train classes")
+            images = sorted(
+                p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                raise AuditError(
+                    f"{d}: class folder has no images (expected {', '.join(IMAGE_SUFFIXES)})"
+                )
+            files[s] += [(p, class_names.index(d.name)) for p in images]
+        if not files[s]:
+            raise AuditError(f"{root / s}: no class folders with images")
+
+    total = sum(len(v) for v in files.values())
+    progress.start(f"read {root}", total)
+    loaded: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    sizes: dict[tuple[int, int], list[Path]] = {}
+    grey = True
+    for s in SPLITS:
+        for p, _ in files[s]:
+            try:
+                with Image.open(p) as im:
+                    im.load()
+                    grey_im = im.mode in _GREY_MODES
+                    arr = im.convert("L" if grey_im else "RGB")
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                raise AuditError(f"{p}: not a readable image ({e})") from None
+            grey &= grey_im
+            sizes.setdefault(arr.size, []).append(p)
+            loaded[s].append(arr)
+            progress.advance(1)
+    progress.close()
+    if len(sizes) > 1:
+        common = max(sizes, key=lambda k: len(sizes[k]))
+        odd = [p for k, ps in sizes.items() if k != common for p in ps]
+        raise AuditError(
+            f"{root}: images differ in size; most are {common[0]}x{common[1]} but "
+            f"{len(odd)} are not, e.g. {', '.join(str(p) for p in odd[:3])}"
+        )
+    mode = "L" if grey else "RGB"
+
+    def stack(ims: list) -> np.ndarray:
+        a = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in ims])
+        return a[:, None] if mode == "L" else a.transpose(0, 3, 1, 2).copy()  # (N,H,W,3) -> (N,3,H,W)
+
+    splits = {
+        s: Split(
+            stack(loaded[s]),
+            np.array([c for _, c in files[s]], dtype=np.int32),
+            tuple(str(p.relative_to(root)) for p, _ in files[s]),
+        )
+        for s in SPLITS
+    }
+    return _finish(splits["train"], splits["valid"], class_names, str(root))
+

@@ -1,0 +1,69 @@
+"""``--device``: ``cpu``, ``gpu`` (the first CUDA GPU) or a chainer spec like ``@cupy:1``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _compat  # noqa: F401
+import chainer
+
+from .errors import AuditError
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs CuPy can use here; 0 when CuPy, CUDA or a driver is missing."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
+        return 0
+
+
+def get_device(spec: str = "cpu") -> chainer.backend.Device:
+    """A chainer device for ``spec``; a clear error when it is not usable here."""
+    s = str(spec).strip().lower()
+    if s in ("cpu", "@numpy", "numpy"):
+        return chainer.get_device("@numpy")
+    if s in ("gpu", "cuda", "@cupy"):
+        s = "@cupy:0"
+    if s.isdigit():
+        s = f"@cupy:{s}"
+    if not s.startswith("@cupy:") or not s[6:].isdigit():
+        raise AuditError(
+            f"--device: expected cpu, gpu or @cupy:N, got {spec!r}", usage=True
+        )
+    n, want = gpu_count(), int(s[6:])
+    if want >= n:
+        have = f"{n} usable CUDA GPU(s)" if n else "no usable CUDA GPU (is cupy installed, with a driver?)"
+        raise AuditError(f"--device {spec}: this machine has {have}")
+    return chainer.get_device(s)
+
+
+def xp_of(device: chainer.backend.Device):
+    return device.xp
+
+
+def make_rng(device: chainer.backend.Device, seed):
+    """A Generator on ``device`` (NumPy's on CPU, CuPy's on GPU) seeded by ``seed``.
+
+    ``seed`` may be an int or a sequence of ints (NumPy); CuPy takes their hash.
+    """
+    if device.xp is np:
+        return np.random.default_rng(seed)
+    import cupy
+
+    if not isinstance(seed, int):
+        seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1)
+    with device:
+        return cupy.random.default_rng(seed)
+
+
+def describe(device: chainer.backend.Device) -> str:
+    if device.xp is np:
+        return "cpu"
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device.device.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return f"{device} ({name})"

@@ -1,0 +1,115 @@
+"""Uncertainty scores from MC-dropout predictions: pure, xp-agnostic functions.
+
+Layout (design.md): ``mc_probs`` is (N, T, C) — N images, T stochastic passes, C
+classes, each row a softmax; ``probs`` is its mean over passes, (N, C); ``labels``
+is (N,) int. Every score is (N,) and **higher means more uncertain or more
+suspicious**. Natural logarithms. Each function works on NumPy and CuPy arrays alike
+and returns an array of the same kind; none prints, reads files or draws random numbers.
+
+>>> import numpy as np
+>>> uniform = np.full((1, 5, 4), 0.25, np.float32)          # 1 image, 5 passes, 4 classes
+>>> float(entropy(uniform.mean(axis=1))[0])                 # ln 4
+1.3862943...
+>>> float(mutual_info(uniform)[0])                          # identical passes: no disagreement
+0.0
+"""
+
+from __future__ import annotations
+
+from . import _compat  # noqa: F401
+from chainer.backend import get_array_module
+
+# Smallest positive float32: p * log(max(p, tiny)) is 0 at p = 0 without log(0).
+_TINY = 1.1754944e-38
+
+
+def _xlogx_sum(p):
+    """sum_c p_c log p_c over the last axis, with 0 log 0 = 0."""
+    xp = get_array_module(p)
+    return (p * xp.log(xp.maximum(p, _TINY))).sum(axis=-1)
+
+
+def entropy(probs):
+    """Predictive entropy H[p̄] = -Σ_c p̄_c log p̄_c, (N, C) -> (N,). Higher: more uncertain.
+
+    Lies in [0, log C]; the origin's measure.
+    """
+    return -_xlogx_sum(probs)
+
+
+def expected_entropy(mc_probs):
+    """mean_t H[p_t], (N, T, C) -> (N,): the aleatoric part. Higher: noisier input."""
+    return -_xlogx_sum(mc_probs).mean(axis=1)  # (N, T) -> (N,)
+
+
+def mutual_info(mc_probs, probs=None):
+    """BALD: H[p̄] - mean_t H[p_t], (N, T, C) -> (N,). Higher: the passes disagree
+    (epistemic uncertainty). In [0, entropy]; rounding below 0 is clipped to 0."""
+    xp = get_array_module(mc_probs)
+    if probs is None:
+        probs = mc_probs.mean(axis=1)  # (N, T, C) -> (N, C)
+    return xp.maximum(entropy(probs) - expected_entropy(mc_probs), 0)
+
+
+def variation_ratio(mc_probs):
+    """1 - (passes voting for the modal class) / T, (N, T, C) -> (N,) (Gal's definition).
+
+    0 when every pass picks the same class; at most 1 - 1/C. Higher: more uncertain.
+    """
+    xp = get_array_module(mc_probs)
+    n, t, c = mc_probs.shape
+    votes = mc_probs.argmax(axis=2)  # (N, T)
+    counts = (votes[:, :, None] == xp.arange(c)[None, None, :]).sum(axis=1)  # (N, C)
+    return 1 - counts.max(axis=1).astype(mc_probs.dtype) / t
+
+
+def mean_std(mc_probs):
+    """Mean over classes of the std over passes of p_tc, (N, T, C) -> (N,). Higher: more uncertain."""
+    return mc_probs.std(axis=1).mean(axis=1)  # (N, T, C) -> (N, C) -> (N,)
+
+
+def p_label(probs, labels):
+    """p̄ at the given label, (N, C), (N,) -> (N,). *Lower* is more suspicious."""
+    xp = get_array_module(probs)
+    return probs[xp.arange(probs.shape[0]), labels]
+
+
+def margin(probs, labels):
+    """p̄[label] - max over other classes of p̄, (N, C), (N,) -> (N,).
+
+    Negative: the model prefers another class. *Lower* is more suspicious.
+    """
+    xp = get_array_module(probs)
+    rows = xp.arange(probs.shape[0])
+    given = probs[rows, labels]
+    others = probs.copy()
+    others[rows, labels] = -xp.inf
+    return given - others.max(axis=1)
+
+
+def pred(probs):
+    """argmax of p̄, (N, C) -> (N,)."""
+    return probs.argmax(axis=1)
+
+
+# The label-free scores of an MC prediction, in scores.csv's column order.
+SCORE_NAMES = ("entropy", "expected_entropy", "mutual_info", "variation_ratio", "mean_std")
+
+
+def all_scores(mc_probs) -> dict:
+    """Every label-free score of ``mc_probs`` (N, T, C), plus ``probs`` (N, C).
+
+    Shares the mean and the per-pass entropies between the scores.
+    """
+    probs = mc_probs.mean(axis=1)  # (N, T, C) -> (N, C)
+    h = entropy(probs)
+    eh = expected_entropy(mc_probs)
+    xp = get_array_module(mc_probs)
+    return {
+        "probs": probs,
+        "entropy": h,
+        "expected_entropy": eh,
+        "mutual_info": xp.maximum(h - eh, 0),
+        "variation_ratio": variation_ratio(mc_probs),
+        "mean_std": mean_std(mc_probs),
+    }

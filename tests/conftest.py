@@ -1,0 +1,78 @@
+"""Shared fixtures: small generated datasets, and MNIST where it is available."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import audit._compat  # noqa: F401  (before anything imports chainer)
+import numpy as np
+import pytest
+
+MNIST_NAMES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def make_shapes(n_per_class: int, *, size: int = 16, seed: int = 0, channels: int = 1):
+    """(x, y): uint8 images of three easy classes (horizontal bar, vertical bar,
+    diagonal), with pixel noise and random offsets. (N, C, size, size)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in range(3):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 60, size=(size, size)).astype(np.int32)
+            o = int(rng.integers(3, size - 3))
+            if c == 0:
+                img[o - 1 : o + 2, 2:-2] += 180
+            elif c == 1:
+                img[2:-2, o - 1 : o + 2] += 180
+            else:
+                for i in range(2, size - 2):
+                    img[i, max(0, i - 1) : i + 2] += 180
+            xs.append(np.clip(img, 0, 255).astype(np.uint8))
+            ys.append(c)
+    x = np.stack(xs)[:, None]
+    if channels == 3:
+        x = np.repeat(x, 3, axis=1)
+    perm = rng.permutation(len(ys))
+    return x[perm], np.array(ys, dtype=np.int64)[perm]
+
+
+@pytest.fixture(scope="session")
+def shapes_npz(tmp_path_factory) -> Path:
+    """A 3-class .npz: 300 train and 90 valid 16x16 greyscale images."""
+    path = tmp_path_factory.mktemp("data") / "shapes.npz"
+    x_train, y_train = make_shapes(100, seed=1)
+    x_valid, y_valid = make_shapes(30, seed=2)
+    np.savez(path, x_train=x_train[:, 0], y_train=y_train, x_valid=x_valid[:, 0], y_valid=y_valid)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder with MNIST's four IDX files ($AUDIT_DATA_DIR); skips without it."""
+    d = os.environ.get("AUDIT_DATA_DIR")
+    if not d or not all((Path(d) / n).is_file() for n in MNIST_NAMES):
+        pytest.skip("MNIST IDX files not found: set AUDIT_DATA_DIR to the folder holding them")
+    return Path(d)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never let a test download into or read from the user's real cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, where CuPy has no usable GPU."""
+    from audit.device import gpu_count
+
+    if any("gpu" in item.keywords for item in items) and gpu_count() == 0:
+        skip = pytest.mark.skip(reason="no usable CUDA GPU (cupy missing, or no driver/device)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,177 @@
+"""Each command through typer's CliRunner: outputs, exit codes, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+
+runner = CliRunner()
+
+FAST = ["--epochs", "4", "--batch-size", "32", "--lr", "1e-3"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments, code=None):
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    for f in fragments:
+        assert f in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_npz, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "shapes"
+    r = invoke("train", "--data", shapes_npz, "--run", run, *FAST)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def test_train_prints_progress_and_where(trained, shapes_npz, tmp_path):
+    run = tmp_path / "again"
+    r = invoke("train", "--data", shapes_npz, "--run", run, *FAST)
+    assert r.exit_code == 0
+    assert "epoch 4/4: loss" in r.output and "images/s" in r.output
+    assert r.output.strip().splitlines()[-1] == f"run written to {run}/ (model.npz, train_log.csv, run.json)"
+
+
+def test_score_writes_scores_and_summary(trained):
+    r = invoke("score", "--run", trained, "--samples", "10")
+    assert r.exit_code == 0, r.output
+    assert "scored 390 images (train 300, valid 90) x 10 passes" in r.output
+    assert r.output.strip().splitlines()[-1] == f"scores written to {trained}/scores.csv and {trained}/mc_summary.npz"
+    df = pd.read_csv(trained / "scores.csv")
+    assert list(df.columns) == [
+        "split", "index", "label", "pred", "p_label", "entropy", "expected_entropy",
+        "mutual_info", "variation_ratio", "mean_std", "margin",
+    ]
+    assert len(df) == 390 and df.split.tolist()[:1] == ["train"] and df.split.iloc[-1] == "valid"
+    assert (df.pred == df.label).mean() > 0.9
+    with np.load(trained / "mc_summary.npz") as z:
+        assert z["probs"].shape == (390, 3)
+        np.testing.assert_array_equal(z["probs"].argmax(1), df.pred)
+    meta = json.loads((trained / "run.json").read_text())
+    assert meta["score"]["samples"] == 10 and meta["score"]["n_scored"] == 390
+
+
+def test_score_one_split_with_paths(tmp_path):
+    from PIL import Image
+
+    from conftest import make_shapes
+
+    x, y = make_shapes(8)
+    for split in ("train", "valid"):
+        for i, (img, c) in enumerate(zip(x, y)):
+            d = tmp_path / "imgs" / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0]).save(d / f"{i}.png")
+    run = tmp_path / "run"
+    assert invoke("train", "--data", tmp_path / "imgs", "--run", run, "--epochs", "1").exit_code == 0
+    r = invoke("score", "--run", run, "--samples", "3", "--splits", "valid")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(run / "scores.csv")
+    assert set(df.split) == {"valid"} and df.path.str.startswith("valid/class_").all()
+
+
+def test_score_trains_first_when_the_run_has_no_model(shapes_npz, tmp_path):
+    run = tmp_path / "fresh"
+    r = invoke("score", "--run", run, "--data", shapes_npz, "--samples", "2")
+    assert r.exit_code == 0, r.output
+    assert "epoch 10/10" in r.output and (run / "model.npz").is_file() and (run / "scores.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, fragments, code",
+    [
+        (["train", "--data", "/no/such/file.npz"], ["--data: /no/such/file.npz does not exist"], 1),
+        (["train", "--device", "tpu"], ["--device: expected cpu, gpu or @cupy:N, got 'tpu'"], 2),
+        (["train", "--device", "@cupy:7"], ["--device @cupy:7: this machine has"], 1),
+        (["train", "--epochs", "0"], ["--epochs: expected at least 1"], 2),
+        (["train", "--data-dir", "/no/such/dir"], ["--data-dir: /no/such/dir is not a folder"], 1),
+    ],
+)
+def test_bad_train_input(args, fragments, code, tmp_path):
+    r = invoke(*args, "--run", tmp_path / "r")
+    assert_one_line_error(r, *fragments, code=code)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_subset(shapes_npz, tmp_path):
+    sub = tmp_path / "s.txt"
+    sub.write_text("0\n5000\n")
+    r = invoke("train", "--data", shapes_npz, "--run", tmp_path / "r", "--subset", sub)
+    assert_one_line_error(r, "--subset", "index 5000 is out of range", code=1)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragments, code",
+    [
+        (["--samples", "0"], ["--samples: expected a positive number of passes"], 2),
+        (["--samples", "-4"], ["--samples"], 2),
+        (["--splits", "train,test"], ["--splits: expected a comma-separated list of train, valid"], 2),
+        (["--device", "gpu"], ["--device gpu: this machine has"], 1),
+    ],
+)
+def test_bad_score_input(trained, args, fragments, code):
+    before = (trained / "scores.csv").read_bytes() if (trained / "scores.csv").exists() else None
+    r = invoke("score", "--run", trained, *args)
+    if "gpu" in args:
+        from audit.device import gpu_count
+
+        if gpu_count():
+            pytest.skip("this machine has a GPU")
+    assert_one_line_error(r, *fragments, code=code)
+    after = (trained / "scores.csv").read_bytes() if (trained / "scores.csv").exists() else None
+    assert before == after  # no partial scores.csv
+
+
+def test_score_missing_run_folder_with_files(tmp_path):
+    run = tmp_path / "notarun"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    r = invoke("score", "--run", run)
+    assert_one_line_error(r, "has files but no model.npz", code=1)
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "scores.csv").exists()
+
+
+def test_score_model_of_another_class_count(trained, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    meta = json.loads((other / "run.json").read_text())
+    meta["model"]["n_classes"] = 7
+    (other / "run.json").write_text(json.dumps(meta))
+    r = invoke("score", "--run", other, "--samples", "2")
+    assert_one_line_error(r, "model.npz: does not fit the model in run.json", code=1)
+
+
+def test_score_on_changed_data(trained, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    meta = json.loads((other / "run.json").read_text())
+    with np.load(meta["data"]["data"]) as z:
+        arrays = dict(z)
+    arrays["y_valid"] = (arrays["y_valid"] + 1) % 3
+    changed = tmp_path / "changed.npz"
+    np.savez(changed, **arrays)
+    meta["data"]["data"] = str(changed)
+    (other / "run.json").write_text(json.dumps(meta))
+    r = invoke("score", "--run", other, "--samples", "2")
+    assert_one_line_error(r, "is not the data this run was trained on", code=1)

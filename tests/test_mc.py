@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import chainer
+import numpy as np
+import pytest
+
+import audit
+from audit import mc
+from audit.errors import AuditError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return audit.build_model(4, (1, 12, 12), seed=1, dropout=0.5)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (150, 1, 12, 12), dtype=np.uint8)
+
+
+def _sampler(mode="independent", samples=6, seed=0, ratio=0.5):
+    return mc.MaskSampler(samples=samples, hidden=1000, ratio=ratio, seed=seed, mode=mode,
+                          device=chainer.get_device("@numpy"))
+
+
+@pytest.mark.parametrize("dropout", [0.5, 0.3])
+def test_engine_equals_the_per_image_reference(images, dropout):
+    m = audit.build_model(4, (1, 12, 12), seed=2, dropout=dropout)
+    x = images[:70]  # crosses a mask block boundary (64)
+    r = mc.mc_predict(m, x, samples=6, batch_size=32, seed=3, return_mc=True)
+    sampler = mc.MaskSampler(samples=6, hidden=1000, ratio=dropout, seed=3, mode="independent",
+                             device=chainer.get_device("@numpy"))
+    m1, m2 = sampler(0, len(x))
+    ref = mc.reference_mc_probs(m, x, m1, m2)
+    np.testing.assert_allclose(r.mc_probs, ref, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(r.probs, ref.mean(axis=1), rtol=1e-5, atol=2e-6)
+
+
+def test_scores_do_not_depend_on_batch_size(model, images):
+    a = mc.mc_predict(model, images, samples=5, batch_size=7, seed=1)
+    b = mc.mc_predict(model, images, samples=5, batch_size=128, seed=1)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    np.testing.assert_allclose(a.mutual_info, b.mutual_info, atol=1e-5)
+
+
+def test_seeded(model, images):
+    a = mc.mc_predict(model, images, samples=5, seed=1)
+    b = mc.mc_predict(model, images, samples=5, seed=1)
+    c = mc.mc_predict(model, images, samples=5, seed=2)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    assert not np.array_equal(a.probs, c.probs)
+
+
+def test_passes_differ_and_masks_are_independent_per_image(model, images):
+    same = np.repeat(images[:1], 3, axis=0)
+    r = mc.mc_predict(model, same, samples=4, return_mc=True)
+    assert not np.allclose(r.mc_probs[0, 0], r.mc_probs[0, 1])  # passes differ
+    assert not np.allclose(r.mc_probs[0], r.mc_probs[1])  # same image, other masks
+
+
+def test_consistent_masks_are_shared_by_all_images(model, images):
+    same = np.repeat(images[:1], 3, axis=0)
+    r = mc.mc_predict(model, same, samples=4, masks="consistent", return_mc=True)
+    np.testing.assert_allclose(r.mc_probs[0], r.mc_probs[2], atol=1e-6)
+    m1, m2 = _sampler("consistent")(0, 100)
+    assert m1.shape == (1, 6, 1000)
+
+
+def test_dropout_off_in_the_trunk_and_global_flag_untouched(model, images):
+    assert chainer.config.train is True
+    mc.mc_predict(model, images[:3], samples=2)
+    assert chainer.config.train is True
+
+
+def test_mask_rate_and_blocks():
+    s = _sampler(samples=10)
+    m1, m2 = s(0, 200)
+    assert m1.shape == (200, 10, 1000) and abs(float(m1.mean()) - 0.5) < 0.01
+    # a slice of the range has the same masks as the whole
+    p1, _ = _sampler(samples=10)(70, 130)
+    np.testing.assert_array_equal(p1, m1[70:130])
+    q1, _ = _sampler(samples=10, ratio=0.25)(0, 64)
+    assert abs(float(q1.mean()) - 0.75) < 0.01
+
+
+def test_mc_result_matches_metrics(model, images):
+    r = mc.mc_predict(model, images, samples=8, return_mc=True)
+    s = audit.metrics.all_scores(r.mc_probs)
+    for k in audit.metrics.SCORE_NAMES:
+        np.testing.assert_allclose(getattr(r, k), s[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.probs.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("samples", [0, -3])
+def test_bad_samples(model, images, samples):
+    with pytest.raises(AuditError, match="--samples"):
+        mc.mc_predict(model, images, samples=samples)
+
+
+def test_wrong_image_shape(model):
+    with pytest.raises(AuditError, match=r"expected images of shape \(N, 1, 12, 12\)"):
+        mc.mc_predict(model, np.zeros((2, 1, 28, 28), np.uint8))

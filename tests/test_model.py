@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import chainer
+import numpy as np
+import pytest
+
+from audit.errors import AuditError
+from audit.model import OriginCNN, build_model, keep_mask
+
+
+def test_trunk_then_head_is_forward():
+    m = build_model(10, (1, 28, 28), seed=3)
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        h = m.trunk(x)
+        assert h.shape == (4, 1000)
+        np.testing.assert_array_equal(m.head(h).array, m(x).array)
+
+
+def test_origin_shapes():
+    m = OriginCNN(10, (1, 28, 28))
+    assert m.conv1.W.shape == (16, 1, 3, 3) and m.conv2.W.shape == (32, 16, 3, 3)
+    # 28 -> conv 26 -> pool 13 -> conv 11 -> pool 6 (chainer's cover_all) : 32*6*6
+    assert m.fc3.W.shape == (1000, 1152) and m.fc4.W.shape == (1000, 1000) and m.fc5.W.shape == (10, 1000)
+    rgb = OriginCNN(4, (3, 16, 20))
+    assert rgb.conv1.W.shape == (16, 3, 3, 3) and rgb.fc5.W.shape == (4, 1000)
+
+
+def test_seed_fixes_the_initial_weights():
+    a, b, c = build_model(3, (1, 16, 16), seed=1), build_model(3, (1, 16, 16), seed=1), build_model(3, (1, 16, 16), seed=2)
+    for (name, pa), (_, pb), (_, pc) in zip(a.namedparams(), b.namedparams(), c.namedparams()):
+        np.testing.assert_array_equal(pa.array, pb.array)
+        if name.endswith("/W"):
+            assert not np.array_equal(pa.array, pc.array)
+
+
+def test_dropout_only_in_training_mode():
+    m = build_model(3, (1, 16, 16), seed=0)
+    x = np.ones((2, 1, 16, 16), np.float32)
+    rng = np.random.default_rng(0)
+    with chainer.using_config("train", False):
+        np.testing.assert_array_equal(m(x, rng=rng).array, m(x, rng=rng).array)
+    with chainer.using_config("train", True):
+        assert not np.array_equal(m(x, rng=rng).array, m(x, rng=rng).array)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.2, 0.7])
+def test_keep_mask_rate(ratio):
+    mask = keep_mask(np.random.default_rng(0), (200, 1000), ratio)
+    assert mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+    assert abs(mask.mean() - (1 - ratio)) < 0.005
+
+
+def test_bad_dropout_and_classes():
+    with pytest.raises(AuditError, match="--dropout"):
+        build_model(3, dropout=1.0)
+    with pytest.raises(AuditError, match="n_classes"):
+        build_model(1)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from audit import TrainConfig, load_dataset, train, train_run
+from audit.errors import AuditError
+from audit.train import read_subset
+
+FAST = TrainConfig(epochs=4, batch_size=32, lr=1e-3, seed=0)
+
+
+def test_learns_the_shapes(shapes_npz):
+    result = train(load_dataset(shapes_npz), FAST)
+    assert result.valid_accuracy >= 0.9
+    assert [r.epoch for r in result.log] == [1, 2, 3, 4]
+    assert result.log[-1].train_loss < result.log[0].train_loss
+    assert all(r.images_per_s > 0 for r in result.log)
+
+
+def test_same_seed_same_weights_other_seed_not(shapes_npz):
+    ds = load_dataset(shapes_npz)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-3, seed=5)
+    a, b = train(ds, cfg), train(ds, cfg)
+    c = train(ds, TrainConfig(epochs=1, batch_size=64, lr=1e-3, seed=6))
+    pa, pb, pc = (dict(r.model.namedparams()) for r in (a, b, c))
+    for k in pa:
+        np.testing.assert_array_equal(pa[k].array, pb[k].array)
+    assert not np.array_equal(pa["/fc4/W"].array, pc["/fc4/W"].array)
+
+
+def test_train_run_writes_the_run_folder(shapes_npz, tmp_path):
+    run = tmp_path / "runs" / "r1"
+    result = train_run(run, data=str(shapes_npz), config=FAST)
+    assert sorted(p.name for p in run.iterdir()) == ["model.npz", "run.json", "train_log.csv"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["config"]["epochs"] == 4 and meta["seed"] == 0
+    assert meta["data"]["fingerprint"] == load_dataset(shapes_npz).fingerprint
+    assert meta["model"]["n_classes"] == 3 and meta["model"]["image_shape"] == [1, 16, 16]
+    assert {"python", "chainer", "numpy"} <= set(meta["versions"])
+    assert meta["device"] == "cpu" and meta["timings"]["train_seconds"] > 0
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log.columns) == [
+        "epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "images_per_s"
+    ]
+    assert len(log) == 4 and log.valid_accuracy.iloc[-1] == pytest.approx(result.valid_accuracy, abs=1e-5)
+    assert not list(run.parent.glob(".*"))  # no staging leftovers
+
+
+def test_existing_run_is_kept_unless_overwrite(shapes_npz, tmp_path):
+    run = tmp_path / "r"
+    cfg = TrainConfig(epochs=1, batch_size=64)
+    train_run(run, data=str(shapes_npz), config=cfg)
+    before = (run / "model.npz").read_bytes()
+    with pytest.raises(AuditError, match="already exists; pass --overwrite"):
+        train_run(run, data=str(shapes_npz), config=cfg)
+    assert (run / "model.npz").read_bytes() == before
+    train_run(run, data=str(shapes_npz), config=TrainConfig(epochs=1, batch_size=64, seed=1), overwrite=True)
+    assert (run / "model.npz").read_bytes() != before
+    assert json.loads((run / "run.json").read_text())["seed"] == 1
+
+
+def test_subset(shapes_npz, tmp_path):
+    sub = tmp_path / "subset.txt"
+    sub.write_text("# first fifty\n" + "\n".join(map(str, range(50))) + "\n")
+    run = tmp_path / "r"
+    result = train_run(run, data=str(shapes_npz), config=TrainConfig(epochs=1, batch_size=16), subset=sub)
+    assert result.n_train == 50
+    assert (run / "subset.txt").read_text().split() == [str(i) for i in range(50)]
+    assert json.loads((run / "run.json").read_text())["data"]["subset"]["n"] == 50
+
+
+def test_read_subset_formats_and_errors(tmp_path):
+    csv = tmp_path / "s.csv"
+    csv.write_text("split,index\ntrain,3\ntrain,1\n")
+    assert read_subset(csv, 10).tolist() == [3, 1]
+    npy = tmp_path / "s.npy"
+    np.save(npy, np.array([0, 9]))
+    assert read_subset(npy, 10).tolist() == [0, 9]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1\n12\n")
+    with pytest.raises(AuditError, match=r"index 12 is out of range; the training split has 10 images"):
+        read_subset(bad, 10)
+    bad.write_text("1\nx\n")
+    with pytest.raises(AuditError, match=r"first line|expected integer indices"):
+        read_subset(bad, 10)
+    bad.write_text("1\n1\n")
+    with pytest.raises(AuditError, match="duplicate"):
+        read_subset(bad, 10)
+    with pytest.raises(AuditError, match="does not exist"):
+        read_subset(tmp_path / "none.txt", 10)
+
+
+def test_failed_run_leaves_nothing(shapes_npz, tmp_path):
+    sub = tmp_path / "s.txt"
+    sub.write_text("100000\n")
+    run = tmp_path / "runs" / "r"
+    with pytest.raises(AuditError, match="out of range"):
+        train_run(run, data=str(shapes_npz), subset=sub)
+    assert not run.exists()
+    assert not list((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else True
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [(dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"), (dict(dropout=1.0), "--dropout")],
+)
+def test_bad_config(kwargs, option):
+    with pytest.raises(AuditError, match=option):
+        TrainConfig(**kwargs)
