@@ -20,10 +20,14 @@ means and the (N,) scores travel back, and memory is bounded by the batch size.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import _compat  # noqa: F401
 import chainer
@@ -32,15 +36,21 @@ from . import metrics
 from .data import to_float32
 from .device import get_device, make_rng
 from .errors import AuditError
-from .model import OriginCNN
+from .model import OriginCNN, keep_bits
 from .progress import NullProgress, Progress
 
-# Images per mask block. Small enough that a short final block wastes little, large
-# enough that seeding a generator per block costs nothing next to the head's work.
-MASK_BLOCK = 64
+# Images per mask block: a default batch is one block (no concatenation), and a short
+# final block wastes little; seeding a generator per block costs nothing next to the
+# head's work.
+MASK_BLOCK = 128
 # Default images per batch: B*T = 6400 rows at T=50 keeps the matrix product near the
 # BLAS peak while the (B, T, 1000) float32 activations stay around 26 MB.
 DEFAULT_BATCH = 128
+
+# Rows (images x passes) of the head's product per step on the CPU: 1600 rows of 1000
+# float32 are 6.4 MB, so each worker's input and output stay in the 32 MB last-level
+# cache, while the product still amortises packing the 4 MB weight matrix.
+CPU_HEAD_ROWS = 1600
 
 MaskMode = Literal["independent", "consistent"]
 
@@ -83,12 +93,7 @@ class MaskSampler:
         self._cache: tuple[int, object] | None = None
 
     def _draw(self, rng, shape):
-        xp = self.xp
-        if self.ratio == 0.5 and xp is np:
-            # one random bit per element: exact Bernoulli(1/2), far cheaper than uniforms
-            n = int(np.prod(shape))
-            return np.unpackbits(rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8), count=n).reshape(shape)
-        return rng.random(shape, dtype=np.float32) >= np.float32(self.ratio)
+        return keep_bits(rng, shape, self.ratio, self.xp)
 
     def _block(self, b: int):
         """(2, MASK_BLOCK, T, H) masks of block b, cached for the next call."""
@@ -113,28 +118,67 @@ class MaskSampler:
         return masks[0], masks[1]
 
 
+class Head:
+    """The stochastic head's weights laid out for the batched passes, made once per call.
+
+    Both dropout scales 1/(1-p) are folded into the weights, and fc4's bias into an
+    extra row so that the big product adds it for free:
+
+        w4: (H+1, H) = [s * W4^T ; b4]      w5: (H, C) = s * W5^T      b5: (C,)
+    """
+
+    def __init__(self, model: OriginCNN) -> None:
+        xp = chainer.backend.get_array_module(model.fc4.W.array)
+        s = np.float32(1.0 / (1.0 - model.dropout))
+        w4, b4 = model.fc4.W.array, model.fc4.b.array  # (H, H), (H,)
+        hidden = w4.shape[1]
+        self.w4 = xp.empty((hidden + 1, w4.shape[0]), np.float32)
+        self.w4[:hidden] = w4.T * s
+        self.w4[hidden] = b4
+        self.w5 = xp.ascontiguousarray(model.fc5.W.array.T * s)  # (H, C)
+        self.b5 = model.fc5.b.array
+        self.hidden, self.xp = hidden, xp
+        self._x = self._z = None
+
+    def _buffers(self, rows: int):
+        """(rows, H+1) input with its ones column set, and (rows, H) output, reused
+        across calls (fresh arrays per call cost page faults)."""
+        if self._x is None or self._x.shape[0] < rows:
+            self._x = self.xp.empty((rows, self.hidden + 1), np.float32)
+            self._x[:, self.hidden] = 1
+            self._z = self.xp.empty((rows, self.w4.shape[1]), np.float32)
+        return self._x[:rows], self._z[:rows]
+
+    def __call__(self, a, m1, m2):
+        """Logits of T passes for each of B images: trunk output a (B, H), keep-masks
+        m1, m2 (B|1, T, H) of 0/1 -> (B, T, C). Raw xp arrays, no autograd."""
+        xp = self.xp
+        b, t = a.shape[0], m1.shape[1]
+        y = xp.empty((b, t, self.w5.shape[1]), np.float32)
+        # On the CPU, a few images at a time: their (rows, H) activations stay in the
+        # last-level cache between the product, the ReLU and the mask. On a GPU, all.
+        step = max(1, CPU_HEAD_ROWS // t) if xp is np else b
+        for i in range(0, b, step):
+            j = min(i + step, b)
+            self._block(a[i:j], m1[i:j] if m1.shape[0] > 1 else m1, m2[i:j] if m2.shape[0] > 1 else m2, y[i:j])
+        return y
+
+    def _block(self, a, m1, m2, y):
+        xp = self.xp
+        b, h = a.shape
+        t = m1.shape[1]
+        x, z = self._buffers(b * t)
+        xp.multiply(a[:, None, :], m1, out=x[:, :h].reshape(b, t, h))  # dropout 1: (b, T, H)
+        xp.matmul(x, self.w4, out=z)  # (b*T, H+1) @ (H+1, H): the product that bounds the speed
+        xp.maximum(z, np.float32(0), out=z)
+        z.reshape(b, t, h).__imul__(m2)  # dropout 2
+        xp.matmul(z, self.w5, out=y.reshape(b * t, -1))  # (b*T, H) @ (H, C)
+        y += self.b5
+
+
 def head_passes(model: OriginCNN, a, m1, m2):
-    """Logits of T head passes for each of B images: (B, H) trunk output, (B|1, T, H)
-    keep-masks -> (B, T, C). Raw xp arrays, no autograd: this is the hot loop."""
-    xp = chainer.backend.get_array_module(a)
-    b, h = a.shape
-    t = m1.shape[1]
-    scale = np.float32(1.0 / (1.0 - model.dropout))
-    w4, b4 = model.fc4.W.array, model.fc4.b.array  # (H, H), (H,)
-    w5, b5 = model.fc5.W.array, model.fc5.b.array  # (C, H), (C,)
-    # dropout 1: the 1/(1-p) scale goes on the (B, H) trunk output, not the (B, T, H) product
-    x = xp.empty((b, t, h), dtype=np.float32)
-    xp.multiply((a * scale)[:, None, :], m1, out=x)  # (B, H) x (B|1, T, H) -> (B, T, H)
-    x = x.reshape(b * t, h)
-    z = x @ w4.T  # (B*T, H): the product that bounds the speed
-    z += b4
-    xp.maximum(z, 0, out=z)
-    # dropout 2: its scale folds into fc5's weights
-    z = z.reshape(b, t, h)
-    z *= m2
-    y = z.reshape(b * t, h) @ (w5.T * scale)  # (B*T, C)
-    y += b5
-    return y.reshape(b, t, -1)
+    """Logits of T head passes: (B, H) trunk output, (B|1, T, H) keep-masks -> (B, T, C)."""
+    return Head(model)(a, m1, m2)
 
 
 def softmax(logits):
@@ -155,6 +199,7 @@ def mc_predict(
     masks: MaskMode = "independent",
     device: str = "cpu",
     return_mc: bool = False,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> MCResult:
     """MC-dropout predictions of ``model`` for images ``x`` (N, C, H, W), T = ``samples``.
@@ -162,6 +207,7 @@ def mc_predict(
     Returns the (N, C) mean probabilities and every label-free score, (N,) each
     (higher = more uncertain); with ``return_mc`` also the (N, T, C) pass-wise
     probabilities (memory grows with N*T then). Same seed, same device: same result.
+    On the CPU, ``workers`` threads (default: one per core) score batches in parallel.
 
     >>> import audit
     >>> m = audit.build_model(3, (1, 16, 16))
@@ -183,36 +229,106 @@ def mc_predict(
     dev = get_device(device) if isinstance(device, str) else device
     model.to_device(dev)
     n, c = x.shape[0], model.spec.n_classes
-    sampler = MaskSampler(
-        samples=samples, hidden=model.spec.hidden, ratio=model.dropout, seed=seed, mode=masks, device=dev
-    )
     out = {"probs": np.empty((n, c), np.float32)}
     out.update({k: np.empty(n, np.float32) for k in metrics.SCORE_NAMES})
     mc = np.empty((n, samples, c), np.float32) if return_mc else None
 
-    start = 0
+    def make_worker():
+        sampler = MaskSampler(
+            samples=samples, hidden=model.spec.hidden, ratio=model.dropout, seed=seed, mode=masks, device=dev
+        )
+        return _Worker(model, sampler, x, dev)
+
+    def store(start, stop, scores_b, probs_b):
+        for k, v in scores_b.items():
+            out[k][start:stop] = v
+        if mc is not None:
+            mc[start:stop] = probs_b
+        progress.advance(stop - start)
+
     progress.start(f"score {n:,} images x {samples} passes", n)
+    if dev.xp is np:
+        _run_cpu(make_worker, n, batch_size, store, workers or cpu_workers())
+    else:
+        _run_device(make_worker(), n, batch_size, store)
+    progress.close()
+    return MCResult(mc_probs=mc, **out)
+
+
+class _Worker:
+    """Scores batches [start, stop) of x: trunk, masks, head, reduction."""
+
+    def __init__(self, model: OriginCNN, sampler: MaskSampler, x: np.ndarray, device) -> None:
+        self.model, self.sampler, self.x, self.device = model, sampler, x, device
+        self.head = Head(model)
+
+    def __call__(self, start: int, stop: int):
+        a = self.model.trunk_array(self.device.send(to_float32(self.x[start:stop])))  # (B, H)
+        m1, m2 = self.sampler(start, stop)
+        probs_b = softmax(self.head(a, m1, m2))  # (B, T, C)
+        scores_b = metrics.all_scores(probs_b)  # reduced on the device: (B, C) and (B,) arrays
+        host = chainer.backend.CpuDevice()
+        return {k: host.send(v) for k, v in scores_b.items()}, host.send(probs_b)
+
+
+def cpu_workers() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_cpu(make_worker, n: int, batch_size: int, store, workers: int) -> None:
+    """One batch per task on ``workers`` threads, each with single-threaded BLAS.
+
+    NumPy releases the GIL in matrix products and large element-wise operations, so
+    the threads run in parallel; unlike one multi-threaded product followed by
+    single-threaded element-wise work, every step of the pipeline uses every core.
+    """
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if workers == 1 or len(bounds) == 1:
+        worker = make_worker()
+        for s, e in bounds:
+            store(s, e, *worker(s, e))
+        return
+    local = threading.local()
+
+    def task(se):
+        if not hasattr(local, "worker"):
+            local.worker = make_worker()
+        return se, local.worker(*se)
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        # at most 2 batches per thread in flight, so memory does not grow with N
+        pending = set()
+        it = iter(bounds)
+        for se in it:
+            pending.add(pool.submit(task, se))
+            if len(pending) >= 2 * workers:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    (s, e), res = f.result()
+                    store(s, e, *res)
+        for f in pending:
+            (s, e), res = f.result()
+            store(s, e, *res)
+
+
+def _run_device(worker: _Worker, n: int, batch_size: int, store) -> None:
+    """Batches in order on a GPU; an out-of-memory error halves the batch and retries."""
+    start = 0
     while start < n:
         stop = min(start + batch_size, n)
         try:
-            with chainer.using_config("train", False), chainer.no_backprop_mode():
-                a = model.trunk(dev.send(to_float32(x[start:stop]))).array  # (B, H)
-            m1, m2 = sampler(start, stop)
-            probs_b = softmax(head_passes(model, a, m1, m2))  # (B, T, C)
-            scores_b = metrics.all_scores(probs_b)
+            res = worker(start, stop)
         except Exception as e:
             if not _is_out_of_memory(e) or batch_size == 1:
                 raise
-            batch_size = max(1, batch_size // 2)  # a GPU out-of-memory error halves the chunk
+            batch_size = max(1, batch_size // 2)
             continue
-        for k, v in scores_b.items():
-            out[k][start:stop] = chainer.backend.CpuDevice().send(v)
-        if mc is not None:
-            mc[start:stop] = chainer.backend.CpuDevice().send(probs_b)
-        progress.advance(stop - start)
+        store(start, stop, *res)
         start = stop
-    progress.close()
-    return MCResult(mc_probs=mc, **out)
 
 
 def _is_out_of_memory(e: Exception) -> bool:

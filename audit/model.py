@@ -41,17 +41,22 @@ class ModelSpec:
         return cls(**d)
 
 
-def keep_mask(rng, shape: tuple[int, ...], ratio: float, xp=np) -> np.ndarray:
-    """A float32 array of 1 (keep, probability 1 - ratio) and 0 (drop).
+def keep_bits(rng, shape: tuple[int, ...], ratio: float, xp=np):
+    """0/1 keep-flags (uint8 or bool) of ``shape``, each 1 with probability 1 - ratio.
 
-    ``rng`` is a NumPy or CuPy ``Generator``. Ratio 0.5 takes one random bit per
-    element on NumPy, exact and several times cheaper than comparing uniforms.
+    ``rng`` is a NumPy or CuPy ``Generator``. At ratio 0.5 on NumPy each flag is one
+    raw random bit: exact Bernoulli(1/2), several times cheaper than uniforms.
     """
     if ratio == 0.5 and xp is np:
         n = int(np.prod(shape))
-        bits = np.unpackbits(rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8))
-        return bits[:n].reshape(shape).astype(np.float32)
-    return (rng.random(shape, dtype=np.float32) >= ratio).astype(np.float32)
+        raw = rng.bit_generator.random_raw((n + 63) // 64).view(np.uint8)  # 64 bits each
+        return np.unpackbits(raw, count=n).reshape(shape)
+    return rng.random(shape, dtype=np.float32) >= np.float32(ratio)
+
+
+def keep_mask(rng, shape: tuple[int, ...], ratio: float, xp=np):
+    """A float32 array of 1 (keep, probability 1 - ratio) and 0 (drop)."""
+    return keep_bits(rng, shape, ratio, xp).astype(np.float32)
 
 
 class OriginCNN(chainer.Chain):
@@ -130,6 +135,55 @@ class OriginCNN(chainer.Chain):
 
     def forward(self, x, rng=None):
         return self.head(self.trunk(x), rng)
+
+    def trunk_array(self, x):
+        """The trunk for inference on a raw array, (B, C, H, W) -> (B, hidden).
+
+        On NumPy a direct im2col implementation (about twice as fast as chainer's
+        CPU convolution and pooling, the same numbers); on CuPy chainer's own.
+        """
+        if chainer.backend.get_array_module(x) is not np:
+            with chainer.using_config("train", False), chainer.no_backprop_mode():
+                return self.trunk(x).array
+        h = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC: im2col rows become contiguous
+        for conv in (self.conv1, self.conv2):
+            h = _conv_nhwc(h, conv.W.array, conv.b.array)
+            np.maximum(h, np.float32(0), out=h)
+            h = _max_pool2_nhwc(h)
+        h = h.transpose(0, 3, 1, 2).reshape(len(x), -1)  # chainer flattens NCHW for fc3
+        z = h @ self.fc3.W.array.T
+        z += self.fc3.b.array
+        return np.maximum(z, np.float32(0), out=z)
+
+
+def _conv_nhwc(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Valid k x k convolution, stride 1: (B, H, W, Ci), (Co, Ci, k, k) -> (B, H-k+1, W-k+1, Co).
+
+    im2col by k*k slice copies (each with Ci contiguous floats), then one product.
+    """
+    bsz, hgt, wid, _ = x.shape
+    co, ci, k, _ = w.shape
+    ho, wo = hgt - k + 1, wid - k + 1
+    cols = np.empty((bsz, ho, wo, k, k, ci), np.float32)
+    for ky in range(k):
+        for kx in range(k):
+            cols[:, :, :, ky, kx, :] = x[:, ky : ky + ho, kx : kx + wo, :]
+    wm = w.transpose(2, 3, 1, 0).reshape(k * k * ci, co)  # (ky, kx, Ci) rows, as in cols
+    y = cols.reshape(bsz * ho * wo, k * k * ci) @ wm  # (B*Ho*Wo, Co)
+    y += b
+    return y.reshape(bsz, ho, wo, co)
+
+
+def _max_pool2_nhwc(h: np.ndarray) -> np.ndarray:
+    """2 x 2 max pooling, stride 2, covering odd edges as chainer's ``cover_all=True``."""
+    bsz, hgt, wid, c = h.shape
+    if hgt % 2 or wid % 2:
+        padded = np.full((bsz, hgt + hgt % 2, wid + wid % 2, c), -np.inf, h.dtype)
+        padded[:, :hgt, :wid] = h
+        h = padded
+    out = np.maximum(h[:, 0::2, 0::2], h[:, 0::2, 1::2])
+    np.maximum(out, h[:, 1::2, 0::2], out=out)
+    return np.maximum(out, h[:, 1::2, 1::2], out=out)
 
 
 def build_model(

@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=mc.DEFAULT_BATCH)
     p.add_argument("--origin-n", type=int, default=20, help="images for the origin's (slow) loop")
+    p.add_argument("--rounds", type=int, default=3, help="alternate limit/engine measurements")
     p.add_argument("--scale", action="store_true", help="also 10,000 vs 70,000 images in fresh processes")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -90,20 +91,26 @@ def main() -> None:
     res = audit.train(ds, audit.TrainConfig(epochs=1))
     model, c, h = res.model, ds.n_classes, res.model.spec.hidden
 
-    rate = matmul_rate(a.batch_size * a.samples, h)
-    flops = a.samples * (2 * h * h + 2 * h * c)
-    limit = rate * 1e9 / flops
-    print(f"float32 matmul ({a.batch_size * a.samples} x {h}) @ ({h} x {h}): {rate:.0f} GFLOP/s "
-          f"-> head limit {limit:,.0f} images/s at T={a.samples}")
-
     x = np.concatenate([ds.train.x, ds.valid.x])[: a.n]
     mc.mc_predict(model, x[: a.batch_size], samples=a.samples)  # warm up
-    t_engine, r = timed(mc.mc_predict, model, x, samples=a.samples, batch_size=a.batch_size)
+    flops = a.samples * (2 * h * h + 2 * h * c)
+    # The machine is shared: measure the limit and the engine alternately, a.rounds
+    # times, and compare the best of each (the least disturbed run of each).
+    rate, t_engine = 0.0, float("inf")
+    for i in range(a.rounds):
+        rate_i = matmul_rate(a.batch_size * a.samples, h, seconds=1.5)
+        t_i, r = timed(mc.mc_predict, model, x, samples=a.samples, batch_size=a.batch_size)
+        print(f"round {i + 1}: matmul {rate_i:.0f} GFLOP/s (limit {rate_i * 1e9 / flops:,.0f} images/s), "
+              f"engine {len(x) / t_i:,.0f} images/s")
+        rate, t_engine = max(rate, rate_i), min(t_engine, t_i)
+    limit = rate * 1e9 / flops
     engine = len(x) / t_engine
+    print(f"float32 matmul ({a.batch_size * a.samples} x {h}) @ ({h} x {h}): best {rate:.0f} GFLOP/s "
+          f"-> head limit {limit:,.0f} images/s at T={a.samples}")
     t_origin, p_origin = timed(origin_loop, model, x[: a.origin_n], a.samples)
     origin = a.origin_n / t_origin
     agree = float(np.abs(p_origin - r.probs[: a.origin_n]).mean())
-    print(f"engine: {len(x):,} images in {t_engine:.2f} s = {engine:,.0f} images/s")
+    print(f"engine: {len(x):,} images in {t_engine:.2f} s (best) = {engine:,.0f} images/s")
     print(f"origin loop: {a.origin_n} images in {t_origin:.2f} s = {origin:,.1f} images/s "
           f"(mean |p_origin - p_engine| = {agree:.4f}, independent masks)")
     print(f"ratio engine/limit = {engine / limit:.3f} (target >= 0.7)")

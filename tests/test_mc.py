@@ -27,7 +27,7 @@ def _sampler(mode="independent", samples=6, seed=0, ratio=0.5):
 @pytest.mark.parametrize("dropout", [0.5, 0.3])
 def test_engine_equals_the_per_image_reference(images, dropout):
     m = audit.build_model(4, (1, 12, 12), seed=2, dropout=dropout)
-    x = images[:70]  # crosses a mask block boundary (64)
+    x = images[:140]  # crosses a mask block boundary (128)
     r = mc.mc_predict(m, x, samples=6, batch_size=32, seed=3, return_mc=True)
     sampler = mc.MaskSampler(samples=6, hidden=1000, ratio=dropout, seed=3, mode="independent",
                              device=chainer.get_device("@numpy"))

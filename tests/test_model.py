@@ -56,3 +56,12 @@ def test_bad_dropout_and_classes():
         build_model(3, dropout=1.0)
     with pytest.raises(AuditError, match="n_classes"):
         build_model(1)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 15, 17), (1, 12, 12)])
+def test_fast_cpu_trunk_equals_chainer(shape):
+    m = build_model(5, shape, seed=4)
+    x = np.random.default_rng(1).random((6, *shape), dtype=np.float32)
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        ref = m.trunk(x).array
+    np.testing.assert_allclose(m.trunk_array(x), ref, rtol=1e-5, atol=1e-6)
