@@ -46,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a user's file gets the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -53,6 +54,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask can only be read by setting it
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -156,6 +170,7 @@ def staged_run(run: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
         )
     run.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}.partial-"))
+    os.chmod(stage, 0o777 & ~_umask())
     try:
         yield stage
     except BaseException:

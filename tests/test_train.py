@@ -111,3 +111,15 @@ def test_failed_run_leaves_nothing(shapes_npz, tmp_path):
 def test_bad_config(kwargs, option):
     with pytest.raises(AuditError, match=option):
         TrainConfig(**kwargs)
+
+
+def test_run_files_get_the_usual_permissions(shapes_npz, tmp_path):
+    import os
+    import stat
+
+    run = tmp_path / "perm"
+    train_run(run, data=str(shapes_npz), config=TrainConfig(epochs=1, batch_size=64))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(run.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((run / "model.npz").stat().st_mode) == 0o666 & ~umask
