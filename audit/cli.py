@@ -174,6 +174,27 @@ def score(
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
 
 
+@app.command()
+@handle_errors
+def report(
+    run: Path = RunOpt,
+    top: int = typer.Option(30, "--top", help="Images per grid: the lowest and the highest per class."),
+    metric: str = typer.Option("entropy", "--metric", help="entropy, mutual_info, variation_ratio or p_label (switchable in the page)."),
+    split: str = typer.Option("valid", "--split", help="Which scored split to show."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: reports/<run name>]."),
+) -> None:
+    """Render RUN's scores as a self-contained HTML page: OUT/index.html."""
+    from .report import write_report
+
+    result = write_report(run, out=out, top=top, metric=metric, split=split, progress=BarProgress())
+    err.print(
+        f"{result.n_images:,} image cells ({result.n_unique:,} distinct images), "
+        f"{result.bytes / 1e6:.1f} MB, rendered in {result.seconds:.1f} s",
+        markup=False,
+    )
+    typer.echo(f"report written to {result.path}")
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
 

@@ -1,0 +1,231 @@
+"""The HTML report: per class, the images a metric ranks lowest and highest.
+
+One self-contained file (images inlined as PNG data URIs, no external requests) that
+opens from disk in any browser. Python prepares plain data; the jinja template in
+``templates/report.html.j2`` does all the HTML, with autoescaping on, so class and
+file names from users' folders are always text.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import runs
+from .data import Dataset
+from .errors import AuditError
+from .progress import NullProgress, Progress
+
+# Metrics the page can switch between, and which end is suspicious.
+METRICS = {
+    "entropy": {"title": "entropy", "bad": "high", "doc": "predictive entropy H[p̄]"},
+    "mutual_info": {"title": "mutual information", "bad": "high", "doc": "BALD: disagreement between passes"},
+    "variation_ratio": {"title": "variation ratio", "bad": "high", "doc": "1 − modal votes / T"},
+    "p_label": {"title": "p(label)", "bad": "low", "doc": "mean probability of the given label"},
+}
+HIST_BINS = 20
+TEMPLATE = "report.html.j2"
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    path: Path
+    n_images: int  # image cells on the page
+    n_unique: int  # distinct images encoded
+    bytes: int
+    seconds: float
+
+
+def template_dirs() -> list[Path]:
+    """Where the templates are: inside the installed package (wheel), or the
+    repository's top-level ``templates/`` (editable install, source checkout)."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "templates", here.parent / "templates") if (d / TEMPLATE).is_file()]
+
+
+def environment():
+    import jinja2
+
+    dirs = template_dirs()
+    if not dirs:
+        raise AuditError(f"templates: {TEMPLATE} not found beside the package; reinstall audit")
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in dirs]),
+        autoescape=jinja2.select_autoescape(["html", "j2", "html.j2"], default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def png_data_uri(img: np.ndarray) -> str:
+    """A (C, H, W) uint8 or float image as a ``data:image/png;base64,...`` URI."""
+    from PIL import Image
+
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        lo, hi = float(a.min()), float(a.max())
+        a = ((a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)).round().astype(np.uint8)
+    a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)  # (1,H,W) -> (H,W); (3,H,W) -> (H,W,3)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def read_scores(run: Path) -> pd.DataFrame:
+    path = run / runs.SCORES
+    if not path.is_file():
+        raise AuditError(f"--run: {run} has no {runs.SCORES}; run `audit score --run {run}` first")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise AuditError(f"{path}: not a readable CSV ({e})") from None
+    missing = [c for c in ("split", "index", "label", "pred", *METRICS) if c not in df.columns]
+    if missing:
+        raise AuditError(f"{path}: missing column(s) {', '.join(missing)}; rerun `audit score`")
+    return df
+
+
+def _histogram(values: np.ndarray, lo: float, hi: float) -> list[float]:
+    """Fractions of ``values`` in HIST_BINS equal bins over [lo, hi]."""
+    counts, _ = np.histogram(values, bins=HIST_BINS, range=(lo, hi if hi > lo else lo + 1))
+    return (counts / max(len(values), 1)).round(4).tolist()
+
+
+def report_context(
+    run: str | os.PathLike,
+    *,
+    top: int = 30,
+    metric: str = "entropy",
+    split: str = "valid",
+    dataset: Dataset | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Everything the template shows, as plain data."""
+    from .score import load_run_data
+
+    progress = progress or NullProgress()
+    run = Path(run)
+    if top < 1:
+        raise AuditError(f"--top: expected at least 1 image per grid, got {top}", usage=True)
+    if metric not in METRICS:
+        raise AuditError(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}", usage=True)
+    meta = runs.read_run(run)
+    scores = read_scores(run)
+    if split not in set(scores["split"]):
+        have = ", ".join(sorted(set(scores["split"]))) or "none"
+        raise AuditError(f"--split: {split!r} was not scored in {run} (scored: {have}); run `audit score --splits {split}`")
+    dataset = dataset or load_run_data(meta, progress=progress)
+    names = list(dataset.class_names)
+    images = dataset.split(split).x
+    df = scores[scores["split"] == split]
+
+    uris: dict[int, str] = {}
+
+    def cell(row) -> dict:
+        i = int(row["index"])
+        if i not in uris:
+            uris[i] = png_data_uri(images[i])
+        return {
+            "src": uris[i],
+            "index": i,
+            "label": names[int(row["label"])],
+            "pred": names[int(row["pred"])],
+            "wrong": int(row["label"]) != int(row["pred"]),
+            "path": str(row["path"]) if "path" in row and isinstance(row["path"], str) else "",
+            "v": {m: float(row[m]) for m in METRICS},
+        }
+
+    classes = []
+    progress.start("render report", len(names))
+    for c, name in enumerate(names):
+        dc = df[df["label"] == c]
+        grids = {}
+        hists = {}
+        for m in METRICS:
+            ranked = dc.sort_values([m, "index"], kind="stable")
+            grids[m] = {
+                "low": [cell(r) for _, r in ranked.head(top).iterrows()],
+                "high": [cell(r) for _, r in ranked.tail(top).iloc[::-1].iterrows()],
+            }
+            lo, hi = float(df[m].min()), float(df[m].max())
+            hists[m] = {"bins": _histogram(dc[m].to_numpy(), lo, hi), "lo": lo, "hi": hi}
+        classes.append(
+            {
+                "id": c,
+                "name": name,
+                "n": int(len(dc)),
+                "accuracy": float((dc["pred"] == dc["label"]).mean()) if len(dc) else float("nan"),
+                "mean": {m: float(dc[m].mean()) if len(dc) else float("nan") for m in METRICS},
+                "grids": grids,
+                "hists": hists,
+            }
+        )
+        progress.advance(1)
+    progress.close()
+
+    per_split = [
+        {"split": s, "n": int((scores["split"] == s).sum()),
+         "accuracy": float((g["pred"] == g["label"]).mean()), "mean_entropy": float(g["entropy"].mean())}
+        for s, g in scores.groupby("split", sort=False)
+    ]
+    return {
+        "title": f"audit report: {run.name}",
+        "run": str(run),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "split": split,
+        "top": top,
+        "metric": metric,
+        "metrics": [{"key": k, **v} for k, v in METRICS.items()],
+        "per_split": per_split,
+        "n_split": int(len(df)),
+        "accuracy": float((df["pred"] == df["label"]).mean()),
+        "classes": classes,
+        "provenance": {
+            "created": meta.get("created", ""),
+            "config": json.dumps(meta.get("config", {}), sort_keys=True),
+            "seed": meta.get("seed", ""),
+            "model": json.dumps(meta.get("model", {}), sort_keys=True),
+            "data_source": meta["data"].get("source", ""),
+            "fingerprint": meta["data"].get("fingerprint", ""),
+            "device": meta.get("device", ""),
+            "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+            "score": json.dumps(meta.get("score", {}), sort_keys=True),
+        },
+        "n_unique": len(uris),
+    }
+
+
+def render_report(context: dict) -> str:
+    return environment().get_template(TEMPLATE).render(**context)
+
+
+def write_report(
+    run: str | os.PathLike = "runs/default",
+    *,
+    out: str | os.PathLike | None = None,
+    top: int = 30,
+    metric: str = "entropy",
+    split: str = "valid",
+    progress: Progress | None = None,
+) -> ReportResult:
+    """Render the report of ``run`` into ``out/index.html`` (default ``reports/<run name>``)."""
+    t0 = time.perf_counter()
+    run = Path(run)
+    out = Path(out) if out is not None else Path("reports") / run.name
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"--out: {out} exists and is not a folder")
+    ctx = report_context(run, top=top, metric=metric, split=split, progress=progress)
+    html = render_report(ctx)
+    path = out / "index.html"
+    runs.write_text(path, html)
+    n_cells = sum(len(g["low"]) + len(g["high"]) for c in ctx["classes"] for g in c["grids"].values())
+    return ReportResult(path, n_cells, ctx["n_unique"], len(html.encode()), time.perf_counter() - t0)

@@ -1,0 +1,207 @@
+"""audit report: content, escaping, packaging, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+from audit.report import METRICS, render_report, report_context, write_report
+from conftest import make_shapes
+
+runner = CliRunner()
+EVIL = "<script>alert(1)</script>"
+TOP = 5
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory) -> Path:
+    """A trained and scored 3-class run whose class names need escaping."""
+    d = tmp_path_factory.mktemp("report")
+    x_train, y_train = make_shapes(60, seed=1)
+    x_valid, y_valid = make_shapes(12, seed=2)
+    data = d / "shapes.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid,
+             class_names=np.array(["horizontal", EVIL, "O'Brien & \"co\""]))
+    run = d / "runs" / "shapes"
+    for args in (
+        ["train", "--data", str(data), "--run", str(run), "--epochs", "4", "--batch-size", "32", "--lr", "1e-3"],
+        ["score", "--run", str(run), "--samples", "8"],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+    return run
+
+
+def test_report_command_writes_one_file(scored_run, tmp_path):
+    out = tmp_path / "rep"
+    r = runner.invoke(app, ["report", "--run", str(scored_run), "--top", str(TOP), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == f"report written to {out / 'index.html'}"
+    assert [p.name for p in out.iterdir()] == ["index.html"]
+
+
+def test_report_is_self_contained_and_escaped(scored_run, tmp_path):
+    res = write_report(scored_run, out=tmp_path / "rep", top=TOP)
+    html = res.path.read_text()
+    # every src is an inline PNG; no external script, stylesheet, font or link
+    srcs = re.findall(r'\ssrc="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"<link\b|@import|url\(|https?://", html)
+    assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "O&#39;Brien &amp; &#34;co&#34;" in html
+    # 3 classes x 4 metrics x (TOP lowest + TOP highest)
+    assert res.n_images == 3 * len(METRICS) * 2 * TOP and html.count("<figure") == res.n_images
+    assert res.n_unique <= 36 and res.bytes == len(html.encode())
+
+
+def test_grids_are_the_extremes_of_each_class(scored_run):
+    import pandas as pd
+
+    ctx = report_context(scored_run, top=TOP)
+    scores = pd.read_csv(scored_run / "scores.csv")
+    valid = scores[scores.split == "valid"]
+    for c in ctx["classes"]:
+        dc = valid[valid.label == c["id"]]
+        for m in METRICS:
+            low = [x["index"] for x in c["grids"][m]["low"]]
+            high = [x["index"] for x in c["grids"][m]["high"]]
+            assert low == dc.sort_values([m, "index"], kind="stable")["index"].head(TOP).tolist()
+            assert [x["v"][m] for x in c["grids"][m]["high"]] == sorted(dc[m].nlargest(TOP).tolist(), reverse=True)
+            assert len(high) == TOP
+        assert c["n"] == len(dc) and abs(sum(c["hists"]["entropy"]["bins"]) - 1) < 1e-3
+    assert ctx["provenance"]["fingerprint"] and ctx["per_split"][0]["split"] == "train"
+
+
+def test_template_is_strict(scored_run):
+    ctx = report_context(scored_run, top=2)
+    del ctx["provenance"]
+    with pytest.raises(jinja2.UndefinedError):
+        render_report(ctx)
+
+
+@pytest.mark.parametrize(
+    "args, fragment, code",
+    [
+        (["--metric", "loss"], "--metric: expected one of entropy, mutual_info, variation_ratio, p_label", 2),
+        (["--top", "0"], "--top: expected at least 1", 2),
+        (["--split", "test"], "--split: 'test' was not scored", 1),
+    ],
+)
+def test_report_bad_options(scored_run, tmp_path, args, fragment, code):
+    r = runner.invoke(app, ["report", "--run", str(scored_run), "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == code and "Traceback" not in r.output
+    assert fragment in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_needs_scores(scored_run, tmp_path):
+    run = tmp_path / "noscores"
+    shutil.copytree(scored_run, run)
+    (run / "scores.csv").unlink()
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "has no scores.csv; run `audit score" in r.output
+
+
+def test_templates_ship_in_the_wheel(tmp_path):
+    """A regular (non-editable) install finds its templates inside the package."""
+    root = Path(__file__).resolve().parents[1]
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(root)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = wheels.glob("audit-*.whl")
+    assert "audit/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import audit.report as r; print(r.__file__); print(r.template_dirs()[0])"],
+        check=True, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+    ).stdout.split()
+    assert out[0].startswith(str(site)) and out[1] == str(site / "audit" / "templates")
+
+
+# ------------------------------------------------------------------- headless Chromium
+
+
+def chromium_path() -> str | None:
+    for name in (os.environ.get("AUDIT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser():
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set AUDIT_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.mark.browser
+def test_report_in_headless_chromium(scored_run, tmp_path, browser):
+    res = write_report(scored_run, out=tmp_path / "rep", top=TOP)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, dialogs, requests = [], [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(res.path.as_uri())
+    page.wait_for_load_state("load")
+
+    images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+    assert len(images) == res.n_images
+    assert all(done and width > 0 for done, width in images), "an image did not decode"
+
+    def visible_cells():
+        return page.evaluate(
+            """Array.from(document.querySelectorAll('section.cls')).map(s =>
+                 Array.from(s.querySelectorAll('figure.cell')).filter(f => f.offsetParent !== null).length)"""
+        )
+
+    def visible_metric():
+        return page.evaluate(
+            """Array.from(document.querySelectorAll('.metric-view'))
+                 .filter(v => v.offsetParent !== null).map(v => v.dataset.metric)"""
+        )
+
+    assert visible_cells() == [2 * TOP] * 3
+    assert set(visible_metric()) == {"entropy"}
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+
+    page.click("button[data-metric=mutual_info]")
+    assert set(visible_metric()) == {"mutual_info"} and visible_cells() == [2 * TOP] * 3
+    assert page.get_attribute("button[data-metric=mutual_info]", "aria-pressed") == "true"
+    assert page.get_attribute("button[data-metric=entropy]", "aria-pressed") == "false"
+    page.click("button[data-metric=p_label]")
+    assert set(visible_metric()) == {"p_label"}
+    assert page.locator("section.cls h2").nth(1).inner_text().startswith(EVIL)  # shown as text
+    page.screenshot(path=str(tmp_path / "report-p_label.png"), full_page=True)
+
+    assert errors == [] and dialogs == []
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    assert (tmp_path / "report.png").stat().st_size > 10_000
