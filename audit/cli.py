@@ -146,10 +146,14 @@ def score(
     device: str = DeviceOpt,
     batch_size: int = typer.Option(128, "--batch-size", help="Images per batch (B*T rows go through the head)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dropout masks."),
+    folds: int = typer.Option(0, "--folds", help="Score training images out of sample with K fold models (K >= 2; trains K models)."),
+    confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
+    flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
     data: str = typer.Option("mnist", "--data", help="Data to train on when the run has no model yet."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
 ) -> None:
     """Score every image by MC dropout into RUN/scores.csv and mc_summary.npz (trains first if needed)."""
+    from .flags import FlagConfig
     from .score import score_run
 
     result = score_run(
@@ -159,6 +163,8 @@ def score(
         batch_size=batch_size,
         seed=seed,
         device=device,
+        folds=folds,
+        flags=FlagConfig(confidence=confidence, flag_top=flag_top or None),
         data=data,
         data_dir=None if data_dir is None else str(data_dir),
         progress=BarProgress(),
@@ -171,7 +177,56 @@ def score(
         f"{result.accuracy:.4f}; mean entropy {df['entropy'].mean():.4f}",
         markup=False,
     )
+    _print_flags(df)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
+
+
+def _print_flags(df) -> None:
+    counts = df[df["flag"] != ""].groupby(["split", "flag"]).size()
+    text = ", ".join(f"{s} {f} {n:,}" for (s, f), n in counts.items()) or "none"
+    err.print(f"flagged: {text}", markup=False)
+
+
+@app.command()
+@handle_errors
+def flag(
+    run: Path = RunOpt,
+    confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
+    flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
+) -> None:
+    """Recompute the flags of RUN/scores.csv with other settings, without rescoring."""
+    from .flags import FlagConfig
+    from .score import flag_run
+
+    df = flag_run(run, flags=FlagConfig(confidence=confidence, flag_top=flag_top or None))
+    _print_flags(df)
+    typer.echo(f"flags written to {run}/scores.csv")
+
+
+@app.command()
+@handle_errors
+def retrain(
+    run: Path = RunOpt,
+    decisions: Optional[Path] = typer.Option(None, "--decisions", help="decisions.csv exported from the report."),
+    drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Drop every flagged training image."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The new run folder [default: RUN-curated]."),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output run."),
+) -> None:
+    """Train a new run on RUN's training set after review decisions (drop / relabel)."""
+    from .curate import retrain_run
+
+    r = retrain_run(run, decisions=decisions, drop_flagged=drop_flagged, out=out, device=device,
+                    overwrite=overwrite, progress=BarProgress())
+    c = r.curated
+    err.print(
+        f"applied: {c.dropped:,} dropped, {c.relabelled:,} relabelled, {c.kept:,} kept as they are"
+        + (f"; {c.valid_decisions:,} decisions on validation images recorded, not applied" if c.valid_decisions else "")
+        + f"; trained on {len(c.train_indices):,} images",
+        markup=False,
+    )
+    err.print(f"validation accuracy: before {r.accuracy_before:.4f}, after {r.accuracy_after:.4f}", markup=False)
+    typer.echo(f"curated run written to {r.run}/ (model.npz, train_log.csv, run.json, decisions.csv)")
 
 
 @app.command()

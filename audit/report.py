@@ -22,6 +22,7 @@ import pandas as pd
 from . import runs
 from .data import Dataset
 from .errors import AuditError
+from .flags import pair_counts
 from .progress import NullProgress, Progress
 
 # Metrics the page can switch between, and which end is suspicious.
@@ -85,7 +86,7 @@ def read_scores(run: Path) -> pd.DataFrame:
     if not path.is_file():
         raise AuditError(f"--run: {run} has no {runs.SCORES}; run `audit score --run {run}` first")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise AuditError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in ("split", "index", "label", "pred", *METRICS) if c not in df.columns]
@@ -144,10 +145,21 @@ def report_context(
             "v": {m: float(row[m]) for m in METRICS},
         }
 
+    has_flags = "flag" in df.columns
+    flagged = df[df["flag"] != ""] if has_flags else df.iloc[:0]
+
+    def review_cell(row) -> dict:
+        x = cell(row)
+        s = int(row["suggested_label"])
+        x.update(flag=row["flag"], reason=row["reason"], suggested=names[s] if s >= 0 else "",
+                 score=float(row["mislabel_score"]))
+        return x
+
     classes = []
     progress.start("render report", len(names))
     for c, name in enumerate(names):
         dc = df[df["label"] == c]
+        review = flagged[flagged["label"] == c].sort_values(["mislabel_score", "index"], ascending=[False, True])
         grids = {}
         hists = {}
         for m in METRICS:
@@ -167,6 +179,7 @@ def report_context(
                 "mean": {m: float(dc[m].mean()) if len(dc) else float("nan") for m in METRICS},
                 "grids": grids,
                 "hists": hists,
+                "review": [review_cell(r) for _, r in review.iterrows()],
             }
         )
         progress.advance(1)
@@ -189,6 +202,10 @@ def report_context(
         "n_split": int(len(df)),
         "accuracy": float((df["pred"] == df["label"]).mean()),
         "classes": classes,
+        "class_names": names,
+        "has_flags": has_flags,
+        "n_flagged": {f: int((flagged["flag"] == f).sum()) for f in ("mislabeled", "ambiguous")},
+        "pairs": pair_counts(flagged, names) if has_flags else [],
         "provenance": {
             "created": meta.get("created", ""),
             "config": json.dumps(meta.get("config", {}), sort_keys=True),

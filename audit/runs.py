@@ -138,14 +138,19 @@ def load_model(run: str | os.PathLike, meta: dict | None = None) -> OriginCNN:
     """The trained model of ``run``, rebuilt from run.json and loaded from model.npz."""
     run = Path(run)
     meta = meta or read_run(run)
-    try:
-        spec = ModelSpec.from_json(meta["model"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise AuditError(f"{run / RUN_JSON}: unreadable 'model' entry ({e})") from None
-    model = model_from_spec(spec)
     path = run / MODEL
     if not path.is_file():
         raise AuditError(f"--run: {run} has no {MODEL}; train it first with `audit train --run {run}`")
+    return load_model_file(path, meta)
+
+
+def load_model_file(path: Path, meta: dict) -> OriginCNN:
+    """Weights from ``path`` into a model built from run.json's spec."""
+    try:
+        spec = ModelSpec.from_json(meta["model"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise AuditError(f"{path.parent / RUN_JSON}: unreadable 'model' entry ({e})") from None
+    model = model_from_spec(spec)
     try:
         chainer.serializers.load_npz(str(path), model)
     except (ValueError, KeyError, OSError) as e:

@@ -219,11 +219,40 @@ def train_run(
     """Load ``data``, train, and write the run folder ``run`` (atomically)."""
     run = Path(run)
     get_device(device)  # fail on a bad --device before loading anything
-    if run.exists() and any(run.iterdir()) and not overwrite:
-        raise AuditError(f"--run: {run} already exists; pass --overwrite to replace it or choose another --run")
+    check_run_free(run, overwrite)
     dataset = load_dataset(data, data_dir=data_dir, progress=progress)
     idx = read_subset(subset, len(dataset.train)) if subset is not None else None
-    result = train(dataset, config, subset=idx, device=device, progress=progress)
+    source = {"data": str(data), "data_dir": None if data_dir is None else str(data_dir)}
+    if subset is not None:
+        source["subset_file"] = str(subset)
+    return fit_and_write(run, dataset, source, config=config, subset=idx, device=device,
+                         overwrite=overwrite, progress=progress)
+
+
+def check_run_free(run: Path, overwrite: bool) -> None:
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise AuditError(f"--run: {run} already exists; pass --overwrite to replace it or choose another --run")
+
+
+def fit_and_write(
+    run: Path,
+    dataset: Dataset,
+    source: dict,
+    *,
+    config: TrainConfig,
+    subset: np.ndarray | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train on ``dataset`` (its ``subset``) and write the run folder.
+
+    ``source`` says how to load the data again (run.json's ``data``); ``extra`` adds
+    entries to run.json, ``files`` text files to the run folder.
+    """
+    result = train(dataset, config, subset=subset, device=device, progress=progress)
     meta = {
         "command": "train",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -231,25 +260,34 @@ def train_run(
         "seed": config.seed,
         "model": result.model.spec.to_json(),
         "data": {
-            "data": str(data),
-            "data_dir": None if data_dir is None else str(data_dir),
+            **source,
             "source": dataset.source,
             "fingerprint": dataset.fingerprint,
             "class_names": list(dataset.class_names),
             "n_train": len(dataset.train),
             "n_valid": len(dataset.valid),
             "image_shape": list(dataset.image_shape),
-            "subset": None if subset is None else {"file": str(subset), "n": int(len(idx))},
+            "subset": None if subset is None else {"file": runs.SUBSET, "n": int(len(subset))},
         },
         "device": result.device,
         "versions": runs.versions(),
         "timings": {"train_seconds": round(result.seconds, 3)},
         "results": {"valid_accuracy": result.valid_accuracy, "n_train_used": result.n_train},
+        **(extra or {}),
     }
     with runs.staged_run(run, overwrite=overwrite) as stage:
         runs.write_model(stage / runs.MODEL, result.model)
         runs.write_text(stage / runs.TRAIN_LOG, log_csv(result.log))
-        if idx is not None:
-            runs.write_text(stage / runs.SUBSET, "\n".join(map(str, idx.tolist())) + "\n")
+        if subset is not None:
+            runs.write_text(stage / runs.SUBSET, "\n".join(map(str, subset.tolist())) + "\n")
+        for name, text in (files or {}).items():
+            runs.write_text(stage / name, text)
         runs.write_json(stage / runs.RUN_JSON, meta)
     return result
+
+
+def run_subset(run: str | os.PathLike, meta: dict) -> np.ndarray | None:
+    """The training indices a run was trained on, or None for all."""
+    if not meta["data"].get("subset"):
+        return None
+    return read_subset(Path(run) / runs.SUBSET, int(meta["data"]["n_train"]))

@@ -55,9 +55,11 @@ def test_score_writes_scores_and_summary(trained):
     assert r.output.strip().splitlines()[-1] == f"scores written to {trained}/scores.csv and {trained}/mc_summary.npz"
     df = pd.read_csv(trained / "scores.csv")
     assert list(df.columns) == [
-        "split", "index", "label", "pred", "p_label", "entropy", "expected_entropy",
+        "split", "index", "fold", "label", "pred", "p_label", "entropy", "expected_entropy",
         "mutual_info", "variation_ratio", "mean_std", "margin",
+        "mislabel_score", "flag", "suggested_label", "reason",
     ]
+    assert (df.fold == -1).all()
     assert len(df) == 390 and df.split.tolist()[:1] == ["train"] and df.split.iloc[-1] == "valid"
     assert (df.pred == df.label).mean() > 0.9
     with np.load(trained / "mc_summary.npz") as z:

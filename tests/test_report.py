@@ -22,6 +22,8 @@ from conftest import make_shapes
 runner = CliRunner()
 EVIL = "<script>alert(1)</script>"
 TOP = 5
+TRAIN_FLIPS = [3, 50, 100, 150]
+VALID_FLIPS = [0, 7, 20]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,16 @@ def scored_run(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("report")
     x_train, y_train = make_shapes(60, seed=1)
     x_valid, y_valid = make_shapes(12, seed=2)
+    # planted label noise: these images are found and flagged as mislabeled
+    y_train[TRAIN_FLIPS] = (y_train[TRAIN_FLIPS] + 1) % 3
+    y_valid[VALID_FLIPS] = (y_valid[VALID_FLIPS] + 1) % 3
     data = d / "shapes.npz"
     np.savez(data, x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid,
              class_names=np.array(["horizontal", EVIL, "O'Brien & \"co\""]))
     run = d / "runs" / "shapes"
     for args in (
         ["train", "--data", str(data), "--run", str(run), "--epochs", "4", "--batch-size", "32", "--lr", "1e-3"],
-        ["score", "--run", str(run), "--samples", "8"],
+        ["score", "--run", str(run), "--samples", "8", "--folds", "3"],
     ):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, r.output
@@ -61,7 +66,7 @@ def test_report_is_self_contained_and_escaped(scored_run, tmp_path):
     assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "O&#39;Brien &amp; &#34;co&#34;" in html
     # 3 classes x 4 metrics x (TOP lowest + TOP highest)
-    assert res.n_images == 3 * len(METRICS) * 2 * TOP and html.count("<figure") == res.n_images
+    assert res.n_images == 3 * len(METRICS) * 2 * TOP and html.count("<figure class=\"cell") == res.n_images
     assert res.n_unique <= 36 and res.bytes == len(html.encode())
 
 
@@ -174,7 +179,8 @@ def test_report_in_headless_chromium(scored_run, tmp_path, browser):
     page.wait_for_load_state("load")
 
     images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-    assert len(images) == res.n_images
+    n_review = page.locator("figure.rcell").count()
+    assert n_review >= len(VALID_FLIPS) and len(images) == res.n_images + n_review
     assert all(done and width > 0 for done, width in images), "an image did not decode"
 
     def visible_cells():
@@ -205,3 +211,51 @@ def test_report_in_headless_chromium(scored_run, tmp_path, browser):
     assert errors == [] and dialogs == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_review_decisions_export_and_retrain(scored_run, tmp_path, browser):
+    """Flagged training images: decide in the page, export decisions.csv, retrain on it."""
+    import pandas as pd
+
+    res = write_report(scored_run, out=tmp_path / "rep", top=TOP, split="train")
+    page = browser.new_page(accept_downloads=True)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(res.path.as_uri())
+    cells = page.locator("figure.rcell")
+    flagged = [int(cells.nth(i).get_attribute("data-index")) for i in range(cells.count())]
+    assert set(TRAIN_FLIPS) <= set(flagged)  # every planted flip is on the worklist
+    # decide on three of them
+    first, second, third = (page.locator(f"figure.rcell[data-index='{i}']") for i in TRAIN_FLIPS[:3])
+    first.locator("select.action").select_option("keep")
+    second.locator("select.action").select_option("drop")
+    third.locator("select.action").select_option("relabel")
+    assert third.locator("select.new-label").is_enabled()
+    third.locator("select.new-label").select_option(EVIL)
+    assert page.inner_text("#decided") == "3"
+    with page.expect_download() as info:
+        page.click("#export")
+    download = info.value
+    assert download.suggested_filename == "decisions.csv"
+    target = tmp_path / "decisions.csv"
+    download.save_as(target)
+    rows = pd.read_csv(target, dtype=str, keep_default_na=False)
+    assert list(rows.columns) == ["split", "index", "path", "action", "new_label"]
+    got = {(r.split, int(r.index), r.action, r.new_label) for r in rows.itertuples()}
+    assert got == {
+        ("train", TRAIN_FLIPS[0], "keep", ""),
+        ("train", TRAIN_FLIPS[1], "drop", ""),
+        ("train", TRAIN_FLIPS[2], "relabel", EVIL),
+    }
+    assert errors == []
+
+    out = tmp_path / "curated"
+    r = runner.invoke(app, ["retrain", "--run", str(scored_run), "--decisions", str(target), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "applied: 1 dropped, 1 relabelled, 1 kept as they are" in r.output
+    assert "validation accuracy: before" in r.output
+    import json
+
+    cur = json.loads((out / "run.json").read_text())["data"]["curation"]
+    assert (cur["dropped"], cur["relabelled"], cur["kept"]) == (1, 1, 1)
