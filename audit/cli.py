@@ -250,6 +250,42 @@ def report(
     typer.echo(f"report written to {result.path}")
 
 
+@app.command()
+@handle_errors
+def acquire(
+    strategy: str = typer.Option("bald,random", "--strategy", help="Comma-separated: bald, batchbald, entropy, varratio, meanstd, random."),
+    initial: int = typer.Option(20, "--initial", help="Class-balanced initial labelled images."),
+    step: int = typer.Option(10, "--step", help="Images acquired per round."),
+    rounds: int = typer.Option(10, "--rounds", help="Acquisition rounds."),
+    samples: int = typer.Option(20, "--samples", "-T", help="MC passes per pool image."),
+    pool_subset: int = typer.Option(2000, "--pool-subset", help="Score a random subset of this many pool images per round (0: all)."),
+    repeats: int = typer.Option(1, "--repeats"),
+    seed: int = typer.Option(0, "--seed"),
+    model: str = typer.Option("gal", "--model", help="gal (Gal et al. 2017's CNN) or origin."),
+    epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam's alpha."),
+    data: str = typer.Option("mnist", "--data"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    run: Path = typer.Option(Path("runs/al"), "--run", help="Output folder."),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
+    from .active import ALConfig, acquire_run
+
+    config = ALConfig(
+        strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
+        rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, seed=seed,
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+    )
+    result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
+                         device=device, overwrite=overwrite, progress=BarProgress())
+    final = result.curve[result.curve["round"] == rounds].groupby("strategy", sort=False)["valid_accuracy"].mean()
+    err.print("final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
+    typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
 

@@ -36,7 +36,7 @@ from . import metrics
 from .data import to_float32
 from .device import get_device, make_rng
 from .errors import AuditError
-from .model import OriginCNN, keep_bits
+from .model import MCDropoutNet, keep_bits
 from .progress import NullProgress, Progress
 
 # Images per mask block: a default batch is one block (no concatenation), and a short
@@ -78,66 +78,78 @@ class MCResult:
 
 
 class MaskSampler:
-    """Draws the (B, T, H) keep-masks of both dropout layers for images [start, stop).
+    """Draws the keep-masks of both dropout layers for images [start, stop):
+    m1 (B, T, D1) and m2 (B, T, D2), of 0 (drop) and 1 (keep).
 
-    Masks are boolean/uint8 arrays of 0 (drop) and 1 (keep); the 1 / (1 - ratio)
-    scale is applied by the engine.
+    The 1 / (1 - ratio) scales are applied by the engine.
     """
 
-    def __init__(self, *, samples: int, hidden: int, ratio: float, seed: int, mode: MaskMode, device) -> None:
+    def __init__(self, *, samples: int, widths: tuple[int, int], ratios: tuple[float, float], seed: int,
+                 mode: MaskMode, device) -> None:
         if mode not in ("independent", "consistent"):
             raise AuditError(f"masks: expected 'independent' or 'consistent', got {mode!r}")
-        self.samples, self.hidden, self.ratio, self.seed = samples, hidden, ratio, seed
+        self.samples, self.widths, self.ratios, self.seed = samples, widths, ratios, seed
         self.mode, self.device, self.xp = mode, device, device.xp
         self._consistent = None
         self._cache: tuple[int, object] | None = None
 
-    def _draw(self, rng, shape):
-        return keep_bits(rng, shape, self.ratio, self.xp)
+    @classmethod
+    def for_model(cls, model: MCDropoutNet, *, samples: int, seed: int, mode: MaskMode = "independent", device=None):
+        hl = model.head_layers()
+        return cls(
+            samples=samples, widths=(hl.first.W.shape[1], hl.second.W.shape[1]),
+            ratios=(hl.first_ratio, hl.second_ratio), seed=seed, mode=mode,
+            device=device or chainer.get_device("@numpy"),
+        )
+
+    def _draw(self, rng, n: int):
+        return tuple(
+            keep_bits(rng, (n, self.samples, w), r, self.xp) for w, r in zip(self.widths, self.ratios)
+        )
 
     def _block(self, b: int):
-        """(2, MASK_BLOCK, T, H) masks of block b, cached for the next call."""
+        """(m1, m2) of block b, (MASK_BLOCK, T, D) each, cached for the next call."""
         if self._cache is None or self._cache[0] != b:
-            rng = make_rng(self.device, [self.seed, b])
-            self._cache = (b, self._draw(rng, (2, MASK_BLOCK, self.samples, self.hidden)))
+            self._cache = (b, self._draw(make_rng(self.device, [self.seed, b]), MASK_BLOCK))
         return self._cache[1]
 
     def __call__(self, start: int, stop: int):
-        """(m1, m2): (B, T, H) masks for images [start, stop), or (1, T, H) in consistent mode."""
+        """(m1, m2): (B, T, D) masks for images [start, stop), or (1, T, D) in consistent mode."""
         xp = self.xp
         if self.mode == "consistent":
             if self._consistent is None:
                 rng = make_rng(self.device, [self.seed, 2**31 - 1])  # a stream no block uses
-                self._consistent = self._draw(rng, (2, 1, self.samples, self.hidden))
-            return self._consistent[0], self._consistent[1]
+                self._consistent = self._draw(rng, 1)
+            return self._consistent
         parts = []
         for b in range(start // MASK_BLOCK, (stop - 1) // MASK_BLOCK + 1):
             lo, hi = max(start, b * MASK_BLOCK), min(stop, (b + 1) * MASK_BLOCK)
-            parts.append(self._block(b)[:, lo - b * MASK_BLOCK : hi - b * MASK_BLOCK])
-        masks = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
-        return masks[0], masks[1]
+            parts.append([m[lo - b * MASK_BLOCK : hi - b * MASK_BLOCK] for m in self._block(b)])
+        if len(parts) == 1:
+            return tuple(parts[0])
+        return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in range(2))
 
 
 class Head:
     """The stochastic head's weights laid out for the batched passes, made once per call.
 
-    Both dropout scales 1/(1-p) are folded into the weights, and fc4's bias into an
-    extra row so that the big product adds it for free:
+    Both dropout scales 1/(1-p) are folded into the weights, and the first layer's
+    bias into an extra row so that the big product adds it for free:
 
-        w4: (H+1, H) = [s * W4^T ; b4]      w5: (H, C) = s * W5^T      b5: (C,)
+        w1: (D+1, H) = [s1 * W1^T ; b1]      w2: (H, C) = s2 * W2^T      b2: (C,)
     """
 
-    def __init__(self, model: OriginCNN) -> None:
-        xp = chainer.backend.get_array_module(model.fc4.W.array)
-        s = np.float32(1.0 / (1.0 - model.dropout))
-        w4, b4 = model.fc4.W.array, model.fc4.b.array  # (H, H), (H,)
-        hidden = w4.shape[1]
-        self.w4 = xp.empty((hidden + 1, w4.shape[0]), np.float32)
-        self.w4[:hidden] = w4.T * s
-        self.w4[hidden] = b4
-        self.w5 = xp.ascontiguousarray(model.fc5.W.array.T * s)  # (H, C)
-        self.b5 = model.fc5.b.array
-        self.hidden, self.xp = hidden, xp
+    def __init__(self, model: MCDropoutNet) -> None:
+        hl = model.head_layers()
+        xp = chainer.backend.get_array_module(hl.first.W.array)
+        w1, b1 = hl.first.W.array, hl.first.b.array  # (H, D), (H,)
+        d = w1.shape[1]
+        self.w4 = xp.empty((d + 1, w1.shape[0]), np.float32)
+        self.w4[:d] = w1.T * np.float32(1.0 / (1.0 - hl.first_ratio))
+        self.w4[d] = b1
+        self.w5 = xp.ascontiguousarray(hl.second.W.array.T * np.float32(1.0 / (1.0 - hl.second_ratio)))  # (H, C)
+        self.b5 = hl.second.b.array
+        self.hidden, self.xp = d, xp
         self._x = self._z = None
 
     def _buffers(self, rows: int):
@@ -165,18 +177,18 @@ class Head:
 
     def _block(self, a, m1, m2, y):
         xp = self.xp
-        b, h = a.shape
+        b, d = a.shape
         t = m1.shape[1]
         x, z = self._buffers(b * t)
-        xp.multiply(a[:, None, :], m1, out=x[:, :h].reshape(b, t, h))  # dropout 1: (b, T, H)
-        xp.matmul(x, self.w4, out=z)  # (b*T, H+1) @ (H+1, H): the product that bounds the speed
+        xp.multiply(a[:, None, :], m1, out=x[:, :d].reshape(b, t, d))  # dropout 1: (b, T, D)
+        xp.matmul(x, self.w4, out=z)  # (b*T, D+1) @ (D+1, H): the product that bounds the speed
         xp.maximum(z, np.float32(0), out=z)
-        z.reshape(b, t, h).__imul__(m2)  # dropout 2
+        z.reshape(b, t, -1).__imul__(m2)  # dropout 2
         xp.matmul(z, self.w5, out=y.reshape(b * t, -1))  # (b*T, H) @ (H, C)
         y += self.b5
 
 
-def head_passes(model: OriginCNN, a, m1, m2):
+def head_passes(model: MCDropoutNet, a, m1, m2):
     """Logits of T head passes: (B, H) trunk output, (B|1, T, H) keep-masks -> (B, T, C)."""
     return Head(model)(a, m1, m2)
 
@@ -190,7 +202,7 @@ def softmax(logits):
 
 
 def mc_predict(
-    model: OriginCNN,
+    model: MCDropoutNet,
     x: np.ndarray,
     *,
     samples: int = 50,
@@ -234,9 +246,7 @@ def mc_predict(
     mc = np.empty((n, samples, c), np.float32) if return_mc else None
 
     def make_worker():
-        sampler = MaskSampler(
-            samples=samples, hidden=model.spec.hidden, ratio=model.dropout, seed=seed, mode=masks, device=dev
-        )
+        sampler = MaskSampler.for_model(model, samples=samples, seed=seed, mode=masks, device=dev)
         return _Worker(model, sampler, x, dev)
 
     def store(start, stop, scores_b, probs_b):
@@ -258,7 +268,7 @@ def mc_predict(
 class _Worker:
     """Scores batches [start, stop) of x: trunk, masks, head, reduction."""
 
-    def __init__(self, model: OriginCNN, sampler: MaskSampler, x: np.ndarray, device) -> None:
+    def __init__(self, model: MCDropoutNet, sampler: MaskSampler, x: np.ndarray, device) -> None:
         self.model, self.sampler, self.x, self.device = model, sampler, x, device
         self.head = Head(model)
 
@@ -339,24 +349,26 @@ def _is_out_of_memory(e: Exception) -> bool:
     return isinstance(e, cupy.cuda.memory.OutOfMemoryError)
 
 
-def reference_mc_probs(model: OriginCNN, x: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+def reference_mc_probs(model: MCDropoutNet, x: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
     """The origin's way, for tests: the whole network, one image and one pass at a
     time, through chainer's own ``F.dropout`` with the given keep-masks.
 
-    x (N, C, H, W); m1, m2 (N, T, H) 0/1 -> (N, T, C) probabilities.
+    x (N, C, H, W); m1 (N, T, D1), m2 (N, T, D2) of 0/1 -> (N, T, C) probabilities.
     """
     import chainer.functions as F
 
-    scale = np.float32(1.0 / (1.0 - model.dropout))
+    hl = model.head_layers()
+    s1 = np.float32(1.0 / (1.0 - hl.first_ratio))
+    s2 = np.float32(1.0 / (1.0 - hl.second_ratio))
     n, t = m1.shape[:2]
     out = np.empty((n, t, model.spec.n_classes), np.float32)
     with chainer.using_config("train", True), chainer.no_backprop_mode():
         for i in range(n):
             xi = to_float32(x[i : i + 1])
             for j in range(t):
-                h = F.relu(model.fc3(model._convs(xi)))
-                h = F.dropout(h, mask=(m1[i, j] * scale)[None].astype(np.float32))
-                h = F.relu(model.fc4(h))
-                h = F.dropout(h, mask=(m2[i, j] * scale)[None].astype(np.float32))
-                out[i, j] = F.softmax(model.fc5(h)).array[0]
+                h = model.trunk(xi)
+                h = F.dropout(h, mask=(m1[i, j] * s1)[None].astype(np.float32))
+                h = F.relu(hl.first(h))
+                h = F.dropout(h, mask=(m2[i, j] * s2)[None].astype(np.float32))
+                out[i, j] = F.softmax(hl.second(h)).array[0]
     return out

@@ -29,7 +29,7 @@ from . import _compat  # noqa: F401
 import chainer
 
 from .errors import AuditError
-from .model import ModelSpec, OriginCNN, model_from_spec
+from .model import MCDropoutNet, ModelSpec, model_from_spec
 
 RUN_JSON = "run.json"
 MODEL = "model.npz"
@@ -94,7 +94,7 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
             np.savez(f, **arrays)
 
 
-def write_model(path: str | os.PathLike, model: OriginCNN) -> None:
+def write_model(path: str | os.PathLike, model: MCDropoutNet) -> None:
     buf = io.BytesIO()  # save_npz brings device arrays to the host itself
     chainer.serializers.save_npz(buf, model)
     with atomic_path(path) as tmp:
@@ -134,7 +134,7 @@ def has_model(run: str | os.PathLike) -> bool:
     return (run / MODEL).is_file() and (run / RUN_JSON).is_file()
 
 
-def load_model(run: str | os.PathLike, meta: dict | None = None) -> OriginCNN:
+def load_model(run: str | os.PathLike, meta: dict | None = None) -> MCDropoutNet:
     """The trained model of ``run``, rebuilt from run.json and loaded from model.npz."""
     run = Path(run)
     meta = meta or read_run(run)
@@ -144,7 +144,7 @@ def load_model(run: str | os.PathLike, meta: dict | None = None) -> OriginCNN:
     return load_model_file(path, meta)
 
 
-def load_model_file(path: Path, meta: dict) -> OriginCNN:
+def load_model_file(path: Path, meta: dict) -> MCDropoutNet:
     """Weights from ``path`` into a model built from run.json's spec."""
     try:
         spec = ModelSpec.from_json(meta["model"])

@@ -16,7 +16,7 @@ from .device import describe, get_device
 from .errors import AuditError
 from .flags import FlagConfig, flag_issues
 from .mc import DEFAULT_BATCH, MaskMode, mc_predict
-from .model import OriginCNN
+from .model import MCDropoutNet
 from .progress import NullProgress, Progress
 
 SCORE_COLUMNS = (
@@ -56,7 +56,7 @@ def _stream_seed(seed: int, split: str, fold: int) -> int:
 
 
 def score_dataset(
-    model: OriginCNN,
+    model: MCDropoutNet,
     dataset: Dataset,
     *,
     splits: tuple[str, ...] = SPLITS,
@@ -65,7 +65,7 @@ def score_dataset(
     seed: int = 0,
     masks: MaskMode = "independent",
     device: str = "cpu",
-    train_folds: list[tuple[OriginCNN, np.ndarray]] | None = None,
+    train_folds: list[tuple[MCDropoutNet, np.ndarray]] | None = None,
     progress: Progress | None = None,
 ) -> ScoreResult:
     """Score every image of ``splits`` with T = ``samples`` MC-dropout passes.
@@ -134,7 +134,7 @@ def fold_models(
     *,
     device: str = "cpu",
     progress: Progress | None = None,
-) -> list[tuple[OriginCNN, np.ndarray]]:
+) -> list[tuple[MCDropoutNet, np.ndarray]]:
     """K models, each trained without one fold of the run's training images.
 
     The folds are a seeded permutation of the run's training indices cut into K

@@ -18,8 +18,7 @@ def test_head_passes_on_gpu_equal_cpu():
 
     m = audit.build_model(4, (1, 12, 12), seed=0)
     x = np.random.default_rng(0).random((9, 1, 12, 12), dtype=np.float32)
-    sampler = mc.MaskSampler(samples=5, hidden=1000, ratio=0.5, seed=0, mode="independent",
-                             device=chainer.get_device("@numpy"))
+    sampler = mc.MaskSampler.for_model(m, samples=5, seed=0)
     m1, m2 = sampler(0, 9)
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         cpu = mc.softmax(mc.head_passes(m, m.trunk(x).array, m1, m2))

@@ -20,17 +20,16 @@ def images():
 
 
 def _sampler(mode="independent", samples=6, seed=0, ratio=0.5):
-    return mc.MaskSampler(samples=samples, hidden=1000, ratio=ratio, seed=seed, mode=mode,
+    return mc.MaskSampler(samples=samples, widths=(1000, 1000), ratios=(ratio, ratio), seed=seed, mode=mode,
                           device=chainer.get_device("@numpy"))
 
 
-@pytest.mark.parametrize("dropout", [0.5, 0.3])
-def test_engine_equals_the_per_image_reference(images, dropout):
-    m = audit.build_model(4, (1, 12, 12), seed=2, dropout=dropout)
+@pytest.mark.parametrize("arch, dropout", [("origin", 0.5), ("origin", 0.3), ("gal", 0.5)])
+def test_engine_equals_the_per_image_reference(images, arch, dropout):
+    m = audit.build_model(4, (1, 12, 12), seed=2, dropout=dropout, arch=arch)
     x = images[:140]  # crosses a mask block boundary (128)
     r = mc.mc_predict(m, x, samples=6, batch_size=32, seed=3, return_mc=True)
-    sampler = mc.MaskSampler(samples=6, hidden=1000, ratio=dropout, seed=3, mode="independent",
-                             device=chainer.get_device("@numpy"))
+    sampler = mc.MaskSampler.for_model(m, samples=6, seed=3)
     m1, m2 = sampler(0, len(x))
     ref = mc.reference_mc_probs(m, x, m1, m2)
     np.testing.assert_allclose(r.mc_probs, ref, rtol=1e-5, atol=2e-6)

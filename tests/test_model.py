@@ -58,10 +58,24 @@ def test_bad_dropout_and_classes():
         build_model(1)
 
 
+@pytest.mark.parametrize("arch", ["origin", "gal"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 15, 17), (1, 12, 12)])
-def test_fast_cpu_trunk_equals_chainer(shape):
-    m = build_model(5, shape, seed=4)
+def test_fast_cpu_trunk_equals_chainer(shape, arch):
+    m = build_model(5, shape, seed=4, arch=arch)
     x = np.random.default_rng(1).random((6, *shape), dtype=np.float32)
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         ref = m.trunk(x).array
     np.testing.assert_allclose(m.trunk_array(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gal_cnn_shapes():
+    m = build_model(10, (1, 28, 28), arch="gal")
+    # 28 -> conv4 25 -> conv4 22 -> pool 11: 32*11*11 = 3872 -> 128 -> 10
+    assert m.conv1.W.shape == (32, 1, 4, 4) and m.fc3.W.shape == (128, 3872) and m.fc4.W.shape == (10, 128)
+    hl = m.head_layers()
+    assert (hl.first_ratio, hl.second_ratio) == (0.25, 0.5)
+    from audit.model import model_from_spec
+
+    assert type(model_from_spec(m.spec)) is type(m)
+    with pytest.raises(AuditError, match="--model"):
+        build_model(3, arch="resnet")

@@ -1,0 +1,225 @@
+"""Active-learning loops: acquire images by an MC-dropout strategy, retrain, repeat.
+
+Gal, Islam & Ghahramani 2017's protocol: start from a class-balanced labelled set,
+and each round retrain from scratch on the labelled set, score the pool (or a random
+subset of it) with MC dropout, acquire ``step`` images, and evaluate on the validation
+set. Labels come from the dataset itself (a simulated oracle); the acquired indices of
+each round are recorded, so a real labelling tool could take the oracle's place.
+
+Several strategies in one call share, per repeat, the initial set and every seed, so
+their curves compare.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import runs
+from .acquire import STRATEGIES, acquire
+from .data import Dataset, load_dataset
+from .device import get_device
+from .errors import AuditError
+from .mc import mc_predict
+from .progress import NullProgress, Progress
+from .train import TrainConfig, check_run_free, train
+
+AL_CURVE = "al_curve.csv"
+ACQUIRED = "acquired.csv"
+
+
+@dataclass(frozen=True)
+class ALConfig:
+    """Settings of an active-learning experiment; the defaults follow Gal et al. 2017
+    where they said (20 balanced, 10 per round, their CNN, 50 epochs, batch 128)."""
+
+    strategies: tuple[str, ...] = ("bald", "random")
+    initial: int = 20
+    step: int = 10
+    rounds: int = 10  # acquisitions; the curve has rounds + 1 points
+    samples: int = 20  # MC passes per pool image
+    pool_subset: int | None = 2000  # score a random subset of the pool each round (None: all)
+    repeats: int = 1
+    seed: int = 0
+    model: str = "gal"
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
+    batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if bad or not self.strategies:
+            raise AuditError(f"--strategy: expected a comma-separated list of {', '.join(STRATEGIES)}, got "
+                             f"{','.join(self.strategies)!r}", usage=True)
+        for name, v, lo in (("--initial", self.initial, 1), ("--step", self.step, 1), ("--rounds", self.rounds, 0),
+                            ("--samples", self.samples, 1), ("--repeats", self.repeats, 1),
+                            ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1)):
+            if v < lo:
+                raise AuditError(f"{name}: expected at least {lo}, got {v}", usage=True)
+        if self.pool_subset is not None and self.pool_subset < self.step:
+            raise AuditError(f"--pool-subset: expected at least --step ({self.step}), got {self.pool_subset}",
+                             usage=True)
+
+    def train_config(self, n_labelled: int, seed: int) -> TrainConfig:
+        wd = self.weight_decay
+        if wd is None:
+            # Keras l2(c / N) with c = 3.5 adds 2c/N * w to the gradient
+            wd = 2 * 3.5 / n_labelled if self.model == "gal" else 0.0
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                           model=self.model, weight_decay=wd)
+
+
+@dataclass(frozen=True)
+class ALResult:
+    curve: pd.DataFrame  # strategy, repeat, round, n_labelled, valid_accuracy, seconds
+    acquired: pd.DataFrame  # strategy, repeat, round, index, score
+
+
+def initial_set(labels: np.ndarray, n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """n training indices, as evenly spread over the classes as n allows."""
+    per = np.full(n_classes, n // n_classes)
+    per[rng.permutation(n_classes)[: n % n_classes]] += 1
+    out = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per[c]:
+            raise AuditError(f"--initial: class {c} has {len(idx)} training images, {per[c]} needed")
+        out.append(rng.choice(idx, size=per[c], replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def run_active_learning(
+    dataset: Dataset,
+    config: ALConfig = ALConfig(),
+    *,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    on_round: Callable[[ALResult], None] | None = None,
+) -> ALResult:
+    """Run every strategy for every repeat; returns the learning curves and the
+    acquisitions. ``on_round`` gets the results so far after each round."""
+    progress = progress or NullProgress()
+    dev = get_device(device)
+    n_train = len(dataset.train)
+    if config.initial + config.rounds * config.step > n_train:
+        raise AuditError(
+            f"--rounds: {config.initial} + {config.rounds} x {config.step} images exceed the "
+            f"{n_train} training images"
+        )
+    curve, acquired = [], []
+    for rep in range(config.repeats):
+        start = initial_set(dataset.train.y, config.initial, dataset.n_classes,
+                            np.random.default_rng(_seed(config.seed, rep, 0)))
+        for strategy in config.strategies:
+            labelled = start.copy()
+            acquired += [dict(strategy=strategy, repeat=rep, round=0, index=int(i), score=np.nan) for i in start]
+            for rnd in range(config.rounds + 1):
+                t0 = time.perf_counter()
+                cfg = config.train_config(len(labelled), _seed(config.seed, rep, rnd, 1))
+                result = train(dataset, cfg, subset=labelled, device=device, validate=False)
+                model, acc = result.model, result.valid_accuracy
+                if rnd < config.rounds:
+                    new, scores = _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev)
+                    labelled = np.sort(np.concatenate([labelled, new]))
+                    acquired += [dict(strategy=strategy, repeat=rep, round=rnd + 1, index=int(i), score=float(s))
+                                 for i, s in zip(new, scores)]
+                seconds = time.perf_counter() - t0
+                n_lab = config.initial + rnd * config.step
+                curve.append(dict(strategy=strategy, repeat=rep, round=rnd, n_labelled=n_lab,
+                                  valid_accuracy=acc, seconds=round(seconds, 3)))
+                progress.close(f"{strategy} repeat {rep + 1}/{config.repeats} round {rnd}/{config.rounds}: "
+                               f"{n_lab} labelled, validation accuracy {acc:.4f} ({seconds:.1f} s)")
+                if on_round is not None:
+                    on_round(ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)))
+    return ALResult(pd.DataFrame(curve), pd.DataFrame(acquired))
+
+
+def _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev):
+    """``step`` new training indices and their scores."""
+    pool = np.setdiff1d(np.arange(len(dataset.train)), labelled)
+    rng = np.random.default_rng(_seed(config.seed, rep, rnd, 2))
+    if config.pool_subset is not None and config.pool_subset < len(pool):
+        pool = np.sort(rng.choice(pool, size=config.pool_subset, replace=False))
+    if strategy == "random":
+        return rng.choice(pool, size=config.step, replace=False), np.zeros(config.step)
+    r = mc_predict(model, dataset.train.x[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
+                   masks="consistent" if strategy == "batchbald" else "independent", device=dev, return_mc=True)
+    batch = acquire(r.mc_probs, strategy, config.step, seed=_seed(config.seed, rep, rnd, 4),
+                    num_samples=config.batchbald_samples)
+    return pool[batch.indices], batch.scores
+
+
+def acquire_run(
+    run: str | os.PathLike = "runs/al",
+    *,
+    data: str = "mnist",
+    data_dir: str | None = None,
+    config: ALConfig = ALConfig(),
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ALResult:
+    """Run the loops and keep RUN/al_curve.csv, acquired.csv and run.json up to date
+    after every round (each file replaced atomically), so a long run shows its
+    progress and an interrupted one keeps its finished rounds."""
+    run = Path(run)
+    get_device(device)
+    check_run_free(run, overwrite)
+    dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+    meta = {
+        "command": "acquire",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "seed": config.seed,
+        "data": {"data": str(data), "data_dir": data_dir, "source": dataset.source,
+                 "fingerprint": dataset.fingerprint, "class_names": list(dataset.class_names),
+                 "n_train": len(dataset.train), "n_valid": len(dataset.valid),
+                 "image_shape": list(dataset.image_shape)},
+        "device": str(device),
+        "versions": runs.versions(),
+        "complete": False,
+    }
+    if run.exists() and overwrite:
+        for name in (AL_CURVE, ACQUIRED):
+            (run / name).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    runs.write_json(run / runs.RUN_JSON, meta)
+    t0 = time.perf_counter()
+
+    def save(res: ALResult) -> None:
+        for name, df in ((AL_CURVE, res.curve), (ACQUIRED, res.acquired)):
+            with runs.atomic_path(run / name) as tmp:
+                df.to_csv(tmp, index=False, float_format="%.6g")
+
+    result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save)
+    save(result)
+    meta.update(complete=True, timings={"seconds": round(time.perf_counter() - t0, 3)},
+                results=reach_table(result.curve, config.initial))
+    runs.write_json(run / runs.RUN_JSON, meta)
+    return result
+
+
+def reach_table(curve: pd.DataFrame, initial: int, errors=(0.10, 0.05)) -> dict:
+    """Per strategy: acquired images (beyond the initial set) at which the mean
+    validation error over repeats first reaches each error level; None if never."""
+    out = {}
+    for strategy, g in curve.groupby("strategy", sort=False):
+        mean = g.groupby("n_labelled")["valid_accuracy"].mean().sort_index()
+        row = {}
+        for e in errors:
+            hit = mean[1 - mean <= e]
+            row[f"{e:.0%}"] = None if hit.empty else int(hit.index[0]) - initial
+        out[strategy] = row
+    return out
