@@ -7,7 +7,9 @@ The package imports its NumPy 2 compatibility fixes for Chainer 7.8.1 first, so
 from . import _compat  # noqa: F401  (must precede every chainer import)
 from .data import Dataset, Split, load_dataset
 from . import metrics
+from .curate import apply_decisions
 from .errors import AuditError
+from .flags import flag_issues
 from .mc import MCResult, mc_predict
 from .model import OriginCNN, build_model
 from .score import ScoreResult, score_dataset, score_run
@@ -24,8 +26,10 @@ __all__ = [
     "Split",
     "TrainConfig",
     "TrainResult",
+    "apply_decisions",
     "build_model",
     "evaluate",
+    "flag_issues",
     "load_dataset",
     "mc_predict",
     "metrics",

@@ -64,6 +64,10 @@ class ALConfig:
                             ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1)):
             if v < lo:
                 raise AuditError(f"{name}: expected at least {lo}, got {v}", usage=True)
+        from .model import ARCHS
+
+        if self.model not in ARCHS:
+            raise AuditError(f"--model: expected one of {', '.join(ARCHS)}, got {self.model!r}", usage=True)
         if self.pool_subset is not None and self.pool_subset < self.step:
             raise AuditError(f"--pool-subset: expected at least --step ({self.step}), got {self.pool_subset}",
                              usage=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .data import Dataset
+from .data import Dataset, load_dataset
 from .errors import AuditError
 from .flags import pair_counts
 from .progress import NullProgress, Progress
@@ -124,7 +124,7 @@ def report_context(
     if split not in set(scores["split"]):
         have = ", ".join(sorted(set(scores["split"]))) or "none"
         raise AuditError(f"--split: {split!r} was not scored in {run} (scored: {have}); run `audit score --splits {split}`")
-    dataset = dataset or load_run_data(meta, progress=progress)
+    dataset = dataset or load_run_data(meta, run=run, progress=progress)
     names = list(dataset.class_names)
     images = dataset.split(split).x
     df = scores[scores["split"] == split]
@@ -221,8 +221,66 @@ def report_context(
     }
 
 
-def render_report(context: dict) -> str:
-    return environment().get_template(TEMPLATE).render(**context)
+def render_report(context: dict, template: str = TEMPLATE) -> str:
+    return environment().get_template(template).render(**context)
+
+
+# Plot area of the learning-curve chart, in SVG user units.
+CHART_W, CHART_H, CHART_PAD = 640, 300, 40
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progress | None = None) -> dict:
+    """The data of an active-learning run's page: curves (mean and range over
+    repeats) in chart coordinates, the reach table, and the first acquisitions."""
+    from .active import ACQUIRED, AL_CURVE, reach_table
+
+    run = Path(run)
+    meta = runs.read_run(run)
+    curve = pd.read_csv(run / AL_CURVE)
+    acquired = pd.read_csv(run / ACQUIRED)
+    dataset = load_dataset(meta["data"]["data"], data_dir=meta["data"].get("data_dir"), progress=progress)
+    names = list(dataset.class_names)
+    x_lo, x_hi = float(curve.n_labelled.min()), float(max(curve.n_labelled.max(), curve.n_labelled.min() + 1))
+    y_lo = float(np.floor(curve.valid_accuracy.min() * 10) / 10)
+
+    def xy(n, acc):
+        return (round(CHART_PAD + (n - x_lo) / (x_hi - x_lo) * (CHART_W - 2 * CHART_PAD), 1),
+                round(CHART_H - CHART_PAD - (acc - y_lo) / (1 - y_lo) * (CHART_H - 2 * CHART_PAD), 1))
+
+    strategies = []
+    for i, (name, g) in enumerate(curve.groupby("strategy", sort=False)):
+        stats = g.groupby("n_labelled")["valid_accuracy"].agg(["mean", "min", "max"]).sort_index()
+        first = acquired[(acquired.strategy == name) & (acquired.repeat == 0)
+                         & acquired["round"].between(1, first_rounds)]
+        strategies.append({
+            "name": name,
+            "color": PALETTE[i % len(PALETTE)],
+            "line": [xy(n, r["mean"]) for n, r in stats.iterrows()],
+            "band": [xy(n, r["max"]) for n, r in stats.iterrows()] + [xy(n, r["min"]) for n, r in stats[::-1].iterrows()],
+            "final": float(stats["mean"].iloc[-1]),
+            "acquired": [{"src": png_data_uri(dataset.train.x[int(r.index)]), "index": int(r.index),
+                          "label": names[int(dataset.train.y[int(r.index)])], "round": int(r.round),
+                          "score": float(r.score)} for r in first.itertuples()],
+        })
+    y_ticks = [round(y_lo + k * (1 - y_lo) / 5, 3) for k in range(6)]
+    x_ticks = sorted(set(int(v) for v in np.linspace(x_lo, x_hi, 6)))
+    return {
+        "title": f"audit active learning: {run.name}",
+        "run": str(run),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "config": json.dumps(meta.get("config", {}), sort_keys=True),
+        "complete": bool(meta.get("complete")),
+        "repeats": int(curve.repeat.nunique()),
+        "strategies": strategies,
+        "reach": reach_table(curve, int(meta.get("config", {}).get("initial", x_lo))),
+        "chart": {"w": CHART_W, "h": CHART_H, "pad": CHART_PAD,
+                  "x_ticks": [(t, xy(t, y_lo)[0]) for t in x_ticks],
+                  "y_ticks": [(t, xy(x_lo, t)[1]) for t in y_ticks]},
+        "first_rounds": first_rounds,
+        "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        "fingerprint": meta["data"].get("fingerprint", ""),
+    }
 
 
 def write_report(
@@ -235,14 +293,22 @@ def write_report(
     progress: Progress | None = None,
 ) -> ReportResult:
     """Render the report of ``run`` into ``out/index.html`` (default ``reports/<run name>``)."""
+    from .active import AL_CURVE
+
     t0 = time.perf_counter()
     run = Path(run)
     out = Path(out) if out is not None else Path("reports") / run.name
     if out.exists() and not out.is_dir():
         raise AuditError(f"--out: {out} exists and is not a folder")
-    ctx = report_context(run, top=top, metric=metric, split=split, progress=progress)
-    html = render_report(ctx)
+    if (run / AL_CURVE).is_file() and not (run / runs.SCORES).is_file():
+        ctx = al_context(run, progress=progress)
+        html = render_report(ctx, "active.html.j2")
+        n_cells = n_unique = sum(len(s["acquired"]) for s in ctx["strategies"])
+    else:
+        ctx = report_context(run, top=top, metric=metric, split=split, progress=progress)
+        html = render_report(ctx)
+        n_cells = sum(len(g["low"]) + len(g["high"]) for c in ctx["classes"] for g in c["grids"].values())
+        n_unique = ctx["n_unique"]
     path = out / "index.html"
     runs.write_text(path, html)
-    n_cells = sum(len(g["low"]) + len(g["high"]) for c in ctx["classes"] for g in c["grids"].values())
-    return ReportResult(path, n_cells, ctx["n_unique"], len(html.encode()), time.perf_counter() - t0)
+    return ReportResult(path, n_cells, n_unique, len(html.encode()), time.perf_counter() - t0)

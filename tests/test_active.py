@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import audit
+from audit.active import ALConfig, initial_set, reach_table, run_active_learning
+from audit.cli import app
+from audit.errors import AuditError
+
+runner = CliRunner()
+SMALL = dict(initial=6, step=3, rounds=2, samples=4, pool_subset=60, epochs=3, batch_size=16)
+
+
+def test_initial_set_is_balanced():
+    labels = np.repeat(np.arange(10), 50)
+    idx = initial_set(labels, 20, 10, np.random.default_rng(0))
+    assert np.bincount(labels[idx], minlength=10).tolist() == [2] * 10 and len(set(idx)) == 20
+    idx = initial_set(labels, 13, 10, np.random.default_rng(0))
+    assert sorted(np.bincount(labels[idx], minlength=10)) == [1] * 7 + [2] * 3
+
+
+@pytest.mark.parametrize("arch", ["origin", "gal"])
+def test_loop_shares_the_start_and_records_everything(shapes_npz, arch):
+    ds = audit.load_dataset(shapes_npz)
+    cfg = ALConfig(strategies=("bald", "batchbald", "random"), model=arch, **SMALL)
+    res = run_active_learning(ds, cfg)
+    c, a = res.curve, res.acquired
+    assert len(c) == 3 * (cfg.rounds + 1)
+    assert c[c.strategy == "bald"].n_labelled.tolist() == [6, 9, 12]
+    assert c.valid_accuracy.between(0, 1).all() and (c.seconds > 0).all()
+    starts = {s: set(a[(a.strategy == s) & (a["round"] == 0)]["index"]) for s in cfg.strategies}
+    assert starts["bald"] == starts["batchbald"] == starts["random"] and len(starts["bald"]) == 6
+    for s in cfg.strategies:
+        picked = a[a.strategy == s]["index"]
+        assert picked.is_unique and len(picked) == 12  # nothing acquired twice, 6 + 2 x 3
+        assert (a[(a.strategy == s) & (a["round"] > 0)].groupby("round").size() == 3).all()
+    assert a[(a.strategy == "bald") & (a["round"] > 0)].score.gt(0).all()
+
+
+def test_same_seed_same_curve(shapes_npz):
+    ds = audit.load_dataset(shapes_npz)
+    cfg = ALConfig(strategies=("entropy",), **SMALL)
+    a, b = run_active_learning(ds, cfg), run_active_learning(ds, cfg)
+    pd.testing.assert_frame_equal(a.acquired, b.acquired)
+    np.testing.assert_array_equal(a.curve.valid_accuracy, b.curve.valid_accuracy)
+
+
+def test_reach_table():
+    curve = pd.DataFrame({"strategy": "bald", "repeat": 0, "round": [0, 1, 2], "n_labelled": [20, 30, 40],
+                          "valid_accuracy": [0.8, 0.91, 0.96], "seconds": 1.0})
+    assert reach_table(curve, 20) == {"bald": {"10%": 10, "5%": 20}}
+    assert reach_table(curve.assign(valid_accuracy=0.5), 20) == {"bald": {"10%": None, "5%": None}}
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(strategies=("bald", "coreset")), "--strategy"), (dict(step=0), "--step"),
+    (dict(pool_subset=2, step=3), "--pool-subset"), (dict(samples=0), "--samples"),
+])
+def test_bad_config(kwargs, option):
+    with pytest.raises(AuditError, match=option):
+        ALConfig(**kwargs)
+
+
+def test_acquire_command(shapes_npz, tmp_path):
+    run = tmp_path / "al"
+    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "varratio,meanstd",
+            "--initial", "6", "--step", "3", "--rounds", "1", "--samples", "4", "--pool-subset", "60",
+            "--epochs", "2", "--batch-size", "16", "--model", "origin"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "varratio repeat 1/1 round 1/1: 9 labelled" in r.output
+    assert r.output.strip().splitlines()[-1] == f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)"
+    curve = pd.read_csv(run / "al_curve.csv")
+    assert list(curve.columns) == ["strategy", "repeat", "round", "n_labelled", "valid_accuracy", "seconds"]
+    assert list(pd.read_csv(run / "acquired.csv").columns) == ["strategy", "repeat", "round", "index", "score"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["complete"] and set(meta["results"]) == {"varratio", "meanstd"}
+    r = runner.invoke(app, args)  # the run exists now
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(app, args[:-2] + ["--model", "vgg", "--overwrite"])
+    assert r.exit_code == 2 and "--model: expected one of origin, gal" in r.output
+    r = runner.invoke(app, [*args[:5], "--strategy", "bald", "--rounds", "500", "--run", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "exceed the 300 training images" in r.output
+
+
+def test_report_of_an_active_learning_run(shapes_npz, tmp_path):
+    run = tmp_path / "al"
+    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "bald,random", "--initial", "6",
+            "--step", "3", "--rounds", "2", "--samples", "4", "--pool-subset", "60", "--epochs", "2",
+            "--batch-size", "16", "--model", "origin", "--repeats", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert html.count('<polyline class="curve"') == 2 and html.count('<polygon class="band"') == 2
+    assert html.count("<figure") == 2 * 2 * 3  # 2 strategies x 2 rounds x 3 images
+    assert "https://" not in html and "http://" not in html
