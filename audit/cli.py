@@ -85,7 +85,7 @@ def handle_errors(fn):
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(2 if e.usage else 1) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written", markup=False)
+            err.print("interrupted; files finished before the interruption are complete, none is half-written", markup=False)
             raise typer.Exit(130) from None
 
     return wrapper
