@@ -86,8 +86,14 @@ def main() -> None:
     flagged = oos["flag"].to_numpy() == "mislabeled"
     tp = int((flagged & is_flip).sum())
     right = (oos["suggested_label"].to_numpy()[flips] == y_true[flips]).mean()
+    probs = res.probs[: len(y)]  # train rows come first, aligned with oos
+    given = probs[np.arange(len(y)), y]
+    others = probs.copy()
+    others[np.arange(len(y)), y] = 0
+    log_ratio = np.log(others.max(axis=1) + 1e-12) - np.log(given + 1e-12)
     rows = [
         ("mislabel_score, out of sample (K-fold)", oos["mislabel_score"].to_numpy()),
+        ("log p(other)/p(label), out of sample", log_ratio),
         ("mislabel_score, in sample", -ins["margin"].to_numpy()),
         ("entropy, out of sample", oos["entropy"].to_numpy()),
         ("entropy, in sample (the origin's ranking)", ins["entropy"].to_numpy()),
