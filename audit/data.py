@@ -16,6 +16,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,12 @@ def load_mnist(
             raise AuditError(
                 "MNIST: the four IDX files are in none of " + ", ".join(map(str, dirs))
             )
-        found = download_mnist(default_cache_dir(), progress=progress)
+        try:
+            found = download_mnist(default_cache_dir(), progress=progress)
+        except AuditError as e:
+            raise AuditError(
+                "MNIST: the four IDX files are in none of " + ", ".join(map(str, dirs)) + f", and {e}"
+            ) from None
     raw = {name: _read_checked(found, name) for name in MNIST_FILES}
     train = Split(
         _parse_idx_images(raw["train-images-idx3-ubyte"], found / "train-images-idx3-ubyte"),
@@ -275,8 +281,8 @@ def download_mnist(
                 errors.append(str(e))
         else:
             raise AuditError(
-                f"MNIST: could not download {name}.gz into {folder} (offline?); "
-                f"put the four IDX files there or pass --data-dir. Tried: {'; '.join(errors)}"
+                f"could not download {name}.gz into {folder} (offline?); put the four IDX files "
+                f"there or pass --data-dir. Tried: {'; '.join(errors)}"
             )
     return folder
 
@@ -306,6 +312,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     """An ``.npz`` with ``x_train, y_train, x_valid, y_valid`` (and optionally
     ``class_names``). Images N x H x W or N x C x H x W, uint8 or float."""
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise AuditError(f"{path}: not an .npz file (not a zip archive); expected arrays x_train, y_train, x_valid, y_valid")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -89,8 +89,8 @@ def test_mnist_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("AUDIT_DATA_DIR", raising=False)
     # port 9 (discard) on loopback: the connection is refused at once, as offline
     monkeypatch.setattr(D, "MNIST_MIRRORS", ("http://127.0.0.1:9/",))
-    with pytest.raises(AuditError, match="could not download .* \\(offline\\?\\)"):
-        D.load_mnist()
+    with pytest.raises(AuditError, match="the four IDX files are in none of .*, and could not download .* \\(offline\\?\\)"):
+        D.load_mnist(tmp_path)
     assert not any(D.default_cache_dir().glob("*.gz"))
 
 
@@ -165,6 +165,13 @@ def test_npz_bad_input(tmp_path, arrays, message):
 def test_npz_not_a_zip(tmp_path):
     p = tmp_path / "junk.npz"
     p.write_bytes(b"not a zip at all")
+    with pytest.raises(AuditError, match=r"junk.npz: not an .npz file \(not a zip archive\)"):
+        D.load_dataset(p)
+    import zipfile
+
+    with zipfile.ZipFile(p, "w") as z:  # a zip with the right names but no arrays inside
+        for name in ("x_train", "y_train", "x_valid", "y_valid"):
+            z.writestr(f"{name}.npy", b"garbage")
     with pytest.raises(AuditError, match=r"junk.npz: not a readable .npz file"):
         D.load_dataset(p)
 
