@@ -325,6 +325,9 @@ def load_npz(path: str | os.PathLike) -> Dataset:
             f"{path}: missing array(s) {', '.join(missing)}; expected x_train, y_train, "
             f"x_valid, y_valid (found {', '.join(sorted(arrays)) or 'none'})"
         )
+    for k in ("x_train", "y_train", "x_valid", "y_valid"):
+        if not isinstance(arrays[k], np.ndarray):  # NpzFile hands back raw bytes for non-.npy members
+            raise AuditError(f"{path}: not a readable .npz file ({k} is not a NumPy array)")
     xs = {s: _check_images(arrays[f"x_{s}"], f"{path}: x_{s}") for s in SPLITS}
     if xs["train"].shape[1:] != xs["valid"].shape[1:]:
         raise AuditError(
