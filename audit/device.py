@@ -40,10 +40,6 @@ def get_device(spec: str = "cpu") -> chainer.backend.Device:
     return chainer.get_device(s)
 
 
-def xp_of(device: chainer.backend.Device):
-    return device.xp
-
-
 def make_rng(device: chainer.backend.Device, seed):
     """A Generator on ``device`` (NumPy's on CPU, CuPy's on GPU) seeded by ``seed``.
 
