@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import SPLITS, Dataset, Split, fingerprint, load_dataset
+from .data import SPLITS, Dataset, Split, fingerprint
 from .errors import AuditError
 
 ACTIONS = ("keep", "drop", "relabel")
@@ -173,7 +173,7 @@ def retrain_run(
     """
     from . import runs
     from .device import get_device
-    from .score import load_run_data
+    from .score import load_base_data, load_run_data
     from .train import TrainConfig, check_run_free, evaluate, fit_and_write, run_subset
 
     run = Path(run)
@@ -185,7 +185,8 @@ def retrain_run(
         raise AuditError(f"--out: {out} is the source run; a curated run goes into a new folder")
     check_run_free(out, overwrite)
     meta = runs.read_run(run)
-    dataset = load_run_data(meta, run=run, progress=progress)
+    base = load_base_data(meta, progress=progress)
+    dataset = load_run_data(meta, run=run, base=base)
     parts = []
     if decisions is not None:
         parts.append(validate_decisions(read_decisions(decisions), dataset, source=str(decisions)))
@@ -205,7 +206,6 @@ def retrain_run(
         index=merged["index"].astype(str),
         new_label=[dataset.class_names[i] if i >= 0 else "" for i in merged["new_label"]],
     )
-    base = load_dataset(meta["data"]["data"], data_dir=meta["data"].get("data_dir")) if prior else dataset
     curated = apply_decisions(base, merged, train_indices=run_subset(run, meta))
     if len(curated.train_indices) == 0:
         raise AuditError("retrain: the decisions drop every training image; nothing to train on")

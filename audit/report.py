@@ -155,6 +155,7 @@ def report_context(
                  score=float(row["mislabel_score"]))
         return x
 
+    ranges = {m: (float(df[m].min()), float(df[m].max())) for m in METRICS}  # one x-axis per metric
     classes = []
     progress.start("render report", len(names))
     for c, name in enumerate(names):
@@ -168,7 +169,7 @@ def report_context(
                 "low": [cell(r) for _, r in ranked.head(top).iterrows()],
                 "high": [cell(r) for _, r in ranked.tail(top).iloc[::-1].iterrows()],
             }
-            lo, hi = float(df[m].min()), float(df[m].max())
+            lo, hi = ranges[m]
             hists[m] = {"bins": _histogram(dc[m].to_numpy(), lo, hi), "lo": lo, "hi": hi}
         classes.append(
             {

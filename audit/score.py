@@ -283,29 +283,41 @@ def flag_run(run: str | os.PathLike = "runs/default", *, flags: FlagConfig = Fla
     return scores
 
 
-def load_run_data(
-    meta: dict, *, run: str | os.PathLike | None = None, data_dir: str | None = None,
-    progress: Progress | None = None,
-) -> Dataset:
-    """The dataset a run was trained on (with its review decisions applied, for a
-    curated run), checked against its fingerprint."""
-    from .curate import apply_decisions, read_decisions
-
+def load_base_data(meta: dict, *, data_dir: str | None = None, progress: Progress | None = None) -> Dataset:
+    """The source data of a run, before any review decisions, checked against its fingerprint."""
     d = meta["data"]
     dataset = load_dataset(d["data"], data_dir=data_dir or d.get("data_dir"), progress=progress)
     curation = d.get("curation")
+    expected = curation["base_fingerprint"] if curation else d["fingerprint"]
+    if dataset.fingerprint != expected:
+        what = "the curated run started from" if curation else "this run was trained on"
+        raise AuditError(
+            f"--data: {d['data']} is not the data {what} (fingerprint {dataset.fingerprint[:12]}, "
+            f"run.json says {expected[:12]}); retrain the run"
+        )
+    return dataset
+
+
+def load_run_data(
+    meta: dict, *, run: str | os.PathLike | None = None, data_dir: str | None = None,
+    progress: Progress | None = None, base: Dataset | None = None,
+) -> Dataset:
+    """The dataset a run was trained on (with its review decisions applied, for a
+    curated run), checked against its fingerprint. ``base``: the already loaded
+    :func:`load_base_data`, to avoid loading it twice."""
+    from .curate import apply_decisions, read_decisions
+
+    d = meta["data"]
+    dataset = base if base is not None else load_base_data(meta, data_dir=data_dir, progress=progress)
+    curation = d.get("curation")
     if curation:
-        if dataset.fingerprint != curation["base_fingerprint"]:
-            raise AuditError(
-                f"--data: {d['data']} is not the data the curated run started from (fingerprint "
-                f"{dataset.fingerprint[:12]}, run.json says {curation['base_fingerprint'][:12]})"
-            )
         if run is None:
             raise AuditError("load_run_data: a curated run needs run= to find its decisions")
         dataset = apply_decisions(dataset, read_decisions(Path(run) / curation["decisions"])).dataset
-    if dataset.fingerprint != d["fingerprint"]:
-        raise AuditError(
-            f"--data: {d['data']} is not the data this run was trained on (fingerprint "
-            f"{dataset.fingerprint[:12]}, run.json says {d['fingerprint'][:12]}); retrain the run"
-        )
+        if dataset.fingerprint != d["fingerprint"]:
+            raise AuditError(
+                f"{Path(run) / curation['decisions']}: applied to the source data it does not give the "
+                f"data this run was trained on (fingerprint {dataset.fingerprint[:12]}, run.json says "
+                f"{d['fingerprint'][:12]})"
+            )
     return dataset
