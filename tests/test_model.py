@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import chainer
+import chainer.functions as F
 import numpy as np
 import pytest
 
@@ -64,8 +65,27 @@ def test_fast_cpu_trunk_equals_chainer(shape, arch):
     m = build_model(5, shape, seed=4, arch=arch)
     x = np.random.default_rng(1).random((6, *shape), dtype=np.float32)
     with chainer.using_config("train", False), chainer.no_backprop_mode():
-        ref = m.trunk(x).array
+        ref = m.trunk_chainer(x).array
+        np.testing.assert_allclose(m.trunk(x).array, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m.trunk_array(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["origin", "gal"])
+def test_fast_training_trunk_has_chainers_gradients(arch, monkeypatch):
+    from audit import fastconv
+
+    monkeypatch.setattr(fastconv, "TASK_BYTES", 20_000)  # many tasks, on the thread pool
+    m = build_model(4, (2, 17, 15), seed=2, arch=arch)
+    x = np.random.default_rng(3).random((9, 2, 17, 15), dtype=np.float32)
+    grads = []
+    for trunk in (m.trunk_chainer, m.trunk):
+        m.cleargrads()
+        h = trunk(x)
+        F.sum(h * h).backward()  # a loss that weighs every output differently
+        grads.append({n: p.grad.copy() for n, p in m.namedparams() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and "/conv1/W" in grads[0]
+    for name, g in grads[0].items():
+        np.testing.assert_allclose(grads[1][name], g, rtol=1e-4, atol=1e-4 * np.abs(g).max(), err_msg=name)
 
 
 def test_gal_cnn_shapes():
