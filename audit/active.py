@@ -53,6 +53,7 @@ class ALConfig:
     lr: float = 1e-3
     weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
+    stop_error: float | None = None  # end a strategy's repeat once its validation error is at most this
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES]
@@ -68,6 +69,9 @@ class ALConfig:
 
         if self.model not in ARCHS:
             raise AuditError(f"--model: expected one of {', '.join(ARCHS)}, got {self.model!r}", usage=True)
+        if self.stop_error is not None and not 0 < self.stop_error < 1:
+            raise AuditError(f"--stop-at-error: expected an error rate between 0 and 1, got {self.stop_error}",
+                             usage=True)
         if self.pool_subset is not None and self.pool_subset < self.step:
             raise AuditError(f"--pool-subset: expected at least --step ({self.step}), got {self.pool_subset}",
                              usage=True)
@@ -134,7 +138,8 @@ def run_active_learning(
                 cfg = config.train_config(len(labelled), _seed(config.seed, rep, rnd, 1))
                 result = train(dataset, cfg, subset=labelled, device=device, validate=False)
                 model, acc = result.model, result.valid_accuracy
-                if rnd < config.rounds:
+                done = config.stop_error is not None and reached(acc, config.stop_error)
+                if rnd < config.rounds and not done:
                     new, scores = _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev)
                     labelled = np.sort(np.concatenate([labelled, new]))
                     acquired += [dict(strategy=strategy, repeat=rep, round=rnd + 1, index=int(i), score=float(s))
@@ -147,6 +152,10 @@ def run_active_learning(
                                f"{n_lab} labelled, validation accuracy {acc:.4f} ({seconds:.1f} s)")
                 if on_round is not None:
                     on_round(ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)))
+                if done:
+                    progress.close(f"{strategy} repeat {rep + 1}/{config.repeats}: validation error "
+                                   f"{1 - acc:.4f} <= {config.stop_error}, stopped after round {rnd}")
+                    break
     return ALResult(pd.DataFrame(curve), pd.DataFrame(acquired))
 
 
@@ -215,15 +224,28 @@ def acquire_run(
     return result
 
 
+def reached(accuracy: float, error: float) -> bool:
+    """Whether a validation ``accuracy`` has an error of at most ``error`` (0.95 reaches 5%)."""
+    return accuracy >= 1 - error - 1e-9  # 1 - 0.95 is 0.05000000000000004 in floats
+
+
 def reach_table(curve: pd.DataFrame, initial: int, errors=(0.10, 0.05)) -> dict:
-    """Per strategy: acquired images (beyond the initial set) at which the mean
-    validation error over repeats first reaches each error level; None if never."""
+    """Per strategy and error level: the images acquired (beyond the initial set) at
+    which each repeat's validation error first reaches the level, and their mean.
+
+    The mean is None when a repeat never reached the level; ``acquired_max`` then says
+    how far the curves went (the level was not reached within that many).
+    """
     out = {}
     for strategy, g in curve.groupby("strategy", sort=False):
-        mean = g.groupby("n_labelled")["valid_accuracy"].mean().sort_index()
-        row = {}
+        row: dict = {"acquired_max": int(g.n_labelled.max()) - initial}
         for e in errors:
-            hit = mean[1 - mean <= e]
-            row[f"{e:.0%}"] = None if hit.empty else int(hit.index[0]) - initial
+            per = []
+            for _, r in g.groupby("repeat"):
+                hits = [n for n, a in sorted(zip(r.n_labelled, r.valid_accuracy)) if reached(a, e)]
+                per.append(int(hits[0]) - initial if hits else None)
+            key = f"{e:.0%}"
+            row[key] = None if None in per else round(float(np.mean(per)), 1)
+            row[f"{key} per repeat"] = per
         out[strategy] = row
     return out

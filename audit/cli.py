@@ -265,6 +265,8 @@ def acquire(
     epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Adam's alpha."),
+    stop_at_error: Optional[float] = typer.Option(
+        None, "--stop-at-error", help="End a strategy's repeat once its validation error is at most this (e.g. 0.05)."),
     data: str = typer.Option("mnist", "--data"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     run: Path = typer.Option(Path("runs/al"), "--run", help="Output folder."),
@@ -277,12 +279,13 @@ def acquire(
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
         rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, seed=seed,
-        model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, stop_error=stop_at_error,
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, progress=BarProgress())
-    final = result.curve[result.curve["round"] == rounds].groupby("strategy", sort=False)["valid_accuracy"].mean()
-    err.print("final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
+    last = result.curve.sort_values("round").groupby(["strategy", "repeat"], sort=False).tail(1)
+    final = last.groupby("strategy", sort=False)["valid_accuracy"].mean()
+    err.print("last validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
     typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")
 
 

@@ -259,7 +259,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
             "color": PALETTE[i % len(PALETTE)],
             "line": [xy(n, r["mean"]) for n, r in stats.iterrows()],
             "band": [xy(n, r["max"]) for n, r in stats.iterrows()] + [xy(n, r["min"]) for n, r in stats[::-1].iterrows()],
-            "final": float(stats["mean"].iloc[-1]),
+            "final": float(g.sort_values("n_labelled").groupby("repeat").valid_accuracy.last().mean()),
             "acquired": [{"src": png_data_uri(dataset.train.x[int(r.index)]), "index": int(r.index),
                           "label": names[int(dataset.train.y[int(r.index)])], "round": int(r.round),
                           "score": float(r.score)} for r in first.itertuples()],
@@ -279,6 +279,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
                   "x_ticks": [(t, xy(t, y_lo)[0]) for t in x_ticks],
                   "y_ticks": [(t, xy(x_lo, t)[1]) for t in y_ticks]},
         "first_rounds": first_rounds,
+        "stop_error": meta.get("config", {}).get("stop_error"),
         "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
         "fingerprint": meta["data"].get("fingerprint", ""),
     }

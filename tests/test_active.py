@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -52,14 +53,39 @@ def test_same_seed_same_curve(shapes_npz):
 
 def test_reach_table():
     curve = pd.DataFrame({"strategy": "bald", "repeat": 0, "round": [0, 1, 2], "n_labelled": [20, 30, 40],
-                          "valid_accuracy": [0.8, 0.91, 0.96], "seconds": 1.0})
-    assert reach_table(curve, 20) == {"bald": {"10%": 10, "5%": 20}}
-    assert reach_table(curve.assign(valid_accuracy=0.5), 20) == {"bald": {"10%": None, "5%": None}}
+                          "valid_accuracy": [0.8, 0.9, 0.96], "seconds": 1.0})  # 0.9 is exactly 10% error
+    assert reach_table(curve, 20) == {"bald": {"acquired_max": 20, "10%": 10, "10% per repeat": [10],
+                                               "5%": 20, "5% per repeat": [20]}}
+    never = reach_table(curve.assign(valid_accuracy=0.5), 20)["bald"]
+    assert never["10%"] is None and never["5% per repeat"] == [None]
+    # per repeat, then the mean; a repeat that stopped early still counts
+    two = pd.concat([curve, curve.iloc[:2].assign(repeat=1, valid_accuracy=[0.7, 0.95])])
+    r = reach_table(two, 20)["bald"]
+    assert r["10% per repeat"] == [10, 10] and r["5% per repeat"] == [20, 10] and r["5%"] == 15
+    r = reach_table(pd.concat([curve, curve.assign(repeat=1, valid_accuracy=0.93)]), 20)["bald"]
+    assert r["5%"] is None and r["5% per repeat"] == [20, None] and r["10%"] == 5
+
+
+def test_stop_at_error_ends_a_curve(shapes_npz):
+    ds = audit.load_dataset(shapes_npz)
+    cfg = ALConfig(strategies=("entropy", "random"), **{**SMALL, "rounds": 3})
+    full = run_active_learning(ds, cfg).curve
+    level = 1 - full[full.strategy == "entropy"].valid_accuracy.iloc[1]  # reached at round 1
+    stopped = run_active_learning(ds, dataclasses.replace(cfg, stop_error=level))
+    c, a = stopped.curve, stopped.acquired
+    for s in ("entropy", "random"):
+        want = full[full.strategy == s]
+        hit = [i for i, acc in enumerate(want.valid_accuracy) if acc >= 1 - level - 1e-9]
+        n = hit[0] + 1 if hit else len(want)
+        got = c[c.strategy == s]
+        assert len(got) == n and got.valid_accuracy.tolist() == want.valid_accuracy.tolist()[:n]
+        assert a[a.strategy == s]["round"].max() == n - 1  # nothing acquired after the stop
 
 
 @pytest.mark.parametrize("kwargs, option", [
     (dict(strategies=("bald", "coreset")), "--strategy"), (dict(step=0), "--step"),
     (dict(pool_subset=2, step=3), "--pool-subset"), (dict(samples=0), "--samples"),
+    (dict(stop_error=0.0), "--stop-at-error"), (dict(stop_error=1.5), "--stop-at-error"),
 ])
 def test_bad_config(kwargs, option):
     with pytest.raises(AuditError, match=option):
