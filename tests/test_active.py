@@ -126,3 +126,24 @@ def test_report_of_an_active_learning_run(shapes_npz, tmp_path):
     assert html.count('<polyline class="curve"') == 2 and html.count('<polygon class="band"') == 2
     assert html.count("<figure") == 2 * 2 * 3  # 2 strategies x 2 rounds x 3 images
     assert "https://" not in html and "http://" not in html
+
+
+def test_stop_at_error_in_the_command_and_report(shapes_npz, tmp_path):
+    run = tmp_path / "al"
+    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "entropy,random", "--initial", "6",
+            "--step", "3", "--rounds", "3", "--samples", "4", "--pool-subset", "60", "--epochs", "3",
+            "--batch-size", "16", "--model", "origin", "--stop-at-error", "0.5"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "stopped after round" in r.output
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["config"]["stop_error"] == 0.5
+    curve = pd.read_csv(run / "al_curve.csv")
+    for _, g in curve.groupby("strategy"):  # each curve ends at its first round with accuracy >= 0.5
+        assert (g.valid_accuracy.iloc[:-1] < 0.5).all()
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "--stop-at-error 0.5" in html
+    r = runner.invoke(app, args[:-1] + ["1.5", "--overwrite"])
+    assert r.exit_code == 2 and "--stop-at-error: expected an error rate between 0 and 1, got 1.5" in r.output
