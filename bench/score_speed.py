@@ -51,12 +51,14 @@ def matmul_rate(rows: int, hidden: int = 1000, seconds: float = 3.0) -> float:
 
 
 def origin_loop(model, x: np.ndarray, samples: int) -> np.ndarray:
-    """The origin: for each image, T forward passes of the whole network with dropout on."""
+    """The origin: for each image, T forward passes of the whole network with dropout on,
+    through chainer's own functions (as the origin ran it; not audit's ``fastconv``)."""
     out = np.empty((len(x), model.spec.n_classes), np.float32)
     with chainer.using_config("train", True), chainer.no_backprop_mode():
         for i in range(len(x)):
             xi = to_float32(x[i : i + 1])
-            out[i] = np.mean([F.softmax(model(xi)).array[0] for _ in range(samples)], axis=0)
+            out[i] = np.mean([F.softmax(model.head(model.trunk_chainer(xi))).array[0] for _ in range(samples)],
+                             axis=0)
     return out
 
 

@@ -40,8 +40,6 @@ def plain_chainer(ds, epochs: int, batch: int, lr: float, seed: int, arch: str) 
 
     opt = chainer.optimizers.Adam(alpha=lr)
     opt.setup(net)
-    opt = chainer.optimizers.Adam(alpha=lr)
-    opt.setup(model)
     x, y = ds.train.x, ds.train.y
     for _ in range(epochs):
         perm = np.random.permutation(len(y))
