@@ -43,7 +43,7 @@ class ALConfig:
     initial: int = 20
     step: int = 10
     rounds: int = 10  # acquisitions; the curve has rounds + 1 points
-    samples: int = 20  # MC passes per pool image
+    samples: int = 100  # MC passes per pool image (the paper's code: 100 dropout iterations)
     pool_subset: int | None = 2000  # score a random subset of the pool each round (None: all)
     repeats: int = 1
     seed: int = 0

@@ -257,7 +257,7 @@ def acquire(
     initial: int = typer.Option(20, "--initial", help="Class-balanced initial labelled images."),
     step: int = typer.Option(10, "--step", help="Images acquired per round."),
     rounds: int = typer.Option(10, "--rounds", help="Acquisition rounds."),
-    samples: int = typer.Option(20, "--samples", "-T", help="MC passes per pool image."),
+    samples: int = typer.Option(100, "--samples", "-T", help="MC passes per pool image (Gal et al.'s code used 100)."),
     pool_subset: int = typer.Option(2000, "--pool-subset", help="Score a random subset of this many pool images per round (0: all)."),
     repeats: int = typer.Option(1, "--repeats"),
     seed: int = typer.Option(0, "--seed"),

@@ -7,7 +7,7 @@ their mean), next to the paper's Table 1, and the time per round.
 
     python bench/al_mnist.py [--rounds 98] [--repeats 3] [--pool-subset 2000]
                              [--strategies bald,entropy,varratio,meanstd,random,batchbald]
-                             [--stop-at-error 0.05] [--model gal] [--epochs 50] [--samples 20]
+                             [--stop-at-error 0.05] [--model gal] [--epochs 50] [--samples 100]
                              [--run runs/al-bench]
     python bench/al_mnist.py --time-rounds 20,500,1000     # one round's parts at those sizes
 
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=98)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pool-subset", type=int, default=2000)
-    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--samples", type=int, default=100)
     p.add_argument("--model", default="gal")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
