@@ -20,7 +20,6 @@ rounding (tests compare them, and check the gradients numerically).
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +30,8 @@ import chainer
 from chainer import function_node
 from threadpoolctl import ThreadpoolController
 
+from .device import cpu_workers
+
 # Bytes of column matrix per task: small enough to stay in a core's cache.
 TASK_BYTES = 2 << 20
 
@@ -39,22 +40,15 @@ _pool: ThreadPoolExecutor | None = None
 _controller: ThreadpoolController | None = None
 
 
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _map(fn, items: list) -> list:
     """``[fn(item) for item in items]``, spread over the cores when called from the
     main thread (inside another pool's worker: serially)."""
     global _pool, _controller
-    if len(items) == 1 or _workers() == 1 or threading.current_thread() is not threading.main_thread():
+    if len(items) == 1 or cpu_workers() == 1 or threading.current_thread() is not threading.main_thread():
         return [fn(item) for item in items]
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="audit-conv")
+            _pool = ThreadPoolExecutor(cpu_workers(), thread_name_prefix="audit-conv")
             _controller = ThreadpoolController()
     with _controller.limit(limits=1, user_api="blas"):
         return list(_pool.map(fn, items))

@@ -20,7 +20,6 @@ means and the (N,) scores travel back, and memory is bounded by the batch size.
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import chainer
 
 from . import metrics
 from .data import to_float32
-from .device import get_device, make_rng
+from .device import cpu_workers, get_device, make_rng
 from .errors import AuditError
 from .model import MCDropoutNet, keep_bits
 from .progress import NullProgress, Progress
@@ -279,14 +278,6 @@ class _Worker:
         scores_b = metrics.all_scores(probs_b)  # reduced on the device: (B, C) and (B,) arrays
         host = chainer.backend.CpuDevice()
         return {k: host.send(v) for k, v in scores_b.items()}, host.send(probs_b)
-
-
-def cpu_workers() -> int:
-    """CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _run_cpu(make_worker, n: int, batch_size: int, store, workers: int) -> None:
