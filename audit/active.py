@@ -224,6 +224,13 @@ def acquire_run(
     return result
 
 
+def last_accuracy(curve: pd.DataFrame) -> pd.Series:
+    """Per strategy (in order of appearance): the mean over repeats of each repeat's
+    last validation accuracy (repeats stopped by ``stop_error`` end early)."""
+    last = curve.sort_values("round").groupby(["strategy", "repeat"], sort=False).tail(1)
+    return last.groupby("strategy", sort=False)["valid_accuracy"].mean()
+
+
 def reached(accuracy: float, error: float) -> bool:
     """Whether a validation ``accuracy`` has an error of at most ``error`` (0.95 reaches 5%)."""
     return accuracy >= 1 - error - 1e-9  # 1 - 0.95 is 0.05000000000000004 in floats

@@ -274,7 +274,7 @@ def acquire(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
-    from .active import ALConfig, acquire_run
+    from .active import ALConfig, acquire_run, last_accuracy
 
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
@@ -283,8 +283,7 @@ def acquire(
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, progress=BarProgress())
-    last = result.curve.sort_values("round").groupby(["strategy", "repeat"], sort=False).tail(1)
-    final = last.groupby("strategy", sort=False)["valid_accuracy"].mean()
+    final = last_accuracy(result.curve)
     err.print("last validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
     typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")
 

@@ -234,7 +234,7 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progress | None = None) -> dict:
     """The data of an active-learning run's page: curves (mean and range over
     repeats) in chart coordinates, the reach table, and the first acquisitions."""
-    from .active import ACQUIRED, AL_CURVE, reach_table
+    from .active import ACQUIRED, AL_CURVE, last_accuracy, reach_table
 
     run = Path(run)
     meta = runs.read_run(run)
@@ -250,6 +250,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
                 round(CHART_H - CHART_PAD - (acc - y_lo) / (1 - y_lo) * (CHART_H - 2 * CHART_PAD), 1))
 
     strategies = []
+    final = last_accuracy(curve)
     for i, (name, g) in enumerate(curve.groupby("strategy", sort=False)):
         stats = g.groupby("n_labelled")["valid_accuracy"].agg(["mean", "min", "max"]).sort_index()
         first = acquired[(acquired.strategy == name) & (acquired.repeat == 0)
@@ -259,7 +260,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
             "color": PALETTE[i % len(PALETTE)],
             "line": [xy(n, r["mean"]) for n, r in stats.iterrows()],
             "band": [xy(n, r["max"]) for n, r in stats.iterrows()] + [xy(n, r["min"]) for n, r in stats[::-1].iterrows()],
-            "final": float(g.sort_values("n_labelled").groupby("repeat").valid_accuracy.last().mean()),
+            "final": float(final[name]),
             "acquired": [{"src": png_data_uri(dataset.train.x[int(r.index)]), "index": int(r.index),
                           "label": names[int(dataset.train.y[int(r.index)])], "round": int(r.round),
                           "score": float(r.score)} for r in first.itertuples()],

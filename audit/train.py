@@ -119,8 +119,8 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None = None):
 def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device=None) -> tuple[float, float]:
     """(mean loss, accuracy) of the deterministic network (dropout off) on ``split``.
 
-    Uses the model's inference trunk (``trunk_array``: the fast im2col path on the
-    CPU); batches stay small because its im2col buffers grow with the batch.
+    Uses the model's inference trunk (``trunk_array``: ``fastconv``'s array functions
+    on the CPU).
     """
     device = device or get_device("cpu")
     loss_sum, correct = 0.0, 0

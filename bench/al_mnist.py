@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import audit  # noqa: F401
-from audit.active import ALConfig, _acquire_step, acquire_run, initial_set, reach_table
+from audit.active import ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy, reach_table
 from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train
@@ -87,9 +87,9 @@ def main() -> None:
     print("acquired images (beyond the 20 initial) at which validation error first reaches 10% / 5%:")
     print(f"{'strategy':10s} {'10% err':>8s} {'5% err':>8s} {'paper':>10s}  {'per repeat (10%; 5%)':24s} "
           f"{'last acc':>8s} {'rounds':>6s} {'s/round':>7s}")
+    final = last_accuracy(res.curve)
     for s in cfg.strategies:
-        r, g = reach[s], res.curve[res.curve.strategy == s]
-        last = g.sort_values("round").groupby("repeat").valid_accuracy.last().mean()
+        r, g, last = reach[s], res.curve[res.curve.strategy == s], final[s]
 
         def fmt(v):
             return f"{v:g}" if v is not None else f">{r['acquired_max']}"
