@@ -37,7 +37,10 @@ ACQUIRED = "acquired.csv"
 @dataclass(frozen=True)
 class ALConfig:
     """Settings of an active-learning experiment; the defaults follow Gal et al. 2017
-    where they said (20 balanced, 10 per round, their CNN, 50 epochs, batch 128)."""
+    where they said (20 balanced, 10 per round, their CNN, 50 epochs, Adam 1e-3, weight
+    decay 3.5/N) except the batch: 32 instead of their code's 128, which gives a small
+    labelled set four times the updates for the same work (measured on MNIST, 300
+    random balanced images: 92.0% instead of 90.7% validation accuracy, two seeds)."""
 
     strategies: tuple[str, ...] = ("bald", "random")
     initial: int = 20
@@ -49,7 +52,7 @@ class ALConfig:
     seed: int = 0
     model: str = "gal"
     epochs: int = 50
-    batch_size: int = 128
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big

@@ -263,7 +263,7 @@ def acquire(
     seed: int = typer.Option(0, "--seed"),
     model: str = typer.Option("gal", "--model", help="gal (Gal et al. 2017's CNN) or origin."),
     epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Training batch (Gal et al.'s code: 128)."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam's alpha."),
     stop_at_error: Optional[float] = typer.Option(
         None, "--stop-at-error", help="End a strategy's repeat once its validation error is at most this (e.g. 0.05)."),
