@@ -74,8 +74,7 @@ def main() -> None:
     a = p.parse_args()
     cfg = ALConfig(strategies=tuple(a.strategies.split(",")), rounds=a.rounds, repeats=a.repeats,
                    pool_subset=a.pool_subset, samples=a.samples, model=a.model, epochs=a.epochs,
-                   batch_size=a.batch_size, seed=a.seed,
-                   stop_error=a.stop_at_error)
+                   batch_size=a.batch_size, seed=a.seed, stop_error=a.stop_at_error)
     if a.time_rounds:
         time_rounds(cfg, [int(n) for n in a.time_rounds.split(",")])
         return
@@ -86,8 +85,7 @@ def main() -> None:
     reach = reach_table(res.curve, cfg.initial)
     print(f"\nup to {cfg.rounds} rounds x {len(cfg.strategies)} strategies x {cfg.repeats} repeats, model {cfg.model}, "
           f"{cfg.epochs} epochs, batch {cfg.batch_size}, T={cfg.samples}, pool subset {cfg.pool_subset}, "
-          f"stop at error {cfg.stop_error}; "
-          f"wall {wall:.0f} s")
+          f"stop at error {cfg.stop_error}; wall {wall:.0f} s")
     print("acquired images (beyond the 20 initial) at which validation error first reaches 10% / 5%:")
     print(f"{'strategy':10s} {'10% err':>8s} {'5% err':>8s} {'paper':>10s}  {'per repeat (10%; 5%)':24s} "
           f"{'last acc':>8s} {'rounds':>6s} {'s/round':>7s}")
