@@ -28,7 +28,7 @@ from .device import get_device
 from .errors import AuditError
 from .mc import mc_predict
 from .progress import NullProgress, Progress
-from .train import TrainConfig, check_run_free, train
+from .train import SCHEDULES, TrainConfig, check_run_free, train
 
 AL_CURVE = "al_curve.csv"
 ACQUIRED = "acquired.csv"
@@ -53,7 +53,8 @@ class ALConfig:
     model: str = "gal"
     epochs: int = 50
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3  # peak step size of the cosine schedule (the paper's code: 1e-3, constant)
+    schedule: str = "cosine"  # "constant": the paper's code
     weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
     stop_error: float | None = None  # end a strategy's repeat once its validation error is at most this
@@ -72,6 +73,11 @@ class ALConfig:
 
         if self.model not in ARCHS:
             raise AuditError(f"--model: expected one of {', '.join(ARCHS)}, got {self.model!r}", usage=True)
+        if self.schedule not in SCHEDULES:
+            raise AuditError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+                             usage=True)
+        if not self.lr > 0:
+            raise AuditError(f"--lr: expected a positive learning rate, got {self.lr}", usage=True)
         if self.stop_error is not None and not 0 < self.stop_error < 1:
             raise AuditError(f"--stop-at-error: expected an error rate between 0 and 1, got {self.stop_error}",
                              usage=True)
@@ -85,7 +91,7 @@ class ALConfig:
             # Keras l2(c / N) with c = 3.5 adds 2c/N * w to the gradient
             wd = 2 * 3.5 / n_labelled if self.model == "gal" else 0.0
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                           model=self.model, weight_decay=wd)
+                           model=self.model, weight_decay=wd, schedule=self.schedule)
 
 
 @dataclass(frozen=True)

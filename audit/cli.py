@@ -109,6 +109,7 @@ def train(
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(1000, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam's alpha."),
+    schedule: str = typer.Option("constant", "--schedule", help="constant, or cosine: alpha falls to 0 over the training."),
     dropout: float = typer.Option(0.5, "--dropout", help="Dropout ratio of both dropout layers."),
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
@@ -118,7 +119,8 @@ def train(
     """Train the origin CNN and write RUN/model.npz, train_log.csv and run.json."""
     from .train import TrainConfig, train_run
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
+                         schedule=schedule)
     result = train_run(
         run,
         data=data,
@@ -264,7 +266,9 @@ def acquire(
     model: str = typer.Option("gal", "--model", help="gal (Gal et al. 2017's CNN) or origin."),
     epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),
     batch_size: int = typer.Option(32, "--batch-size", help="Training batch (Gal et al.'s code: 128)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam's alpha."),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam's alpha at the start (Gal et al.'s code: 1e-3)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine: alpha falls to 0 over each training; "
+                                 "constant: Gal et al.'s code."),
     stop_at_error: Optional[float] = typer.Option(
         None, "--stop-at-error", help="End a strategy's repeat once its validation error is at most this (e.g. 0.05)."),
     data: str = typer.Option("mnist", "--data"),
@@ -279,7 +283,7 @@ def acquire(
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
         rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, seed=seed,
-        model=model, epochs=epochs, batch_size=batch_size, lr=lr, stop_error=stop_at_error,
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, stop_error=stop_at_error,
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, progress=BarProgress())

@@ -8,6 +8,7 @@ their mean), next to the paper's Table 1, and the time per round.
     python bench/al_mnist.py [--rounds 98] [--repeats 3] [--pool-subset 2000]
                              [--strategies bald,entropy,varratio,meanstd,random,batchbald]
                              [--stop-at-error 0.05] [--model gal] [--epochs 50] [--batch-size 32]
+                             [--lr 3e-3] [--schedule cosine]
                              [--samples 100]
                              [--run runs/al-bench]
     python bench/al_mnist.py --time-rounds 20,500,1000     # one round's parts at those sizes
@@ -67,6 +68,8 @@ def main() -> None:
     p.add_argument("--model", default="gal")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=ALConfig.batch_size, help="the paper's code: 128")
+    p.add_argument("--lr", type=float, default=ALConfig.lr, help="the paper's code: 1e-3")
+    p.add_argument("--schedule", default=ALConfig.schedule, help="the paper's code: constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at-error", type=float, default=None)
     p.add_argument("--run", default="runs/al-bench")
@@ -74,7 +77,8 @@ def main() -> None:
     a = p.parse_args()
     cfg = ALConfig(strategies=tuple(a.strategies.split(",")), rounds=a.rounds, repeats=a.repeats,
                    pool_subset=a.pool_subset, samples=a.samples, model=a.model, epochs=a.epochs,
-                   batch_size=a.batch_size, seed=a.seed, stop_error=a.stop_at_error)
+                   batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, seed=a.seed,
+                   stop_error=a.stop_at_error)
     if a.time_rounds:
         time_rounds(cfg, [int(n) for n in a.time_rounds.split(",")])
         return
@@ -84,7 +88,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     reach = reach_table(res.curve, cfg.initial)
     print(f"\nup to {cfg.rounds} rounds x {len(cfg.strategies)} strategies x {cfg.repeats} repeats, model {cfg.model}, "
-          f"{cfg.epochs} epochs, batch {cfg.batch_size}, T={cfg.samples}, pool subset {cfg.pool_subset}, "
+          f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} {cfg.schedule}, T={cfg.samples}, pool subset {cfg.pool_subset}, "
           f"stop at error {cfg.stop_error}; wall {wall:.0f} s")
     print("acquired images (beyond the 20 initial) at which validation error first reaches 10% / 5%:")
     print(f"{'strategy':10s} {'10% err':>8s} {'5% err':>8s} {'paper':>10s}  {'per repeat (10%; 5%)':24s} "

@@ -86,6 +86,7 @@ def test_stop_at_error_ends_a_curve(shapes_npz):
     (dict(strategies=("bald", "coreset")), "--strategy"), (dict(step=0), "--step"),
     (dict(pool_subset=2, step=3), "--pool-subset"), (dict(samples=0), "--samples"),
     (dict(stop_error=0.0), "--stop-at-error"), (dict(stop_error=1.5), "--stop-at-error"),
+    (dict(schedule="step"), "--schedule"), (dict(lr=-1.0), "--lr"),
 ])
 def test_bad_config(kwargs, option):
     with pytest.raises(AuditError, match=option):
@@ -96,7 +97,7 @@ def test_acquire_command(shapes_npz, tmp_path):
     run = tmp_path / "al"
     args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "varratio,meanstd",
             "--initial", "6", "--step", "3", "--rounds", "1", "--samples", "4", "--pool-subset", "60",
-            "--epochs", "2", "--batch-size", "16", "--model", "origin"]
+            "--epochs", "2", "--batch-size", "16", "--schedule", "constant", "--model", "origin"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "varratio repeat 1/1 round 1/1: 9 labelled" in r.output
@@ -106,6 +107,7 @@ def test_acquire_command(shapes_npz, tmp_path):
     assert list(pd.read_csv(run / "acquired.csv").columns) == ["strategy", "repeat", "round", "index", "score"]
     meta = json.loads((run / "run.json").read_text())
     assert meta["complete"] and set(meta["results"]) == {"varratio", "meanstd"}
+    assert (meta["config"]["schedule"], meta["config"]["lr"]) == ("constant", 3e-3)
     r = runner.invoke(app, args)  # the run exists now
     assert r.exit_code == 1 and "already exists" in r.output
     r = runner.invoke(app, args[:-2] + ["--model", "vgg", "--overwrite"])

@@ -8,7 +8,7 @@ import pytest
 
 from audit import TrainConfig, load_dataset, train, train_run
 from audit.errors import AuditError
-from audit.train import read_subset
+from audit.train import read_subset, step_scale
 
 FAST = TrainConfig(epochs=4, batch_size=32, lr=1e-3, seed=0)
 
@@ -30,6 +30,22 @@ def test_same_seed_same_weights_other_seed_not(shapes_npz):
     for k in pa:
         np.testing.assert_array_equal(pa[k].array, pb[k].array)
     assert not np.array_equal(pa["/fc4/W"].array, pc["/fc4/W"].array)
+
+
+def test_step_scale():
+    assert [step_scale("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    cos = [step_scale("cosine", s, 10) for s in range(10)]
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5)
+    assert all(a > b > 0 for a, b in zip(cos, cos[1:]))
+    assert cos[-1] < 0.03
+
+
+def test_cosine_schedule_learns_and_changes_the_training(shapes_npz):
+    ds = load_dataset(shapes_npz)
+    cos = train(ds, TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0, schedule="cosine"))
+    const = train(ds, TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0))
+    assert cos.valid_accuracy >= 0.9
+    assert not np.array_equal(cos.model.fc4.W.array, const.model.fc4.W.array)
 
 
 def test_train_run_writes_the_run_folder(shapes_npz, tmp_path):
@@ -106,7 +122,8 @@ def test_failed_run_leaves_nothing(shapes_npz, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, option",
-    [(dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"), (dict(dropout=1.0), "--dropout")],
+    [(dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"), (dict(dropout=1.0), "--dropout"),
+     (dict(schedule="linear"), "--schedule")],
 )
 def test_bad_config(kwargs, option):
     with pytest.raises(AuditError, match=option):
