@@ -42,6 +42,7 @@ def time_rounds(cfg: ALConfig, sizes: list[int]) -> None:
     ds = load_dataset("mnist", download=False)
     dev = get_device("cpu")
     print(f"one round at n labelled (model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+          f"lr {cfg.lr:g} {cfg.schedule}, "
           f"T={cfg.samples}, pool subset {cfg.pool_subset}, evaluation on {len(ds.valid)}):")
     for n in sizes:
         labelled = initial_set(ds.train.y, n, ds.n_classes, np.random.default_rng(n))
