@@ -28,7 +28,7 @@ from .device import get_device
 from .errors import AuditError
 from .mc import mc_predict
 from .progress import NullProgress, Progress
-from .train import SCHEDULES, TrainConfig, check_run_free, train
+from .train import TrainConfig, check_run_free, train
 
 AL_CURVE = "al_curve.csv"
 ACQUIRED = "acquired.csv"
@@ -67,19 +67,14 @@ class ALConfig:
             raise AuditError(f"--strategy: expected a comma-separated list of {', '.join(STRATEGIES)}, got "
                              f"{','.join(self.strategies)!r}", usage=True)
         for name, v, lo in (("--initial", self.initial, 1), ("--step", self.step, 1), ("--rounds", self.rounds, 0),
-                            ("--samples", self.samples, 1), ("--repeats", self.repeats, 1),
-                            ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1)):
+                            ("--samples", self.samples, 1), ("--repeats", self.repeats, 1)):
             if v < lo:
                 raise AuditError(f"{name}: expected at least {lo}, got {v}", usage=True)
         from .model import ARCHS
 
         if self.model not in ARCHS:
             raise AuditError(f"--model: expected one of {', '.join(ARCHS)}, got {self.model!r}", usage=True)
-        if self.schedule not in SCHEDULES:
-            raise AuditError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
-                             usage=True)
-        if not self.lr > 0:
-            raise AuditError(f"--lr: expected a positive learning rate, got {self.lr}", usage=True)
+        self.train_config(self.initial, self.seed)  # --epochs, --batch-size, --lr, --schedule: TrainConfig checks them
         if self.stop_error is not None and not 0 < self.stop_error < 1:
             raise AuditError(f"--stop-at-error: expected an error rate between 0 and 1, got {self.stop_error}",
                              usage=True)
