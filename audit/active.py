@@ -7,7 +7,8 @@ set. Labels come from the dataset itself (a simulated oracle); the acquired indi
 each round are recorded, so a real labelling tool could take the oracle's place.
 
 Several strategies in one call share, per repeat, the initial set and every seed, so
-their curves compare.
+their curves compare. Those depend only on the seed and the repeat's number, so
+repeats split over several runs (``first_repeat``) give the curves one run would.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ALConfig:
     samples: int = 100  # MC passes per pool image (the paper's code: 100 dropout iterations)
     pool_subset: int | None = 2000  # score a random subset of the pool each round (None: all)
     repeats: int = 1
+    first_repeat: int = 0  # number the repeats from here: repeat k has the same start and seeds in any run
     seed: int = 0
     model: str = "gal"
     epochs: int = 50
@@ -67,7 +69,8 @@ class ALConfig:
             raise AuditError(f"--strategy: expected a comma-separated list of {', '.join(STRATEGIES)}, got "
                              f"{','.join(self.strategies)!r}", usage=True)
         for name, v, lo in (("--initial", self.initial, 1), ("--step", self.step, 1), ("--rounds", self.rounds, 0),
-                            ("--samples", self.samples, 1), ("--repeats", self.repeats, 1)):
+                            ("--samples", self.samples, 1), ("--repeats", self.repeats, 1),
+                            ("--first-repeat", self.first_repeat, 0)):
             if v < lo:
                 raise AuditError(f"{name}: expected at least {lo}, got {v}", usage=True)
         from .model import ARCHS
@@ -133,7 +136,8 @@ def run_active_learning(
             f"{n_train} training images"
         )
     curve, acquired = [], []
-    for rep in range(config.repeats):
+    last_rep = config.first_repeat + config.repeats
+    for rep in range(config.first_repeat, last_rep):
         start = initial_set(dataset.train.y, config.initial, dataset.n_classes,
                             np.random.default_rng(_seed(config.seed, rep, 0)))
         for strategy in config.strategies:
@@ -154,12 +158,12 @@ def run_active_learning(
                 n_lab = config.initial + rnd * config.step
                 curve.append(dict(strategy=strategy, repeat=rep, round=rnd, n_labelled=n_lab,
                                   valid_accuracy=acc, seconds=round(seconds, 3)))
-                progress.close(f"{strategy} repeat {rep + 1}/{config.repeats} round {rnd}/{config.rounds}: "
+                progress.close(f"{strategy} repeat {rep + 1}/{last_rep} round {rnd}/{config.rounds}: "
                                f"{n_lab} labelled, validation accuracy {acc:.4f} ({seconds:.1f} s)")
                 if on_round is not None:
                     on_round(ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)))
                 if done:
-                    progress.close(f"{strategy} repeat {rep + 1}/{config.repeats}: validation error "
+                    progress.close(f"{strategy} repeat {rep + 1}/{last_rep}: validation error "
                                    f"{1 - acc:.4f} <= {config.stop_error}, stopped after round {rnd}")
                     break
     return ALResult(pd.DataFrame(curve), pd.DataFrame(acquired))

@@ -262,6 +262,8 @@ def acquire(
     samples: int = typer.Option(100, "--samples", "-T", help="MC passes per pool image (Gal et al.'s code used 100)."),
     pool_subset: int = typer.Option(2000, "--pool-subset", help="Score a random subset of this many pool images per round (0: all)."),
     repeats: int = typer.Option(1, "--repeats"),
+    first_repeat: int = typer.Option(0, "--first-repeat", help="Number the repeats from here (each repeat's start "
+                                     "and seeds follow from --seed and its number), to split repeats over runs."),
     seed: int = typer.Option(0, "--seed"),
     model: str = typer.Option("gal", "--model", help="gal (Gal et al. 2017's CNN) or origin."),
     epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),
@@ -282,8 +284,8 @@ def acquire(
 
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
-        rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, seed=seed,
-        model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, stop_error=stop_at_error,
+        rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, first_repeat=first_repeat,
+        seed=seed, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, stop_error=stop_at_error,
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, progress=BarProgress())

@@ -253,7 +253,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
     final = last_accuracy(curve)
     for i, (name, g) in enumerate(curve.groupby("strategy", sort=False)):
         stats = g.groupby("n_labelled")["valid_accuracy"].agg(["mean", "min", "max"]).sort_index()
-        first = acquired[(acquired.strategy == name) & (acquired.repeat == 0)
+        first = acquired[(acquired.strategy == name) & (acquired.repeat == acquired.repeat.min())
                          & acquired["round"].between(1, first_rounds)]
         strategies.append({
             "name": name,
@@ -274,6 +274,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
         "config": json.dumps(meta.get("config", {}), sort_keys=True),
         "complete": bool(meta.get("complete")),
         "repeats": int(curve.repeat.nunique()),
+        "shown_repeat": int(acquired.repeat.min()) + 1,
         "strategies": strategies,
         "reach": reach_table(curve, int(meta.get("config", {}).get("initial", x_lo))),
         "chart": {"w": CHART_W, "h": CHART_H, "pad": CHART_PAD,

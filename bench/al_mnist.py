@@ -9,9 +9,14 @@ their mean), next to the paper's Table 1, and the time per round.
                              [--strategies bald,entropy,varratio,meanstd,random,batchbald]
                              [--stop-at-error 0.05] [--model gal] [--epochs 50] [--batch-size 32]
                              [--lr 3e-3] [--schedule cosine]
-                             [--samples 100]
+                             [--samples 100] [--seed 0] [--first-repeat 0]
                              [--run runs/al-bench]
     python bench/al_mnist.py --time-rounds 20,500,1000     # one round's parts at those sizes
+    python bench/al_mnist.py --summarize runs/a,runs/b     # one table from several runs' curves
+
+A repeat's initial images and seeds follow from --seed and its number alone, so
+``--first-repeat 3 --repeats 2`` adds repeats 4 and 5 to an earlier three-repeat run
+and ``--summarize`` pools them (it refuses runs whose settings differ).
 
 The full protocol (98 rounds, several repeats, six strategies) takes many hours on a
 2-core CPU; ``--stop-at-error 0.05`` ends each curve once it reaches 5% error, which is
@@ -22,11 +27,14 @@ all Table 1 needs; a curve that never does runs to ``--rounds`` and is reported 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 import audit  # noqa: F401
 from audit.active import ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy, reach_table
@@ -72,14 +80,19 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=ALConfig.lr, help="the paper's code: 1e-3")
     p.add_argument("--schedule", default=ALConfig.schedule, help="the paper's code: constant")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-repeat", type=int, default=0, help="number the repeats from here (0-based)")
     p.add_argument("--stop-at-error", type=float, default=None)
     p.add_argument("--run", default="runs/al-bench")
     p.add_argument("--time-rounds", default=None, help="comma-separated labelled-set sizes: time one round at each")
+    p.add_argument("--summarize", default=None, help="comma-separated run folders: pool their curves into one table")
     a = p.parse_args()
+    if a.summarize:
+        summarize(a.summarize.split(","))
+        return
     cfg = ALConfig(strategies=tuple(a.strategies.split(",")), rounds=a.rounds, repeats=a.repeats,
                    pool_subset=a.pool_subset, samples=a.samples, model=a.model, epochs=a.epochs,
                    batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, seed=a.seed,
-                   stop_error=a.stop_at_error)
+                   first_repeat=a.first_repeat, stop_error=a.stop_at_error)
     if a.time_rounds:
         time_rounds(cfg, [int(n) for n in a.time_rounds.split(",")])
         return
@@ -87,28 +100,76 @@ def main() -> None:
     t0 = time.perf_counter()
     res = acquire_run(Path(a.run), config=cfg)
     wall = time.perf_counter() - t0
-    reach = reach_table(res.curve, cfg.initial)
-    print(f"\nup to {cfg.rounds} rounds x {len(cfg.strategies)} strategies x {cfg.repeats} repeats, model {cfg.model}, "
-          f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} {cfg.schedule}, T={cfg.samples}, pool subset {cfg.pool_subset}, "
-          f"stop at error {cfg.stop_error}; wall {wall:.0f} s")
-    print("acquired images (beyond the 20 initial) at which validation error first reaches 10% / 5%:")
+    print(f"\nup to {cfg.rounds} rounds x {len(cfg.strategies)} strategies x {cfg.repeats} repeats "
+          f"(from repeat {cfg.first_repeat + 1}), {settings(asdict(cfg))}, stop at error {cfg.stop_error}; "
+          f"wall {wall:.0f} s")
+    print_table(res.curve, cfg.initial)
+
+
+def settings(c: dict) -> str:
+    return (f"model {c['model']}, {c['epochs']} epochs, batch {c['batch_size']}, lr {c['lr']:g} {c['schedule']}, "
+            f"T={c['samples']}, pool subset {c['pool_subset']}, seed {c['seed']}")
+
+
+def print_table(curve: pd.DataFrame, initial: int) -> None:
+    reach = reach_table(curve, initial)
+    print(f"acquired images (beyond the {initial} initial) at which validation error first reaches 10% / 5%:")
     print(f"{'strategy':10s} {'10% err':>8s} {'5% err':>8s} {'paper':>10s}  {'per repeat (10%; 5%)':24s} "
           f"{'last acc':>8s} {'rounds':>6s} {'s/round':>7s}")
-    final = last_accuracy(res.curve)
-    for s in cfg.strategies:
-        r, g, last = reach[s], res.curve[res.curve.strategy == s], final[s]
+    final = last_accuracy(curve)
+    for s in curve.strategy.unique():
+        r, g, last = reach[s], curve[curve.strategy == s], final[s]
+        # a repeat that never reached a level went this far (curves may stop at different points)
+        went = (g.groupby("repeat").n_labelled.max() - initial).tolist()
 
-        def fmt(v):
-            return f"{v:g}" if v is not None else f">{r['acquired_max']}"
+        def fmt(key):
+            if r[key] is not None:
+                return f"{r[key]:g}"
+            # not reached by every repeat: "> N" when each that missed it went the full N
+            short = [m for v, m in zip(r[f"{key} per repeat"], went) if v is None]
+            return f">{r['acquired_max']}" if min(short) == r["acquired_max"] else "-"
+
+        def per(key):
+            return "[" + ", ".join(str(v) if v is not None else f">{m}" for v, m in zip(r[key], went)) + "]"
 
         paper = "/".join(map(str, PAPER[s])) if s in PAPER else "-"
-        per = f"{r['10% per repeat']}; {r['5% per repeat']}".replace("None", "-")
-        print(f"{s:10s} {fmt(r['10%']):>8s} {fmt(r['5%']):>8s} {paper:>10s}  {per:24s} {last:8.4f} "
-              f"{len(g):6d} {g.seconds.mean():7.1f}")
-    per_n = res.curve.groupby("n_labelled")["seconds"].mean()
+        print(f"{s:10s} {fmt('10%'):>8s} {fmt('5%'):>8s} {paper:>10s}  {per('10% per repeat')}; "
+              f"{per('5% per repeat')} {last:8.4f} {len(g):6d} {g.seconds.mean():7.1f}")
+    print(f"repeats: " + "; ".join(f"{s} {sorted(int(k) + 1 for k in g.repeat.unique())}"
+                                   for s, g in curve.groupby("strategy", sort=False)))
+    per_n = curve.groupby("n_labelled")["seconds"].mean()
     print("mean seconds per round at n labelled: " + ", ".join(
         f"{n}: {v:.1f}" for n, v in per_n.items() if n in (20, 100, 200, 300, 500, 1000) or n == per_n.index.max()))
 
+
+# settings that must agree for curves from several runs to be pooled
+SAME = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", "batch_size", "lr", "schedule",
+        "weight_decay", "batchbald_samples")
+
+
+def summarize(run_dirs: list[str]) -> None:
+    """One table from the curves of several runs (e.g. repeats split with --first-repeat)."""
+    curves, first = [], None
+    for d in run_dirs:
+        cfg = json.loads((Path(d) / "run.json").read_text())["config"]
+        c = pd.read_csv(Path(d) / "al_curve.csv")
+        if first is None:
+            first = (d, cfg)
+        diff = [k for k in SAME if cfg.get(k) != first[1].get(k)]
+        if diff:
+            raise SystemExit(f"error: {d}: {', '.join(f'{k} {cfg.get(k)!r}' for k in diff)}; "
+                             f"{first[0]} has {', '.join(repr(first[1].get(k)) for k in diff)}: not pooled")
+        curves.append(c)
+    curve = pd.concat(curves, ignore_index=True)
+    # the same repeat in two runs: deterministic, so equal where both went; keep the longer curve
+    key = ["strategy", "repeat", "round"]
+    both = curve[curve.duplicated(key, keep=False)].groupby(key).valid_accuracy.nunique()
+    if (both > 1).any():
+        raise SystemExit(f"error: the runs disagree on {both[both > 1].index[0]} (strategy, repeat, round)")
+    curve = curve.drop_duplicates(key).sort_values(key, kind="stable")
+    curve = curve.set_index("strategy").loc[list(dict.fromkeys(curve.strategy))].reset_index()
+    print(f"pooled from {', '.join(run_dirs)}: {settings(first[1])}")
+    print_table(curve, first[1]["initial"])
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,20 @@ def test_same_seed_same_curve(shapes_npz):
     np.testing.assert_array_equal(a.curve.valid_accuracy, b.curve.valid_accuracy)
 
 
+def test_repeats_split_over_runs_give_the_same_curves(shapes_npz):
+    ds = audit.load_dataset(shapes_npz)
+    cfg = ALConfig(strategies=("bald", "random"), **{**SMALL, "rounds": 1})
+    both = run_active_learning(ds, dataclasses.replace(cfg, repeats=2))
+    second = run_active_learning(ds, dataclasses.replace(cfg, first_repeat=1))
+    assert second.curve.repeat.unique().tolist() == [1]
+    want = both.curve[both.curve.repeat == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(second.curve.drop(columns="seconds"), want.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(second.acquired, both.acquired[both.acquired.repeat == 1].reset_index(drop=True))
+    # and the two repeats started from different images
+    a = both.acquired[both.acquired["round"] == 0]
+    assert set(a[a.repeat == 0]["index"]) != set(a[a.repeat == 1]["index"])
+
+
 def test_reach_table():
     curve = pd.DataFrame({"strategy": "bald", "repeat": 0, "round": [0, 1, 2], "n_labelled": [20, 30, 40],
                           "valid_accuracy": [0.8, 0.9, 0.96], "seconds": 1.0})  # 0.9 is exactly 10% error
@@ -86,7 +100,7 @@ def test_stop_at_error_ends_a_curve(shapes_npz):
     (dict(strategies=("bald", "coreset")), "--strategy"), (dict(step=0), "--step"),
     (dict(pool_subset=2, step=3), "--pool-subset"), (dict(samples=0), "--samples"),
     (dict(stop_error=0.0), "--stop-at-error"), (dict(stop_error=1.5), "--stop-at-error"),
-    (dict(schedule="step"), "--schedule"), (dict(lr=-1.0), "--lr"),
+    (dict(schedule="step"), "--schedule"), (dict(lr=-1.0), "--lr"), (dict(first_repeat=-1), "--first-repeat"),
 ])
 def test_bad_config(kwargs, option):
     with pytest.raises(AuditError, match=option):
@@ -128,6 +142,24 @@ def test_report_of_an_active_learning_run(shapes_npz, tmp_path):
     assert html.count('<polyline class="curve"') == 2 and html.count('<polygon class="band"') == 2
     assert html.count("<figure") == 2 * 2 * 3  # 2 strategies x 2 rounds x 3 images
     assert "https://" not in html and "http://" not in html
+
+
+def test_first_repeat_in_the_command_and_report(shapes_npz, tmp_path):
+    run = tmp_path / "al"
+    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "bald", "--initial", "6",
+            "--step", "3", "--rounds", "1", "--samples", "4", "--pool-subset", "60", "--epochs", "2",
+            "--batch-size", "16", "--model", "origin", "--first-repeat", "2"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "bald repeat 3/3 round 1/1" in r.output
+    assert pd.read_csv(run / "al_curve.csv").repeat.unique().tolist() == [2]
+    assert json.loads((run / "run.json").read_text())["config"]["first_repeat"] == 2
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "acquired in the first 2 round(s), repeat 3" in html and html.count("<figure") == 3
+    r = runner.invoke(app, args[:-1] + ["-1", "--overwrite"])
+    assert r.exit_code == 2 and "--first-repeat: expected at least 0, got -1" in r.output
 
 
 def test_stop_at_error_in_the_command_and_report(shapes_npz, tmp_path):
