@@ -17,6 +17,13 @@ runner = CliRunner()
 SMALL = dict(initial=6, step=3, rounds=2, samples=4, pool_subset=60, epochs=3, batch_size=16)
 
 
+def acquire_args(data, run, strategy, *extra, rounds=1, epochs=2):
+    """`audit acquire` on the small generated data, in a few seconds; ``extra`` goes last."""
+    return ["acquire", "--data", str(data), "--run", str(run), "--strategy", strategy, "--initial", "6",
+            "--step", "3", "--rounds", str(rounds), "--samples", "4", "--pool-subset", "60",
+            "--epochs", str(epochs), "--batch-size", "16", *extra]
+
+
 def test_initial_set_is_balanced():
     labels = np.repeat(np.arange(10), 50)
     idx = initial_set(labels, 20, 10, np.random.default_rng(0))
@@ -109,9 +116,7 @@ def test_bad_config(kwargs, option):
 
 def test_acquire_command(shapes_npz, tmp_path):
     run = tmp_path / "al"
-    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "varratio,meanstd",
-            "--initial", "6", "--step", "3", "--rounds", "1", "--samples", "4", "--pool-subset", "60",
-            "--epochs", "2", "--batch-size", "16", "--schedule", "constant", "--model", "origin"]
+    args = acquire_args(shapes_npz, run, "varratio,meanstd", "--schedule", "constant", "--model", "origin")
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "varratio repeat 1/1 round 1/1: 9 labelled" in r.output
@@ -132,9 +137,7 @@ def test_acquire_command(shapes_npz, tmp_path):
 
 def test_report_of_an_active_learning_run(shapes_npz, tmp_path):
     run = tmp_path / "al"
-    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "bald,random", "--initial", "6",
-            "--step", "3", "--rounds", "2", "--samples", "4", "--pool-subset", "60", "--epochs", "2",
-            "--batch-size", "16", "--model", "origin", "--repeats", "2"]
+    args = acquire_args(shapes_npz, run, "bald,random", "--model", "origin", "--repeats", "2", rounds=2)
     assert runner.invoke(app, args).exit_code == 0
     r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
@@ -146,9 +149,7 @@ def test_report_of_an_active_learning_run(shapes_npz, tmp_path):
 
 def test_first_repeat_in_the_command_and_report(shapes_npz, tmp_path):
     run = tmp_path / "al"
-    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "bald", "--initial", "6",
-            "--step", "3", "--rounds", "1", "--samples", "4", "--pool-subset", "60", "--epochs", "2",
-            "--batch-size", "16", "--model", "origin", "--first-repeat", "2"]
+    args = acquire_args(shapes_npz, run, "bald", "--model", "origin", "--first-repeat", "2")
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "bald repeat 3/3 round 1/1" in r.output
@@ -164,9 +165,8 @@ def test_first_repeat_in_the_command_and_report(shapes_npz, tmp_path):
 
 def test_stop_at_error_in_the_command_and_report(shapes_npz, tmp_path):
     run = tmp_path / "al"
-    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "entropy,random", "--initial", "6",
-            "--step", "3", "--rounds", "3", "--samples", "4", "--pool-subset", "60", "--epochs", "3",
-            "--batch-size", "16", "--model", "origin", "--stop-at-error", "0.5"]
+    args = acquire_args(shapes_npz, run, "entropy,random", "--model", "origin", "--stop-at-error", "0.5",
+                        rounds=3, epochs=3)
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "stopped after round" in r.output
