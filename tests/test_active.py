@@ -181,3 +181,41 @@ def test_stop_at_error_in_the_command_and_report(shapes_npz, tmp_path):
     assert "--stop-at-error 0.5" in html
     r = runner.invoke(app, args[:-1] + ["1.5", "--overwrite"])
     assert r.exit_code == 2 and "--stop-at-error: expected an error rate between 0 and 1, got 1.5" in r.output
+
+
+def _bench_al_mnist():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "al_mnist.py"
+    spec = importlib.util.spec_from_file_location("al_mnist", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_pools_runs_split_by_repeat(tmp_path, capsys):
+    bench = _bench_al_mnist()
+    cfg = dataclasses.asdict(ALConfig(strategies=("bald",)))
+
+    def rows(rep, accs):
+        return [dict(strategy="bald", repeat=rep, round=k, n_labelled=20 + 10 * k, valid_accuracy=a, seconds=1.0)
+                for k, a in enumerate(accs)]
+
+    for name, curve in (("a", rows(0, [0.8, 0.9, 0.95])), ("b", rows(0, [0.8, 0.9]) + rows(1, [0.85, 0.92]))):
+        (tmp_path / name).mkdir()
+        pd.DataFrame(curve).to_csv(tmp_path / name / "al_curve.csv", index=False)
+        (tmp_path / name / "run.json").write_text(json.dumps({"config": cfg}))
+    bench.summarize([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    # repeat 1 (0-based 0) from both runs is pooled once, with a's longer curve
+    line = next(l for l in out.splitlines() if l.startswith("bald "))
+    assert line.split()[1:3] == ["10", "-"] and "[10, 10]; [20, >10]" in line and "bald [1, 2]" in out
+    (tmp_path / "c").mkdir()
+    pd.DataFrame(rows(0, [0.7])).to_csv(tmp_path / "c" / "al_curve.csv", index=False)
+    (tmp_path / "c" / "run.json").write_text(json.dumps({"config": cfg}))
+    with pytest.raises(SystemExit, match="disagree"):
+        bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
+    (tmp_path / "c" / "run.json").write_text(json.dumps({"config": {**cfg, "lr": 1e-3}}))
+    with pytest.raises(SystemExit, match="lr 0.001"):
+        bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
