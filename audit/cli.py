@@ -262,8 +262,9 @@ def acquire(
     samples: int = typer.Option(100, "--samples", "-T", help="MC passes per pool image (Gal et al.'s code used 100)."),
     pool_subset: int = typer.Option(2000, "--pool-subset", help="Score a random subset of this many pool images per round (0: all)."),
     repeats: int = typer.Option(1, "--repeats"),
-    first_repeat: int = typer.Option(0, "--first-repeat", help="Number the repeats from here (each repeat's start "
-                                     "and seeds follow from --seed and its number), to split repeats over runs."),
+    first_repeat: int = typer.Option(0, "--first-repeat", help="Start at this repeat, counted from 0 as in "
+                                     "al_curve.csv: --first-repeat 3 --repeats 2 runs the 4th and 5th, with the start "
+                                     "and seeds they have in any run (they follow from --seed and the number)."),
     seed: int = typer.Option(0, "--seed"),
     model: str = typer.Option("gal", "--model", help="gal (Gal et al. 2017's CNN) or origin."),
     epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),

@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=ALConfig.lr, help="the paper's code: 1e-3")
     p.add_argument("--schedule", default=ALConfig.schedule, help="the paper's code: constant")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--first-repeat", type=int, default=0, help="number the repeats from here (0-based)")
+    p.add_argument("--first-repeat", type=int, default=0, help="start at this repeat, counted from 0: 3 runs the 4th onwards")
     p.add_argument("--stop-at-error", type=float, default=None)
     p.add_argument("--run", default="runs/al-bench")
     p.add_argument("--time-rounds", default=None, help="comma-separated labelled-set sizes: time one round at each")
