@@ -251,9 +251,10 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
 
     strategies = []
     final = last_accuracy(curve)
+    shown = int(acquired.repeat.min())  # the first repeat in the run (--first-repeat may start later)
     for i, (name, g) in enumerate(curve.groupby("strategy", sort=False)):
         stats = g.groupby("n_labelled")["valid_accuracy"].agg(["mean", "min", "max"]).sort_index()
-        first = acquired[(acquired.strategy == name) & (acquired.repeat == acquired.repeat.min())
+        first = acquired[(acquired.strategy == name) & (acquired.repeat == shown)
                          & acquired["round"].between(1, first_rounds)]
         strategies.append({
             "name": name,
@@ -274,7 +275,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
         "config": json.dumps(meta.get("config", {}), sort_keys=True),
         "complete": bool(meta.get("complete")),
         "repeats": int(curve.repeat.nunique()),
-        "shown_repeat": int(acquired.repeat.min()) + 1,
+        "shown_repeat": shown + 1,
         "strategies": strategies,
         "reach": reach_table(curve, int(meta.get("config", {}).get("initial", x_lo))),
         "chart": {"w": CHART_W, "h": CHART_H, "pad": CHART_PAD,

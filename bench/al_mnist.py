@@ -135,7 +135,7 @@ def print_table(curve: pd.DataFrame, initial: int) -> None:
         paper = "/".join(map(str, PAPER[s])) if s in PAPER else "-"
         print(f"{s:10s} {fmt('10%'):>8s} {fmt('5%'):>8s} {paper:>10s}  {per('10% per repeat')}; "
               f"{per('5% per repeat')} {last:8.4f} {len(g):6d} {g.seconds.mean():7.1f}")
-    print(f"repeats: " + "; ".join(f"{s} {sorted(int(k) + 1 for k in g.repeat.unique())}"
+    print("repeats: " + "; ".join(f"{s} {sorted(int(k) + 1 for k in g.repeat.unique())}"
                                    for s, g in curve.groupby("strategy", sort=False)))
     per_n = curve.groupby("n_labelled")["seconds"].mean()
     print("mean seconds per round at n labelled: " + ", ".join(
@@ -149,27 +149,23 @@ SAME = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", 
 
 def summarize(run_dirs: list[str]) -> None:
     """One table from the curves of several runs (e.g. repeats split with --first-repeat)."""
-    curves, first = [], None
-    for d in run_dirs:
-        cfg = json.loads((Path(d) / "run.json").read_text())["config"]
-        c = pd.read_csv(Path(d) / "al_curve.csv")
-        if first is None:
-            first = (d, cfg)
-        diff = [k for k in SAME if cfg.get(k) != first[1].get(k)]
+    runs = [(d, json.loads((Path(d) / "run.json").read_text())["config"], pd.read_csv(Path(d) / "al_curve.csv"))
+            for d in run_dirs]
+    d0, cfg0, _ = runs[0]
+    for d, cfg, _ in runs[1:]:
+        diff = [k for k in SAME if cfg.get(k) != cfg0.get(k)]
         if diff:
             raise SystemExit(f"error: {d}: {', '.join(f'{k} {cfg.get(k)!r}' for k in diff)}; "
-                             f"{first[0]} has {', '.join(repr(first[1].get(k)) for k in diff)}: not pooled")
-        curves.append(c)
-    curve = pd.concat(curves, ignore_index=True)
-    # the same repeat in two runs: deterministic, so equal where both went; keep the longer curve
+                             f"{d0} has {', '.join(repr(cfg0.get(k)) for k in diff)}: not pooled")
+    curve = pd.concat([c for _, _, c in runs], ignore_index=True)
+    # the same repeat in two runs: deterministic, so equal where both went; keep every round once
     key = ["strategy", "repeat", "round"]
     both = curve[curve.duplicated(key, keep=False)].groupby(key).valid_accuracy.nunique()
     if (both > 1).any():
         raise SystemExit(f"error: the runs disagree on {both[both > 1].index[0]} (strategy, repeat, round)")
-    curve = curve.drop_duplicates(key).sort_values(key, kind="stable")
-    curve = curve.set_index("strategy").loc[list(dict.fromkeys(curve.strategy))].reset_index()
-    print(f"pooled from {', '.join(run_dirs)}: {settings(first[1])}")
-    print_table(curve, first[1]["initial"])
+    print(f"pooled from {', '.join(run_dirs)}: {settings(cfg0)}")
+    print_table(curve.drop_duplicates(key), cfg0["initial"])
+
 
 if __name__ == "__main__":
     main()
