@@ -149,8 +149,13 @@ SAME = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", 
 
 def summarize(run_dirs: list[str]) -> None:
     """One table from the curves of several runs (e.g. repeats split with --first-repeat)."""
-    runs = [(d, json.loads((Path(d) / "run.json").read_text())["config"], pd.read_csv(Path(d) / "al_curve.csv"))
-            for d in run_dirs]
+    runs = []
+    for d in run_dirs:
+        if not (Path(d) / "run.json").is_file() or not (Path(d) / "al_curve.csv").is_file():
+            raise SystemExit(f"error: {d}: expected an acquire run (run.json and al_curve.csv), found none")
+        cfg = json.loads((Path(d) / "run.json").read_text())["config"]
+        cfg.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
+        runs.append((d, cfg, pd.read_csv(Path(d) / "al_curve.csv")))
     d0, cfg0, _ = runs[0]
     for d, cfg, _ in runs[1:]:
         diff = [k for k in SAME if cfg.get(k) != cfg0.get(k)]

@@ -219,3 +219,10 @@ def test_bench_pools_runs_split_by_repeat(tmp_path, capsys):
     (tmp_path / "c" / "run.json").write_text(json.dumps({"config": {**cfg, "lr": 1e-3}}))
     with pytest.raises(SystemExit, match="lr 0.001"):
         bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="runs/none: expected an acquire run"):
+        bench.summarize([str(tmp_path / "a"), "runs/none"])
+    # a run made before --schedule existed trained at a constant step size
+    old = {k: v for k, v in cfg.items() if k != "schedule"}
+    (tmp_path / "c" / "run.json").write_text(json.dumps({"config": old}))
+    with pytest.raises(SystemExit, match="schedule 'constant'"):
+        bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
