@@ -234,7 +234,7 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progress | None = None) -> dict:
     """The data of an active-learning run's page: curves (mean and range over
     repeats) in chart coordinates, the reach table, and the first acquisitions."""
-    from .active import ACQUIRED, AL_CURVE, last_accuracy, reach_table
+    from .active import ACQUIRED, AL_CURVE, last_accuracy, reach_table, versus
 
     run = Path(run)
     meta = runs.read_run(run)
@@ -266,6 +266,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
                           "label": names[int(dataset.train.y[int(r.index)])], "round": int(r.round),
                           "score": float(r.score)} for r in first.itertuples()],
         })
+    initial = int(meta.get("config", {}).get("initial", x_lo))
     y_ticks = [round(y_lo + k * (1 - y_lo) / 5, 3) for k in range(6)]
     x_ticks = sorted(set(int(v) for v in np.linspace(x_lo, x_hi, 6)))
     return {
@@ -277,7 +278,8 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
         "repeats": int(curve.repeat.nunique()),
         "shown_repeat": shown + 1,
         "strategies": strategies,
-        "reach": reach_table(curve, int(meta.get("config", {}).get("initial", x_lo))),
+        "reach": reach_table(curve, initial),
+        "versus": versus(curve, initial),
         "chart": {"w": CHART_W, "h": CHART_H, "pad": CHART_PAD,
                   "x_ticks": [(t, xy(t, y_lo)[0]) for t in x_ticks],
                   "y_ticks": [(t, xy(x_lo, t)[1]) for t in y_ticks]},

@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 import audit  # noqa: F401
-from audit.active import ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy, reach_table
+from audit.active import (ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy, reach_table,
+                          versus)
 from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train
@@ -135,6 +136,13 @@ def print_table(curve: pd.DataFrame, initial: int) -> None:
         paper = "/".join(map(str, PAPER[s])) if s in PAPER else "-"
         print(f"{s:10s} {fmt('10%'):>8s} {fmt('5%'):>8s} {paper:>10s}  {per('10% per repeat')}; "
               f"{per('5% per repeat')} {last:8.4f} {len(g):6d} {g.seconds.mean():7.1f}")
+    vs = versus(curve, initial)
+    if vs:
+        print("against random, repeat by repeat from the same initial images (ahead/tied/behind, open: not settled):")
+        for s, row in vs.items():
+            print(f"  {s:10s} " + "; ".join(
+                f"{level}: " + "/".join(str(c[k]) for k in ("ahead", "tied", "behind"))
+                + (f", {c['open']} open" if c["open"] else "") for level, c in row.items()))
     print("repeats: " + "; ".join(f"{s} {sorted(int(k) + 1 for k in g.repeat.unique())}"
                                    for s, g in curve.groupby("strategy", sort=False)))
     per_n = curve.groupby("n_labelled")["seconds"].mean()

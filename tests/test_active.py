@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import audit
-from audit.active import ALConfig, initial_set, reach_table, run_active_learning
+from audit.active import ALConfig, initial_set, reach_table, run_active_learning, versus
 from audit.cli import app
 from audit.errors import AuditError
 
@@ -87,6 +87,30 @@ def test_reach_table():
     assert r["5%"] is None and r["5% per repeat"] == [20, None] and r["10%"] == 5
 
 
+def test_versus_counts_repeats_against_random():
+    def rows(strategy, rep, accs):
+        return [dict(strategy=strategy, repeat=rep, round=k, n_labelled=20 + 10 * k, valid_accuracy=a, seconds=1.0)
+                for k, a in enumerate(accs)]
+
+    curve = pd.DataFrame(
+        rows("random", 0, [0.8, 0.9, 0.95]) + rows("random", 1, [0.8, 0.85, 0.9]) + rows("random", 2, [0.8, 0.9])
+        + rows("random", 3, [0.8, 0.85])
+        + rows("bald", 0, [0.8, 0.95]) + rows("bald", 1, [0.8, 0.9, 0.92]) + rows("bald", 2, [0.8, 0.85, 0.9])
+        + rows("bald", 3, [0.8, 0.85, 0.88, 0.9])
+    )
+    v = versus(curve, 20)
+    assert list(v) == ["bald"]
+    # 10% after (bald, random) acquired: repeat 0 (10, 10) tied, 1 (10, 20) ahead, 2 (20, 10) behind,
+    # 3: random stopped at 10 without reaching it, bald reached it at 30: open
+    assert v["bald"]["10%"] == dict(ahead=1, tied=1, behind=1, open=1)
+    # 5%: repeat 0 (10, 20) ahead; in 1 to 3 neither reached it: open
+    assert v["bald"]["5%"] == dict(ahead=1, tied=0, behind=0, open=3)
+    # random stopped short but after bald got there: ahead
+    curve2 = pd.DataFrame(rows("random", 0, [0.8, 0.85, 0.88]) + rows("bald", 0, [0.8, 0.9]))
+    assert versus(curve2, 20)["bald"]["10%"]["ahead"] == 1
+    assert versus(curve[curve.strategy == "bald"], 20) == {}
+
+
 def test_stop_at_error_ends_a_curve(shapes_npz):
     ds = audit.load_dataset(shapes_npz)
     cfg = ALConfig(strategies=("entropy", "random"), **{**SMALL, "rounds": 3})
@@ -145,6 +169,11 @@ def test_report_of_an_active_learning_run(shapes_npz, tmp_path):
     assert html.count('<polyline class="curve"') == 2 and html.count('<polygon class="band"') == 2
     assert html.count("<figure") == 2 * 2 * 3  # 2 strategies x 2 rounds x 3 images
     assert "https://" not in html and "http://" not in html
+    # bald against random, repeat by repeat: the counts of both levels cover the two repeats
+    cell = html.split('<td class="versus">')[1].split("</td>")[0]
+    for part in cell.split(" · "):
+        nums = [int(t) for t in part.replace("(", " ").split() if t.isdigit()]
+        assert sum(nums) == 2, cell
 
 
 def test_first_repeat_in_the_command_and_report(shapes_npz, tmp_path):
