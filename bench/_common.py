@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -41,3 +42,17 @@ def threads() -> str:
         return ", ".join(f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info())
     except ImportError:
         return f"{os.cpu_count()} cpus"
+
+
+class Lines:
+    """Progress as one line per finished step on stderr (a log file shows how far a long run got)."""
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int, **fields) -> None:
+        pass
+
+    def close(self, summary: str | None = None) -> None:
+        if summary:
+            print(summary, file=sys.stderr, flush=True)

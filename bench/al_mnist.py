@@ -21,7 +21,8 @@ and ``--summarize`` pools them (it refuses runs whose settings differ).
 The full protocol (98 rounds, several repeats, six strategies) takes many hours on a
 2-core CPU; ``--stop-at-error 0.05`` ends each curve once it reaches 5% error, which is
 all Table 1 needs; a curve that never does runs to ``--rounds`` and is reported as
-"not within" that many acquisitions. Say which size you ran.
+"not within" that many acquisitions. Say which size you ran. Each finished round is
+a line on stderr (and al_curve.csv in the run folder is rewritten after each round).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +44,9 @@ from audit.active import (ALConfig, _acquire_step, acquire_run, initial_set, las
 from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Lines  # noqa: E402
 
 PAPER = {"bald": (145, 335), "varratio": (120, 295), "entropy": (165, 355), "random": (255, 835)}
 
@@ -99,7 +104,7 @@ def main() -> None:
         return
     shutil.rmtree(a.run, ignore_errors=True)
     t0 = time.perf_counter()
-    res = acquire_run(Path(a.run), config=cfg)
+    res = acquire_run(Path(a.run), config=cfg, progress=Lines())
     wall = time.perf_counter() - t0
     print(f"\nup to {cfg.rounds} rounds x {len(cfg.strategies)} strategies x {cfg.repeats} repeats "
           f"(from repeat {cfg.first_repeat + 1}), {settings(asdict(cfg))}, stop at error {cfg.stop_error}; "
