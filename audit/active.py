@@ -124,9 +124,14 @@ def run_active_learning(
     device: str = "cpu",
     progress: Progress | None = None,
     on_round: Callable[[ALResult], None] | None = None,
+    prior: ALResult | None = None,
 ) -> ALResult:
     """Run every strategy for every repeat; returns the learning curves and the
-    acquisitions. ``on_round`` gets the results so far after each round."""
+    acquisitions. ``on_round`` gets the results so far after each round.
+
+    ``prior``: the results of an interrupted (or shorter) run with the same settings;
+    each strategy's repeat goes on from its last round there (every seed follows from
+    the repeat and round alone, so the curves are those of one uninterrupted run)."""
     progress = progress or NullProgress()
     dev = get_device(device)
     n_train = len(dataset.train)
@@ -137,13 +142,24 @@ def run_active_learning(
         )
     curve, acquired = [], []
     last_rep = config.first_repeat + config.repeats
+    if prior is not None:  # what this call does not run again is kept as it was
+        for old, out in ((prior.curve, curve), (prior.acquired, acquired)):
+            if not old.empty:
+                mine = old.strategy.isin(config.strategies) & old.repeat.between(config.first_repeat, last_rep - 1)
+                out += old[~mine].to_dict("records")
     for rep in range(config.first_repeat, last_rep):
         start = initial_set(dataset.train.y, config.initial, dataset.n_classes,
                             np.random.default_rng(_seed(config.seed, rep, 0)))
         for strategy in config.strategies:
-            labelled = start.copy()
-            acquired += [dict(strategy=strategy, repeat=rep, round=0, index=int(i), score=np.nan) for i in start]
-            for rnd in range(config.rounds + 1):
+            first_round, old_curve, old_acquired = _go_on_from(prior, strategy, rep, config)
+            curve += old_curve
+            if old_acquired:
+                acquired += old_acquired
+                labelled = np.sort(np.array([a["index"] for a in old_acquired], dtype=np.int64))
+            else:
+                labelled = start.copy()
+                acquired += [dict(strategy=strategy, repeat=rep, round=0, index=int(i), score=np.nan) for i in start]
+            for rnd in range(first_round, config.rounds + 1):
                 t0 = time.perf_counter()
                 cfg = config.train_config(len(labelled), _seed(config.seed, rep, rnd, 1))
                 result = train(dataset, cfg, subset=labelled, device=device, validate=False)
@@ -169,6 +185,32 @@ def run_active_learning(
     return ALResult(pd.DataFrame(curve), pd.DataFrame(acquired))
 
 
+def _go_on_from(prior: ALResult | None, strategy: str, rep: int, config: ALConfig) -> tuple[int, list, list]:
+    """Where a strategy's repeat goes on from ``prior``: (first round to run, the curve
+    rows and the acquisitions to keep). A curve that reached ``stop_error`` or the last
+    round is kept to there and not run again (first round past the end)."""
+    if prior is None or prior.curve.empty:
+        return 0, [], []
+    c = prior.curve[(prior.curve.strategy == strategy) & (prior.curve.repeat == rep)].sort_values("round")
+    a = prior.acquired[(prior.acquired.strategy == strategy) & (prior.acquired.repeat == rep)]
+    if c.empty:
+        return 0, [], []
+    stops = [r for r, acc in zip(c["round"], c.valid_accuracy) if config.stop_error is not None
+             and reached(acc, config.stop_error)]
+    last = int(c["round"].max())
+    if stops or last >= config.rounds:
+        end = min(stops[0] if stops else config.rounds, config.rounds)
+        first, keep_acquired_to = config.rounds + 1, end
+        c = c[c["round"] <= end]
+    elif (a["round"] == last + 1).any():
+        first, keep_acquired_to = last + 1, last + 1  # the acquisitions that round trains on were made
+    else:
+        first, keep_acquired_to = last, last  # none made after the last round: train it again to acquire
+        c = c[c["round"] < last]
+    a = a[a["round"] <= keep_acquired_to]
+    return first, c.to_dict("records"), a.to_dict("records")
+
+
 def _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev):
     """``step`` new training indices and their scores."""
     pool = np.setdiff1d(np.arange(len(dataset.train)), labelled)
@@ -192,15 +234,28 @@ def acquire_run(
     config: ALConfig = ALConfig(),
     device: str = "cpu",
     overwrite: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> ALResult:
     """Run the loops and keep RUN/al_curve.csv, acquired.csv and run.json up to date
     after every round (each file replaced atomically), so a long run shows its
-    progress and an interrupted one keeps its finished rounds."""
+    progress and an interrupted one keeps its finished rounds.
+
+    ``resume``: go on with the run already in RUN (interrupted, or to take it further:
+    more rounds, a lower ``stop_error``, more repeats or strategies); its settings
+    must be those of ``config`` but for those four."""
     run = Path(run)
     get_device(device)
-    check_run_free(run, overwrite)
+    prior = None
+    if resume:
+        if overwrite:
+            raise AuditError("--resume and --overwrite: expected one of them, got both", usage=True)
+        old_meta = runs.read_run(run)
+    else:
+        check_run_free(run, overwrite)
     dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+    if resume:
+        prior = _resumable(run, old_meta, config, dataset.fingerprint)
     meta = {
         "command": "acquire",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -226,12 +281,40 @@ def acquire_run(
             with runs.atomic_path(run / name) as tmp:
                 df.to_csv(tmp, index=False, float_format="%.6g")
 
-    result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save)
+    if prior is not None:
+        meta["created"] = old_meta.get("created", meta["created"])
+        meta["resumed"] = old_meta.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]
+    result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save, prior=prior)
     save(result)
     meta.update(complete=True, timings={"seconds": round(time.perf_counter() - t0, 3)},
                 results=reach_table(result.curve, config.initial))
     runs.write_json(run / runs.RUN_JSON, meta)
     return result
+
+
+# settings that shape every curve: a run goes on (or pools with another) only where they agree
+CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", "batch_size", "lr",
+                  "schedule", "weight_decay", "batchbald_samples")
+
+
+def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALResult | None:
+    """The results in ``run`` to go on from, if its settings and data are ``config``'s."""
+    if meta.get("command") != "acquire":
+        raise AuditError(f"--resume: {run} is not an `audit acquire` run (its run.json says "
+                         f"{meta.get('command')!r})")
+    old = meta.get("config", {})
+    new = asdict(config)
+    diff = [k for k in CURVE_SETTINGS if old.get(k, "constant" if k == "schedule" else None) != new[k]]
+    if diff:
+        raise AuditError(f"--resume: {run} was made with " + ", ".join(f"{k} {old.get(k)!r}" for k in diff)
+                         + "; this command has " + ", ".join(f"{new[k]!r}" for k in diff)
+                         + ": pass the same settings to go on with it", usage=True)
+    if meta["data"].get("fingerprint") != fingerprint:
+        raise AuditError(f"--resume: {run} was made on other data (fingerprint {meta['data'].get('fingerprint')}, "
+                         f"this data {fingerprint})")
+    if not (run / AL_CURVE).is_file() or not (run / ACQUIRED).is_file():
+        return None  # stopped before its first round: start afresh
+    return ALResult(pd.read_csv(run / AL_CURVE), pd.read_csv(run / ACQUIRED))
 
 
 def last_accuracy(curve: pd.DataFrame) -> pd.Series:

@@ -279,6 +279,9 @@ def acquire(
     run: Path = typer.Option(Path("runs/al"), "--run", help="Output folder."),
     device: str = DeviceOpt,
     overwrite: bool = typer.Option(False, "--overwrite"),
+    resume: bool = typer.Option(False, "--resume", help="Go on with the run in --run (interrupted, or with more "
+                                "--rounds, --repeats, strategies or a lower --stop-at-error); the other settings "
+                                "must be the run's."),
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
     from .active import ALConfig, acquire_run, last_accuracy
@@ -289,7 +292,7 @@ def acquire(
         seed=seed, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, stop_error=stop_at_error,
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
-                         device=device, overwrite=overwrite, progress=BarProgress())
+                         device=device, overwrite=overwrite, resume=resume, progress=BarProgress())
     final = last_accuracy(result.curve)
     err.print("last validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
     typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")

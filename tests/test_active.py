@@ -255,3 +255,54 @@ def test_bench_pools_runs_split_by_repeat(tmp_path, capsys):
     (tmp_path / "c" / "run.json").write_text(json.dumps({"config": old}))
     with pytest.raises(SystemExit, match="schedule 'constant'"):
         bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, sort: list[str]) -> None:
+    a = a.drop(columns="seconds", errors="ignore").sort_values(sort).reset_index(drop=True)
+    b = b.drop(columns="seconds", errors="ignore").sort_values(sort).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+def test_resume_gives_the_uninterrupted_curves(shapes_npz):
+    ds = audit.load_dataset(shapes_npz)
+    cfg = ALConfig(strategies=("bald", "random"), **{**SMALL, "rounds": 3})
+    whole = run_active_learning(ds, cfg)
+    key_c, key_a = ["strategy", "repeat", "round"], ["strategy", "repeat", "round", "index"]
+    c, a = whole.curve, whole.acquired
+    # interrupted after round 1 had acquired for round 2; after round 1 before acquiring;
+    # a shorter run taken further; and the whole run, which has nothing left to do
+    for curve_to, acquired_to in ((1, 2), (1, 1), (0, 1), (3, 3)):
+        prior = audit.active.ALResult(c[c["round"] <= curve_to], a[a["round"] <= acquired_to])
+        went_on = run_active_learning(ds, cfg, prior=prior)
+        _same(went_on.curve, c, key_c)
+        _same(went_on.acquired, a, key_a)
+    # another strategy's rows, not run again here, are kept as they were
+    only_bald = run_active_learning(ds, dataclasses.replace(cfg, strategies=("bald",)), prior=whole)
+    _same(only_bald.curve, c, key_c)
+    # a lower stop level ends a curve there and keeps no acquisitions after it
+    stop = float(1 - c[c.strategy == "bald"].valid_accuracy.iloc[1])
+    stopped = run_active_learning(ds, dataclasses.replace(cfg, stop_error=stop), prior=whole)
+    sc = stopped.curve[stopped.curve.strategy == "bald"]
+    assert sc["round"].max() <= 1 and stopped.acquired[stopped.acquired.strategy == "bald"]["round"].max() <= 1
+
+
+def test_resume_in_the_command(shapes_npz, tmp_path):
+    run = tmp_path / "al"
+    assert runner.invoke(app, acquire_args(shapes_npz, run, "bald", rounds=1)).exit_code == 0
+    r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", rounds=2))
+    assert r.exit_code == 0, r.output
+    curve = pd.read_csv(run / "al_curve.csv")
+    assert curve["round"].tolist() == [0, 1, 2]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["config"]["rounds"] == 2 and len(meta["resumed"]) == 1 and meta["complete"]
+    fresh = tmp_path / "fresh"
+    assert runner.invoke(app, acquire_args(shapes_npz, fresh, "bald", rounds=2)).exit_code == 0
+    _same(pd.read_csv(run / "acquired.csv"), pd.read_csv(fresh / "acquired.csv"), ["round", "index"])
+    # other settings than the run's: refused, the run untouched
+    r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--lr", "0.01", rounds=3))
+    assert r.exit_code == 2 and "--resume: " in r.output and "lr 0.003" in r.output and "0.01" in r.output
+    assert pd.read_csv(run / "al_curve.csv")["round"].tolist() == [0, 1, 2]
+    r = runner.invoke(app, acquire_args(shapes_npz, tmp_path / "none", "bald", "--resume"))
+    assert r.exit_code == 1 and "does not exist" in r.output
+    r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--overwrite"))
+    assert r.exit_code == 2 and "--resume and --overwrite" in r.output
