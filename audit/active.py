@@ -147,14 +147,19 @@ def run_active_learning(
             if not old.empty:
                 mine = old.strategy.isin(config.strategies) & old.repeat.between(config.first_repeat, last_rep - 1)
                 out += old[~mine].to_dict("records")
+    # where each strategy's repeat goes on from; its earlier rows are in every save from the
+    # first on, so an interrupted call loses none of them
+    plans = {(s, rep): _go_on_from(prior, s, rep, config)
+             for rep in range(config.first_repeat, last_rep) for s in config.strategies}
+    for _, old_curve, old_acquired in plans.values():
+        curve += old_curve
+        acquired += old_acquired
     for rep in range(config.first_repeat, last_rep):
         start = initial_set(dataset.train.y, config.initial, dataset.n_classes,
                             np.random.default_rng(_seed(config.seed, rep, 0)))
         for strategy in config.strategies:
-            first_round, old_curve, old_acquired = _go_on_from(prior, strategy, rep, config)
-            curve += old_curve
+            first_round, _, old_acquired = plans[(strategy, rep)]
             if old_acquired:
-                acquired += old_acquired
                 labelled = np.sort(np.array([a["index"] for a in old_acquired], dtype=np.int64))
             else:
                 labelled = start.copy()

@@ -276,6 +276,19 @@ def test_resume_gives_the_uninterrupted_curves(shapes_npz):
         went_on = run_active_learning(ds, cfg, prior=prior)
         _same(went_on.curve, c, key_c)
         _same(went_on.acquired, a, key_a)
+    # interrupted after its first new round, a call has saved every earlier row (random's too)
+    saved = []
+
+    def stop(res):
+        saved.append(res)
+        raise KeyboardInterrupt
+
+    prior = audit.active.ALResult(c[c["round"] <= 1], a[a["round"] <= 2])
+    with pytest.raises(KeyboardInterrupt):
+        run_active_learning(ds, cfg, prior=prior, on_round=stop)
+    got = saved[0].curve
+    assert len(got) == len(prior.curve) + 1 and (got.strategy == "random").sum() == 2
+    assert len(saved[0].acquired) == len(prior.acquired) + 3  # round 2 trained, round 3's acquired
     # another strategy's rows, not run again here, are kept as they were
     only_bald = run_active_learning(ds, dataclasses.replace(cfg, strategies=("bald",)), prior=whole)
     _same(only_bald.curve, c, key_c)
