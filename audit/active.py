@@ -182,12 +182,27 @@ def run_active_learning(
                 progress.close(f"{strategy} repeat {rep + 1}/{last_rep} round {rnd}/{config.rounds}: "
                                f"{n_lab} labelled, validation accuracy {acc:.4f} ({seconds:.1f} s)")
                 if on_round is not None:
-                    on_round(ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)))
+                    on_round(_in_order(curve, acquired, config))
                 if done:
                     progress.close(f"{strategy} repeat {rep + 1}/{last_rep}: validation error "
                                    f"{1 - acc:.4f} <= {config.stop_error}, stopped after round {rnd}")
                     break
-    return ALResult(pd.DataFrame(curve), pd.DataFrame(acquired))
+    return _in_order(curve, acquired, config)
+
+
+def _in_order(curve: list[dict], acquired: list[dict], config: ALConfig) -> ALResult:
+    """The rows as one run writes them, whatever came from a resumed run: by repeat, then
+    strategy (``config``'s order, others after), then round."""
+    out = []
+    for rows in (curve, acquired):
+        df = pd.DataFrame(rows)
+        if not df.empty:
+            names = list(dict.fromkeys([*config.strategies, *df.strategy]))
+            rank = df.strategy.map({n: i for i, n in enumerate(names)})
+            df = df.assign(_s=rank).sort_values(["repeat", "_s", "round"], kind="stable").drop(columns="_s")
+            df = df.reset_index(drop=True)
+        out.append(df)
+    return ALResult(*out)
 
 
 def _go_on_from(prior: ALResult | None, strategy: str, rep: int, config: ALConfig) -> tuple[int, list, list]:
@@ -255,6 +270,9 @@ def acquire_run(
     if resume:
         if overwrite:
             raise AuditError("--resume and --overwrite: expected one of them, got both", usage=True)
+        if not run.is_dir():
+            raise AuditError(f"--resume: {run} does not exist, so there is nothing to go on with; "
+                             "leave out --resume to start it")
         old_meta = runs.read_run(run)
     else:
         check_run_free(run, overwrite)

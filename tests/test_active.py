@@ -276,6 +276,8 @@ def test_resume_gives_the_uninterrupted_curves(shapes_npz):
         went_on = run_active_learning(ds, cfg, prior=prior)
         _same(went_on.curve, c, key_c)
         _same(went_on.acquired, a, key_a)
+        # and in the order one run writes them
+        assert went_on.curve[key_c].equals(c[key_c]) and went_on.acquired[key_a].equals(a[key_a])
     # interrupted after its first new round, a call has saved every earlier row (random's too)
     saved = []
 
@@ -316,6 +318,6 @@ def test_resume_in_the_command(shapes_npz, tmp_path):
     assert r.exit_code == 2 and "--resume: " in r.output and "lr 0.003" in r.output and "0.01" in r.output
     assert pd.read_csv(run / "al_curve.csv")["round"].tolist() == [0, 1, 2]
     r = runner.invoke(app, acquire_args(shapes_npz, tmp_path / "none", "bald", "--resume"))
-    assert r.exit_code == 1 and "does not exist" in r.output
+    assert r.exit_code == 1 and "--resume: " in r.output and "nothing to go on with" in r.output
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--overwrite"))
     assert r.exit_code == 2 and "--resume and --overwrite" in r.output
