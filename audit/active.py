@@ -320,14 +320,21 @@ CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", 
                   "schedule", "weight_decay", "batchbald_samples")
 
 
+def stored_config(meta: dict) -> dict:
+    """The ``config`` of an acquire run's run.json, with what older runs did not record."""
+    config = dict(meta.get("config", {}))
+    config.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
+    return config
+
+
 def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALResult | None:
     """The results in ``run`` to go on from, if its settings and data are ``config``'s."""
     if meta.get("command") != "acquire":
         raise AuditError(f"--resume: {run} is not an `audit acquire` run (its run.json says "
                          f"{meta.get('command')!r})")
-    old = meta.get("config", {})
+    old = stored_config(meta)
     new = asdict(config)
-    diff = [k for k in CURVE_SETTINGS if old.get(k, "constant" if k == "schedule" else None) != new[k]]
+    diff = [k for k in CURVE_SETTINGS if old.get(k) != new[k]]
     if diff:
         raise AuditError(f"--resume: {run} was made with " + ", ".join(f"{k} {old.get(k)!r}" for k in diff)
                          + "; this command has " + ", ".join(f"{new[k]!r}" for k in diff)
@@ -391,13 +398,14 @@ def versus(curve: pd.DataFrame, initial: int, baseline: str = "random", errors=(
     if baseline not in set(curve.strategy):
         return {}
     base = curve[curve.strategy == baseline]
+    base_reached = {e: first_reached(base, e, initial) for e in errors}
     out = {}
     for strategy, g in curve.groupby("strategy", sort=False):
         if strategy == baseline:
             continue
         row = {}
         for e in errors:
-            ours, theirs = first_reached(g, e, initial), first_reached(base, e, initial)
+            ours, theirs = first_reached(g, e, initial), base_reached[e]
             count = dict(ahead=0, tied=0, behind=0, open=0)
             for rep in sorted(set(ours) & set(theirs)):
                 (x, x_end), (y, y_end) = ours[rep], theirs[rep]

@@ -10,6 +10,7 @@ import numpy as np
 
 import audit
 from audit.data import Dataset, Split, fingerprint
+from audit.progress import NullProgress
 
 
 def mnist_or_synthetic(n_train: int, n_valid: int) -> tuple[Dataset, str]:
@@ -44,14 +45,8 @@ def threads() -> str:
         return f"{os.cpu_count()} cpus"
 
 
-class Lines:
+class Lines(NullProgress):
     """Progress as one line per finished step on stderr (a log file shows how far a long run got)."""
-
-    def start(self, description: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int, **fields) -> None:
-        pass
 
     def close(self, summary: str | None = None) -> None:
         if summary:

@@ -45,7 +45,7 @@ import pandas as pd
 
 import audit  # noqa: F401
 from audit.active import (CURVE_SETTINGS, ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy,
-                          reach_table, versus)
+                          reach_table, stored_config, versus)
 from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train
@@ -172,8 +172,7 @@ def summarize(run_dirs: list[str]) -> None:
     for d in run_dirs:
         if not (Path(d) / "run.json").is_file() or not (Path(d) / "al_curve.csv").is_file():
             raise SystemExit(f"error: {d}: expected an acquire run (run.json and al_curve.csv), found none")
-        cfg = json.loads((Path(d) / "run.json").read_text())["config"]
-        cfg.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
+        cfg = stored_config(json.loads((Path(d) / "run.json").read_text()))
         runs.append((d, cfg, pd.read_csv(Path(d) / "al_curve.csv")))
     d0, cfg0, _ = runs[0]
     for d, cfg, _ in runs[1:]:
