@@ -208,7 +208,7 @@ def _in_order(curve: list[dict], acquired: list[dict], config: ALConfig) -> ALRe
 def _go_on_from(prior: ALResult | None, strategy: str, rep: int, config: ALConfig) -> tuple[int, list, list]:
     """Where a strategy's repeat goes on from ``prior``: (first round to run, the curve
     rows and the acquisitions to keep). A curve that reached ``stop_error`` or the last
-    round is kept to there and not run again (first round past the end)."""
+    round is kept whole and not run again (first round past the end)."""
     if prior is None or prior.curve.empty:
         return 0, [], []
     c = prior.curve[(prior.curve.strategy == strategy) & (prior.curve.repeat == rep)].sort_values("round")
@@ -218,11 +218,9 @@ def _go_on_from(prior: ALResult | None, strategy: str, rep: int, config: ALConfi
     stops = [r for r, acc in zip(c["round"], c.valid_accuracy) if config.stop_error is not None
              and reached(acc, config.stop_error)]
     last = int(c["round"].max())
-    if stops or last >= config.rounds:
-        end = min(stops[0] if stops else config.rounds, config.rounds)
-        first, keep_acquired_to = config.rounds + 1, end
-        c = c[c["round"] <= end]
-    elif (a["round"] == last + 1).any():
+    if stops or last >= config.rounds:  # nothing left to run; rows past the new end are kept, never deleted
+        return config.rounds + 1, c.to_dict("records"), a.to_dict("records")
+    if (a["round"] == last + 1).any():
         first, keep_acquired_to = last + 1, last + 1  # the acquisitions that round trains on were made
     else:
         first, keep_acquired_to = last, last  # none made after the last round: train it again to acquire
