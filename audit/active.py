@@ -33,6 +33,8 @@ from .train import TrainConfig, check_run_free, train
 
 AL_CURVE = "al_curve.csv"
 ACQUIRED = "acquired.csv"
+CURVE_COLUMNS = ("strategy", "repeat", "round", "n_labelled", "valid_accuracy", "seconds")
+ACQUIRED_COLUMNS = ("strategy", "repeat", "round", "index", "score")
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,55 @@ def stored_config(meta: dict) -> dict:
     return config
 
 
+@dataclass(frozen=True)
+class PooledRuns:
+    runs: list[Path]
+    meta: dict  # the first run's run.json
+    config: dict  # its stored_config
+    curve: pd.DataFrame  # every (strategy, repeat, round) of the runs once
+    acquired: pd.DataFrame  # every (strategy, repeat, round, index) once; empty where no run kept acquired.csv
+    incomplete: list[Path]  # the runs that stopped before their end (interrupted, or still running)
+
+
+def pool_runs(run_dirs: list[str | os.PathLike]) -> PooledRuns:
+    """The curves of several acquire runs as one run's, e.g. repeats split over runs
+    with ``first_repeat`` or a run taken further in a copy. The runs must share the
+    settings that shape a curve and the data; a (strategy, repeat, round) in several
+    runs must have the same accuracy in each (runs are deterministic), and is kept once."""
+    paths = [Path(d) for d in run_dirs]
+    if not paths:
+        raise AuditError("--run: expected at least one acquire run, got none", usage=True)
+    loaded = []
+    for run in paths:
+        if not (run / runs.RUN_JSON).is_file() or not (run / AL_CURVE).is_file():
+            raise AuditError(f"{run}: expected an `audit acquire` run (run.json and {AL_CURVE}), found none")
+        meta = runs.read_run(run)
+        acquired = runs.read_table(run / ACQUIRED, ACQUIRED_COLUMNS) if (run / ACQUIRED).is_file() else pd.DataFrame()
+        loaded.append((run, meta, stored_config(meta), runs.read_table(run / AL_CURVE, CURVE_COLUMNS), acquired))
+    run0, meta0, cfg0, _, _ = loaded[0]
+    for run, meta, cfg, _, _ in loaded[1:]:
+        diff = [k for k in CURVE_SETTINGS if cfg.get(k) != cfg0.get(k)]
+        if diff:
+            raise AuditError(f"{run}: {', '.join(f'{k} {cfg.get(k)!r}' for k in diff)}; {run0} has "
+                             f"{', '.join(repr(cfg0.get(k)) for k in diff)}: runs made with other settings "
+                             "are not pooled")
+        theirs, ours = meta.get("data", {}).get("fingerprint"), meta0.get("data", {}).get("fingerprint")
+        if theirs != ours:
+            raise AuditError(f"{run}: made on other data than {run0} (fingerprint {theirs}, not {ours}): not pooled")
+    curve = pd.concat([c for *_, c, _ in loaded], ignore_index=True)
+    key = ["strategy", "repeat", "round"]
+    both = curve[curve.duplicated(key, keep=False)].groupby(key).valid_accuracy.nunique()
+    if (both > 1).any():
+        strategy, rep, rnd = both[both > 1].index[0]
+        raise AuditError(f"{', '.join(map(str, paths))}: the runs disagree on {strategy} repeat {rep + 1} round "
+                         f"{rnd} (validation accuracy differs): not pooled")
+    acquired = pd.concat([a for *_, a in loaded], ignore_index=True)
+    if not acquired.empty:
+        acquired = acquired.drop_duplicates(["strategy", "repeat", "round", "index"], ignore_index=True)
+    return PooledRuns(paths, meta0, cfg0, curve.drop_duplicates(key, ignore_index=True), acquired,
+                      [run for run, m, *_ in loaded if not m.get("complete")])
+
+
 def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALResult | None:
     """The results in ``run`` to go on from, if its settings and data are ``config``'s."""
     if meta.get("command") != "acquire":
@@ -342,7 +393,7 @@ def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALR
                          f"this data {fingerprint})")
     if not (run / AL_CURVE).is_file() or not (run / ACQUIRED).is_file():
         return None  # stopped before its first round: start afresh
-    return ALResult(pd.read_csv(run / AL_CURVE), pd.read_csv(run / ACQUIRED))
+    return ALResult(runs.read_table(run / AL_CURVE, CURVE_COLUMNS), runs.read_table(run / ACQUIRED, ACQUIRED_COLUMNS))
 
 
 def last_accuracy(curve: pd.DataFrame) -> pd.Series:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -234,13 +234,14 @@ def retrain(
 @app.command()
 @handle_errors
 def report(
-    run: Path = RunOpt,
+    run: List[Path] = typer.Option([Path("runs/default")], "--run", help="Run folder; repeat --run to pool several "
+                                   "`audit acquire` runs (e.g. repeats split with --first-repeat) into one page."),
     top: int = typer.Option(30, "--top", help="Images per grid: the lowest and the highest per class."),
     metric: str = typer.Option("entropy", "--metric", help="entropy, mutual_info, variation_ratio or p_label (switchable in the page)."),
     split: str = typer.Option("valid", "--split", help="Which scored split to show."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: reports/<run name>]."),
 ) -> None:
-    """Render RUN's scores as a self-contained HTML page: OUT/index.html."""
+    """Render RUN's scores (or an acquire run's curves) as a self-contained HTML page: OUT/index.html."""
     from .report import write_report
 
     result = write_report(run, out=out, top=top, metric=metric, split=split, progress=BarProgress())

@@ -85,14 +85,8 @@ def read_scores(run: Path) -> pd.DataFrame:
     path = run / runs.SCORES
     if not path.is_file():
         raise AuditError(f"--run: {run} has no {runs.SCORES}; run `audit score --run {run}` first")
-    try:
-        df = pd.read_csv(path, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise AuditError(f"{path}: not a readable CSV ({e})") from None
-    missing = [c for c in ("split", "index", "label", "pred", *METRICS) if c not in df.columns]
-    if missing:
-        raise AuditError(f"{path}: missing column(s) {', '.join(missing)}; rerun `audit score`")
-    return df
+    return runs.read_table(path, ("split", "index", "label", "pred", *METRICS), hint="; rerun `audit score`",
+                           keep_default_na=False)
 
 
 def _histogram(values: np.ndarray, lo: float, hi: float) -> list[float]:
@@ -231,15 +225,16 @@ CHART_W, CHART_H, CHART_PAD = 640, 300, 40
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
 
 
-def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progress | None = None) -> dict:
-    """The data of an active-learning run's page: curves (mean and range over
-    repeats) in chart coordinates, the reach table, and the first acquisitions."""
-    from .active import ACQUIRED, AL_CURVE, last_accuracy, reach_table, versus
+def al_context(run: str | os.PathLike | list, *, first_rounds: int = 2, progress: Progress | None = None) -> dict:
+    """The data of an active-learning run's page (or of several runs pooled, as
+    ``active.pool_runs`` does): curves (mean and range over repeats) in chart
+    coordinates, the reach table, and the first acquisitions."""
+    from .active import last_accuracy, pool_runs, reach_table, versus
 
-    run = Path(run)
-    meta = runs.read_run(run)
-    curve = pd.read_csv(run / AL_CURVE)
-    acquired = pd.read_csv(run / ACQUIRED)
+    pooled = pool_runs(run if isinstance(run, (list, tuple)) else [run])
+    meta, curve, acquired = pooled.meta, pooled.curve, pooled.acquired
+    if acquired.empty:
+        raise AuditError(f"{pooled.runs[0]}: no acquired.csv; the report shows the images acquired")
     dataset = load_dataset(meta["data"]["data"], data_dir=meta["data"].get("data_dir"), progress=progress)
     names = list(dataset.class_names)
     x_lo, x_hi = float(curve.n_labelled.min()), float(max(curve.n_labelled.max(), curve.n_labelled.min() + 1))
@@ -266,15 +261,16 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
                           "label": names[int(dataset.train.y[int(r.index)])], "round": int(r.round),
                           "score": float(r.score)} for r in first.itertuples()],
         })
-    initial = int(meta.get("config", {}).get("initial", x_lo))
+    initial = int(pooled.config.get("initial", x_lo))
     y_ticks = [round(y_lo + k * (1 - y_lo) / 5, 3) for k in range(6)]
     x_ticks = sorted(set(int(v) for v in np.linspace(x_lo, x_hi, 6)))
     return {
-        "title": f"audit active learning: {run.name}",
-        "run": str(run),
+        "title": f"audit active learning: {' + '.join(r.name for r in pooled.runs)}",
+        "run": ", ".join(map(str, pooled.runs)),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "config": json.dumps(meta.get("config", {}), sort_keys=True),
-        "complete": bool(meta.get("complete")),
+        "incomplete": [str(r) for r in pooled.incomplete],
+        "pooled": len(pooled.runs) if len(pooled.runs) > 1 else 0,  # how many runs, when several
         "repeats": int(curve.repeat.nunique()),
         "shown_repeat": shown + 1,
         "strategies": strategies,
@@ -291,7 +287,7 @@ def al_context(run: str | os.PathLike, *, first_rounds: int = 2, progress: Progr
 
 
 def write_report(
-    run: str | os.PathLike = "runs/default",
+    run: str | os.PathLike | list = "runs/default",
     *,
     out: str | os.PathLike | None = None,
     top: int = 30,
@@ -299,20 +295,32 @@ def write_report(
     split: str = "valid",
     progress: Progress | None = None,
 ) -> ReportResult:
-    """Render the report of ``run`` into ``out/index.html`` (default ``reports/<run name>``)."""
+    """Render the report of ``run`` into ``out/index.html`` (default ``reports/<run name>``).
+
+    ``run`` may name several acquire runs (a list): their curves are pooled into one
+    page (``active.pool_runs``), by default in ``reports/<name>+<name>…``."""
     from .active import AL_CURVE
 
     t0 = time.perf_counter()
-    run = Path(run)
-    out = Path(out) if out is not None else Path("reports") / run.name
+    run_list = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
+    if not run_list:
+        raise AuditError("--run: expected a run folder, got none", usage=True)
+    if out is None:
+        name = "+".join(r.name for r in run_list)
+        out = Path("reports") / (name if len(name) <= 120 else f"{run_list[0].name}+{len(run_list) - 1}-more")
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise AuditError(f"--out: {out} exists and is not a folder")
-    if (run / AL_CURVE).is_file() and not (run / runs.SCORES).is_file():
-        ctx = al_context(run, progress=progress)
+    acquire_runs = [(r / AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list]
+    if any(acquire_runs):
+        ctx = al_context(run_list, progress=progress)
         html = render_report(ctx, "active.html.j2")
         n_cells = n_unique = sum(len(s["acquired"]) for s in ctx["strategies"])
+    elif len(run_list) > 1:
+        raise AuditError(f"--run: {len(run_list)} runs given; several runs pool into one page only when they are "
+                         "`audit acquire` runs (a scored run's report shows that run)", usage=True)
     else:
-        ctx = report_context(run, top=top, metric=metric, split=split, progress=progress)
+        ctx = report_context(run_list[0], top=top, metric=metric, split=split, progress=progress)
         html = render_report(ctx)
         n_cells = sum(len(g["low"]) + len(g["high"]) for c in ctx["classes"] for g in c["grids"].values())
         n_unique = ctx["n_unique"]

@@ -111,6 +111,20 @@ def versions() -> dict:
     return out
 
 
+def read_table(path: str | os.PathLike, columns, *, hint: str = "", **read_kw):
+    """A CSV the tool wrote, as a DataFrame; one clear line if it is unreadable or lacks ``columns``."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, **read_kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise AuditError(f"{path}: not a readable CSV ({e})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise AuditError(f"{path}: missing column(s) {', '.join(missing)}{hint}")
+    return df
+
+
 def read_run(run: str | os.PathLike) -> dict:
     """``run.json`` of an existing run, with a clear error when there is none."""
     run = Path(run)

@@ -33,7 +33,6 @@ a line on stderr (and al_curve.csv in the run folder is rewritten after each rou
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -44,8 +43,8 @@ import numpy as np
 import pandas as pd
 
 import audit  # noqa: F401
-from audit.active import (CURVE_SETTINGS, ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy,
-                          reach_table, stored_config, versus)
+from audit.active import (ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy, pool_runs, reach_table,
+                          versus)
 from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train
@@ -168,26 +167,9 @@ def print_table(curve: pd.DataFrame, initial: int) -> None:
 
 def summarize(run_dirs: list[str]) -> None:
     """One table from the curves of several runs (e.g. repeats split with --first-repeat)."""
-    runs = []
-    for d in run_dirs:
-        if not (Path(d) / "run.json").is_file() or not (Path(d) / "al_curve.csv").is_file():
-            raise SystemExit(f"error: {d}: expected an acquire run (run.json and al_curve.csv), found none")
-        cfg = stored_config(json.loads((Path(d) / "run.json").read_text()))
-        runs.append((d, cfg, pd.read_csv(Path(d) / "al_curve.csv")))
-    d0, cfg0, _ = runs[0]
-    for d, cfg, _ in runs[1:]:
-        diff = [k for k in CURVE_SETTINGS if cfg.get(k) != cfg0.get(k)]
-        if diff:
-            raise SystemExit(f"error: {d}: {', '.join(f'{k} {cfg.get(k)!r}' for k in diff)}; "
-                             f"{d0} has {', '.join(repr(cfg0.get(k)) for k in diff)}: not pooled")
-    curve = pd.concat([c for _, _, c in runs], ignore_index=True)
-    # the same repeat in two runs: deterministic, so equal where both went; keep every round once
-    key = ["strategy", "repeat", "round"]
-    both = curve[curve.duplicated(key, keep=False)].groupby(key).valid_accuracy.nunique()
-    if (both > 1).any():
-        raise SystemExit(f"error: the runs disagree on {both[both > 1].index[0]} (strategy, repeat, round)")
-    print(f"pooled from {', '.join(run_dirs)}: {settings(cfg0)}")
-    print_table(curve.drop_duplicates(key), cfg0["initial"])
+    pooled = pool_runs(run_dirs)
+    print(f"pooled from {', '.join(run_dirs)}: {settings(pooled.config)}")
+    print_table(pooled.curve, pooled.config["initial"])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import audit
-from audit.active import ALConfig, initial_set, reach_table, run_active_learning, versus
+from audit.active import ALConfig, initial_set, pool_runs, reach_table, run_active_learning, versus
 from audit.cli import app
 from audit.errors import AuditError
 
@@ -223,7 +223,7 @@ def _bench_al_mnist():
     return mod
 
 
-def test_bench_pools_runs_split_by_repeat(tmp_path, capsys):
+def test_pool_runs_split_by_repeat(tmp_path, capsys):
     bench = _bench_al_mnist()
     cfg = dataclasses.asdict(ALConfig(strategies=("bald",)))
 
@@ -231,30 +231,67 @@ def test_bench_pools_runs_split_by_repeat(tmp_path, capsys):
         return [dict(strategy="bald", repeat=rep, round=k, n_labelled=20 + 10 * k, valid_accuracy=a, seconds=1.0)
                 for k, a in enumerate(accs)]
 
-    for name, curve in (("a", rows(0, [0.8, 0.9, 0.95])), ("b", rows(0, [0.8, 0.9]) + rows(1, [0.85, 0.92]))):
-        (tmp_path / name).mkdir()
+    def make(name, curve, config=cfg, fingerprint="f0"):
+        (tmp_path / name).mkdir(exist_ok=True)
         pd.DataFrame(curve).to_csv(tmp_path / name / "al_curve.csv", index=False)
-        (tmp_path / name / "run.json").write_text(json.dumps({"config": cfg}))
-    bench.summarize([str(tmp_path / "a"), str(tmp_path / "b")])
+        (tmp_path / name / "run.json").write_text(json.dumps(
+            {"command": "acquire", "config": config, "data": {"fingerprint": fingerprint}, "complete": True}))
+        return str(tmp_path / name)
+
+    a = make("a", rows(0, [0.8, 0.9, 0.95]))
+    b = make("b", rows(0, [0.8, 0.9]) + rows(1, [0.85, 0.92]))
+    pooled = pool_runs([a, b])
+    assert len(pooled.curve) == 5 and pooled.incomplete == [] and pooled.acquired.empty
+    bench.summarize([a, b])
     out = capsys.readouterr().out
     # repeat 1 (0-based 0) from both runs is pooled once, with a's longer curve
     line = next(l for l in out.splitlines() if l.startswith("bald "))
     assert line.split()[1:3] == ["10", "-"] and "[10, 10]; [20, >10]" in line and "bald [1, 2]" in out
-    (tmp_path / "c").mkdir()
-    pd.DataFrame(rows(0, [0.7])).to_csv(tmp_path / "c" / "al_curve.csv", index=False)
-    (tmp_path / "c" / "run.json").write_text(json.dumps({"config": cfg}))
-    with pytest.raises(SystemExit, match="disagree"):
-        bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
-    (tmp_path / "c" / "run.json").write_text(json.dumps({"config": {**cfg, "lr": 1e-3}}))
-    with pytest.raises(SystemExit, match="lr 0.001"):
-        bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
-    with pytest.raises(SystemExit, match="runs/none: expected an acquire run"):
-        bench.summarize([str(tmp_path / "a"), "runs/none"])
+    c = make("c", rows(0, [0.7]))
+    with pytest.raises(AuditError, match="disagree on bald repeat 1 round 0"):
+        pool_runs([a, c])
+    make("c", rows(0, [0.8]), config={**cfg, "lr": 1e-3})
+    with pytest.raises(AuditError, match="lr 0.001"):
+        pool_runs([a, c])
+    with pytest.raises(AuditError, match="runs/none: expected an `audit acquire` run"):
+        pool_runs([a, "runs/none"])
+    make("c", rows(0, [0.8]), fingerprint="f1")
+    with pytest.raises(AuditError, match="made on other data than .*fingerprint f1, not f0"):
+        pool_runs([a, c])
     # a run made before --schedule existed trained at a constant step size
-    old = {k: v for k, v in cfg.items() if k != "schedule"}
-    (tmp_path / "c" / "run.json").write_text(json.dumps({"config": old}))
-    with pytest.raises(SystemExit, match="schedule 'constant'"):
-        bench.summarize([str(tmp_path / "a"), str(tmp_path / "c")])
+    make("c", rows(0, [0.8]), config={k: v for k, v in cfg.items() if k != "schedule"})
+    with pytest.raises(AuditError, match="schedule 'constant'"):
+        pool_runs([a, c])
+    (tmp_path / "c" / "al_curve.csv").write_text("strategy,repeat\nbald,0\n")
+    with pytest.raises(AuditError, match="al_curve.csv: missing column"):
+        pool_runs([a, c])
+
+
+def test_report_pools_acquire_runs(shapes_npz, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, first in (("r1", "0"), ("r2", "1")):
+        args = acquire_args(shapes_npz, name, "bald,random", "--model", "origin", "--first-repeat", first)
+        assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, ["report", "--run", "r1", "--run", "r2"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == "report written to reports/r1+r2/index.html"
+    html = (tmp_path / "reports" / "r1+r2" / "index.html").read_text()
+    assert "2 strategies · 2 repeat(s)" in html and "2 runs pooled" in html and "incomplete" not in html
+    cell = html.split('<td class="versus">')[1].split("</td>")[0]  # bald against random over both repeats
+    for part in cell.split(" · "):
+        assert sum(int(t) for t in part.replace("(", " ").split() if t.isdigit()) == 2, cell
+    assert html.count("<figure") == 2 * 1 * 3  # the first repeat's first round, per strategy
+    # runs with other settings, a folder that is no acquire run, several runs none of them acquire runs:
+    # one line, nothing written
+    args = acquire_args(shapes_npz, "r3", "bald", "--model", "origin", "--step", "2")
+    assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, ["report", "--run", "r1", "--run", "r3", "--out", "x"])
+    assert r.exit_code == 1 and "r3: step 2; r1 has 3" in r.output and not (tmp_path / "x").exists()
+    r = runner.invoke(app, ["report", "--run", "r1", "--run", "nothing", "--out", "x"])
+    assert r.exit_code == 1 and "nothing: expected an `audit acquire` run" in r.output
+    r = runner.invoke(app, ["report", "--run", "nothing", "--run", "nothing2", "--out", "x"])
+    assert r.exit_code == 2 and "--run: 2 runs given; several runs pool" in r.output
+    assert not (tmp_path / "x").exists()
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame, sort: list[str]) -> None:
