@@ -211,7 +211,7 @@ def retrain(
     run: Path = RunOpt,
     decisions: Optional[Path] = typer.Option(None, "--decisions", help="decisions.csv exported from the report."),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Drop every flagged training image."),
-    out: Optional[Path] = typer.Option(None, "--out", help="The new run folder [default: RUN-curated]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The new run folder (default: RUN-curated)."),
     device: str = DeviceOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output run."),
 ) -> None:
@@ -234,12 +234,12 @@ def retrain(
 @app.command()
 @handle_errors
 def report(
-    run: List[Path] = typer.Option([Path("runs/default")], "--run", help="Run folder; repeat --run to pool several "
+    run: List[Path] = typer.Option([Path("runs/default")], "--run", metavar="RUN", help="Run folder; repeat --run to pool several "
                                    "`audit acquire` runs (e.g. repeats split with --first-repeat) into one page."),
     top: int = typer.Option(30, "--top", help="Images per grid: the lowest and the highest per class."),
     metric: str = typer.Option("entropy", "--metric", help="entropy, mutual_info, variation_ratio or p_label (switchable in the page)."),
     split: str = typer.Option("valid", "--split", help="Which scored split to show."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: reports/<run name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: reports/<run name>, or <name>+<name>… for several runs)."),
 ) -> None:
     """Render RUN's scores (or an acquire run's curves) as a self-contained HTML page: OUT/index.html."""
     from .report import write_report

@@ -177,3 +177,10 @@ def test_score_on_changed_data(trained, tmp_path):
     (other / "run.json").write_text(json.dumps(meta))
     r = invoke("score", "--run", other, "--samples", "2")
     assert_one_line_error(r, "is not the data this run was trained on", code=1)
+
+
+@pytest.mark.parametrize("command, default", [("report", "reports/<run name>"), ("retrain", "RUN-curated")])
+def test_help_names_the_default_folder(command, default):
+    # square brackets in a help text are rich markup: the default once vanished from the help
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert r.exit_code == 0 and f"(default: {default}" in r.output, r.output
