@@ -342,7 +342,7 @@ def pool_runs(run_dirs: list[str | os.PathLike]) -> PooledRuns:
     with ``first_repeat`` or a run taken further in a copy. The runs must share the
     settings that shape a curve and the data; a (strategy, repeat, round) in several
     runs must have the same accuracy in each (runs are deterministic), and is kept once."""
-    paths = [Path(d) for d in run_dirs]
+    paths = list(dict.fromkeys(Path(d) for d in run_dirs))  # a run named twice counts once
     if not paths:
         raise AuditError("--run: expected at least one acquire run, got none", usage=True)
     loaded = []

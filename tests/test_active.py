@@ -240,8 +240,8 @@ def test_pool_runs_split_by_repeat(tmp_path, capsys):
 
     a = make("a", rows(0, [0.8, 0.9, 0.95]))
     b = make("b", rows(0, [0.8, 0.9]) + rows(1, [0.85, 0.92]))
-    pooled = pool_runs([a, b])
-    assert len(pooled.curve) == 5 and pooled.incomplete == [] and pooled.acquired.empty
+    pooled = pool_runs([a, b, a])
+    assert pooled.runs == [tmp_path / "a", tmp_path / "b"] and len(pooled.curve) == 5 and pooled.incomplete == [] and pooled.acquired.empty
     bench.summarize([a, b])
     out = capsys.readouterr().out
     # repeat 1 (0-based 0) from both runs is pooled once, with a's longer curve
