@@ -205,8 +205,12 @@ def score_run(
         raise AuditError(f"--folds: expected at least 2 folds (or 0 for none), got {folds}", usage=True)
     get_device(device)
     if not runs.has_model(run):
+        if (run / runs.RUN_JSON).is_file() and runs.read_run(run).get("command") == "acquire":
+            raise AuditError(f"--run: {run} is an `audit acquire` run (learning curves, no model to score); "
+                             "expected a run made by `audit train`")
         if run.exists() and any(run.iterdir()):
-            raise AuditError(f"--run: {run} has files but no model.npz and run.json; not a run folder")
+            have = "run.json but no model.npz" if (run / runs.RUN_JSON).is_file() else "files but no model.npz and run.json"
+            raise AuditError(f"--run: {run} has {have}; not a trained run folder")
         train_run(run, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress)
     meta = runs.read_run(run)
     model = runs.load_model(run, meta)

@@ -289,6 +289,8 @@ def test_report_pools_acquire_runs(shapes_npz, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "r3: step 2; r1 has 3" in r.output and not (tmp_path / "x").exists()
     r = runner.invoke(app, ["report", "--run", "r1", "--run", "nothing", "--out", "x"])
     assert r.exit_code == 1 and "nothing: expected an `audit acquire` run" in r.output
+    r = runner.invoke(app, ["score", "--run", "r1"])  # an acquire run has no model to score
+    assert r.exit_code == 1 and "r1 is an `audit acquire` run" in r.output and not (tmp_path / "r1" / "scores.csv").exists()
     r = runner.invoke(app, ["report", "--run", "nothing", "--run", "nothing2", "--out", "x"])
     assert r.exit_code == 2 and "--run: 2 runs given; several runs pool" in r.output
     assert not (tmp_path / "x").exists()
