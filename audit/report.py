@@ -311,8 +311,7 @@ def write_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AuditError(f"--out: {out} exists and is not a folder")
-    acquire_runs = [(r / AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list]
-    if any(acquire_runs):
+    if any((r / AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list):  # acquire runs
         ctx = al_context(run_list, progress=progress)
         html = render_report(ctx, "active.html.j2")
         n_cells = n_unique = sum(len(s["acquired"]) for s in ctx["strategies"])
