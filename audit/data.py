@@ -441,10 +441,10 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
     progress.close()
     if len(sizes) > 1:
         common = max(sizes, key=lambda k: len(sizes[k]))
-        odd = [p for k, ps in sizes.items() if k != common for p in ps]
+        odd = [f"{p} ({k[0]}x{k[1]})" for k, ps in sizes.items() if k != common for p in ps]
         raise AuditError(
             f"{root}: images differ in size; most are {common[0]}x{common[1]} but "
-            f"{len(odd)} are not, e.g. {', '.join(str(p) for p in odd[:3])}"
+            + (f"{odd[0]} is not" if len(odd) == 1 else f"{len(odd)} are not, e.g. {', '.join(odd[:3])}")
         )
     mode = "L" if grey else "RGB"
 
