@@ -41,11 +41,13 @@ ACQUIRED_COLUMNS = ("strategy", "repeat", "round", "index", "score")
 class ALConfig:
     """Settings of an active-learning experiment; the defaults follow Gal et al. 2017
     where they said (20 balanced, 10 per round, their CNN, 50 epochs, Adam, weight
-    decay 3.5/N) except two things that suit small labelled sets better, measured on
+    decay 3.5/N) except three things that suit small labelled sets better, measured on
     random balanced MNIST subsets (README): batches of 32 instead of their code's 128
     (four times the updates for the same work; 92.0% instead of 90.7% at 300 images),
-    and Adam's step size falling from 3e-3 to 0 along a cosine instead of a constant
-    1e-3 (84.1% instead of 81.9% at 100 images, 93.1% instead of 92.3% at 300)."""
+    Adam's step size falling from 3e-3 to 0 along a cosine instead of a constant
+    1e-3 (84.1% instead of 81.9% at 100 images, 93.1% instead of 92.3% at 300), and
+    each epoch in near-equal batches instead of full ones and a small remainder
+    (bench/batching.py)."""
 
     strategies: tuple[str, ...] = ("bald", "random")
     initial: int = 20
@@ -61,6 +63,7 @@ class ALConfig:
     batch_size: int = 32
     lr: float = 3e-3  # peak step size of the cosine schedule (the paper's code: 1e-3, constant)
     schedule: str = "cosine"  # "constant": the paper's code
+    even_batches: bool = True  # near-equal batches per epoch (False: full ones and the remainder, as the paper's code)
     weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
     stop_error: float | None = None  # end a strategy's repeat once its validation error is at most this
@@ -93,7 +96,8 @@ class ALConfig:
             # Keras l2(c / N) with c = 3.5 adds 2c/N * w to the gradient
             wd = 2 * 3.5 / n_labelled if self.model == "gal" else 0.0
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                           model=self.model, weight_decay=wd, schedule=self.schedule)
+                           model=self.model, weight_decay=wd, schedule=self.schedule,
+                           even_batches=self.even_batches)
 
 
 @dataclass(frozen=True)
@@ -317,13 +321,14 @@ def acquire_run(
 
 # settings that shape every curve: a run goes on (or pools with another) only where they agree
 CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", "batch_size", "lr",
-                  "schedule", "weight_decay", "batchbald_samples")
+                  "schedule", "weight_decay", "batchbald_samples", "even_batches")
 
 
 def stored_config(meta: dict) -> dict:
     """The ``config`` of an acquire run's run.json, with what older runs did not record."""
     config = dict(meta.get("config", {}))
     config.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
+    config.setdefault("even_batches", False)  # and before --even-batches in full batches and the remainder
     return config
 
 

@@ -110,6 +110,7 @@ def train(
     batch_size: int = typer.Option(1000, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam's alpha."),
     schedule: str = typer.Option("constant", "--schedule", help="constant, or cosine: alpha falls to 0 over the training."),
+    even_batches: bool = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 images at 128: 65 + 65); --no-even-batches: full batches and the remainder."),
     dropout: float = typer.Option(0.5, "--dropout", help="Dropout ratio of both dropout layers."),
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
@@ -120,7 +121,7 @@ def train(
     from .train import TrainConfig, train_run
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
-                         schedule=schedule)
+                         schedule=schedule, even_batches=even_batches)
     result = train_run(
         run,
         data=data,
@@ -273,6 +274,7 @@ def acquire(
     lr: float = typer.Option(3e-3, "--lr", help="Adam's alpha at the start (Gal et al.'s code: 1e-3)."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine: alpha falls to 0 over each training; "
                                  "constant: Gal et al.'s code."),
+    even_batches: bool = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 images at 128: 65 + 65); --no-even-batches: full batches and the remainder."),
     stop_at_error: Optional[float] = typer.Option(
         None, "--stop-at-error", help="End a strategy's repeat once its validation error is at most this (e.g. 0.05)."),
     data: str = typer.Option("mnist", "--data"),
@@ -291,6 +293,7 @@ def acquire(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
         rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, first_repeat=first_repeat,
         seed=seed, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, stop_error=stop_at_error,
+        even_batches=even_batches,
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, resume=resume, progress=BarProgress())

@@ -174,7 +174,7 @@ def retrain_run(
     from . import runs
     from .device import get_device
     from .score import load_base_data, load_run_data
-    from .train import TrainConfig, check_run_free, evaluate, fit_and_write, run_subset
+    from .train import check_run_free, evaluate, fit_and_write, run_subset, stored_train_config
 
     run = Path(run)
     if decisions is None and not drop_flagged:
@@ -226,7 +226,7 @@ def retrain_run(
         "valid_decisions_not_applied": curated.valid_decisions,
     }
     result = fit_and_write(
-        out, curated.dataset, source, config=TrainConfig(**meta["config"]), subset=curated.train_indices,
+        out, curated.dataset, source, config=stored_train_config(meta["config"]), subset=curated.train_indices,
         device=device, overwrite=overwrite, progress=progress,
         extra={"command": "retrain", "results_before": {"valid_accuracy": before}},
         files={"decisions.csv": merged.to_csv(index=False)},

@@ -141,12 +141,12 @@ def fold_models(
     parts; models are kept in RUN/folds/K-k/model.npz and reused while the run's data
     and settings are unchanged.
     """
-    from .train import TrainConfig, run_subset, train
+    from .train import run_subset, stored_train_config, train
 
     progress = progress or NullProgress()
     if folds < 2:
         raise AuditError(f"--folds: expected at least 2 folds (or 0 for none), got {folds}", usage=True)
-    config = TrainConfig(**meta["config"])
+    config = stored_train_config(meta["config"])
     base = run_subset(run, meta)
     base = np.arange(len(dataset.train)) if base is None else base
     if folds > len(base):

@@ -37,6 +37,9 @@ class TrainConfig:
     model: str = "origin"  # or "gal", the CNN of Gal et al. 2017
     weight_decay: float = 0.0  # L2 rate on the head's first dense layer (chainer WeightDecay)
     schedule: str = "constant"  # or "cosine": the step size falls from lr to 0 over the training
+    # split each epoch into ceil(n / batch_size) batches of near-equal size, not full batches and a
+    # remainder (130 images in batches of 128: 65 + 65, not 128 + 2); the same when batch_size divides n
+    even_batches: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -126,10 +129,21 @@ def step_scale(schedule: str, step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def _batches(n: int, batch_size: int, order: np.ndarray | None = None):
-    for start in range(0, n, batch_size):
-        sl = slice(start, min(start + batch_size, n))
-        yield sl if order is None else order[sl]
+def _batches(n: int, batch_size: int, order: np.ndarray | None = None, *, even: bool = False):
+    """Slices of ``range(n)`` (or of ``order``) of at most ``batch_size``: full ones and the
+    remainder last, or with ``even`` as many as that but of near-equal size."""
+    if even:
+        bounds = np.linspace(0, n, -(-n // batch_size) + 1).round().astype(int).tolist()
+    else:
+        bounds = [*range(0, n, batch_size), n]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        yield slice(start, stop) if order is None else order[start:stop]
+
+
+def stored_train_config(config: dict) -> TrainConfig:
+    """The TrainConfig of a run's run.json, with what older runs did not record: they
+    trained in full batches and a remainder."""
+    return TrainConfig(**{"even_batches": False, **config})
 
 
 def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device=None) -> tuple[float, float]:
@@ -193,7 +207,7 @@ def train(
         t0 = time.perf_counter()
         loss_sum = 0.0
         correct = seen = 0
-        for bi in _batches(n, config.batch_size, order_rng.permutation(n)):
+        for bi in _batches(n, config.batch_size, order_rng.permutation(n), even=config.even_batches):
             rows = np.sort(idx_all[bi])  # sorted gathers are faster; order within a batch is irrelevant
             x = dev.send(to_float32(x_all[rows]))
             t = dev.send(y_all[rows])

@@ -2,16 +2,16 @@
 
 20 class-balanced initial images, 10 acquired per round, retrained from scratch each
 round, tested on the 10,000 validation images; trained as the paper's code trained
-(50 epochs in batches of 128, Adam at a constant 1e-3, weight decay 3.5/N), where
-``audit acquire`` by default trains harder (``--batch-size 32 --lr 3e-3 --schedule
-cosine``: README says what that changes). Prints, per strategy, the number of
+(50 epochs in batches of 128 and the remainder, Adam at a constant 1e-3, weight decay
+3.5/N), where ``audit acquire`` by default trains harder (``--batch-size 32 --lr 3e-3
+--schedule cosine --even-batches``: README says what that changes). Prints, per strategy, the number of
 acquired images at which validation error first reaches 10% and 5% (per repeat and
 their mean), next to the paper's Table 1, and the time per round.
 
     python bench/al_mnist.py [--rounds 98] [--repeats 3] [--pool-subset 2000]
                              [--strategies bald,entropy,varratio,meanstd,random,batchbald]
                              [--stop-at-error 0.05] [--model gal] [--epochs 50] [--batch-size 128]
-                             [--lr 1e-3] [--schedule constant]
+                             [--lr 1e-3] [--schedule constant] [--even-batches]
                              [--samples 100] [--seed 0] [--first-repeat 0]
                              [--run runs/al-bench] [--resume]
     python bench/al_mnist.py --time-rounds 20,500,1000     # one round's parts at those sizes
@@ -90,6 +90,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128, help=f"audit acquire's default: {ALConfig.batch_size}")
     p.add_argument("--lr", type=float, default=1e-3, help=f"audit acquire's default: {ALConfig.lr:g}")
     p.add_argument("--schedule", default="constant", help=f"audit acquire's default: {ALConfig.schedule}")
+    p.add_argument("--even-batches", action="store_true", help="near-equal batches per epoch (audit acquire's "
+                   "default); without it full batches and the remainder, as Keras's fit in the paper's code")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-repeat", type=int, default=0, help="start at this repeat, counted from 0: 3 runs the 4th onwards")
     p.add_argument("--stop-at-error", type=float, default=None)
@@ -104,7 +106,7 @@ def main() -> None:
         return
     cfg = ALConfig(strategies=tuple(a.strategies.split(",")), rounds=a.rounds, repeats=a.repeats,
                    pool_subset=a.pool_subset, samples=a.samples, model=a.model, epochs=a.epochs,
-                   batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, seed=a.seed,
+                   batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, seed=a.seed, even_batches=a.even_batches,
                    first_repeat=a.first_repeat, stop_error=a.stop_at_error)
     if a.time_rounds:
         time_rounds(cfg, [int(n) for n in a.time_rounds.split(",")])
@@ -121,7 +123,8 @@ def main() -> None:
 
 
 def settings(c: dict) -> str:
-    return (f"model {c['model']}, {c['epochs']} epochs, batch {c['batch_size']}, lr {c['lr']:g} {c['schedule']}, "
+    return (f"model {c['model']}, {c['epochs']} epochs, batch {c['batch_size']}"
+            f"{' (even)' if c.get('even_batches') else ''}, lr {c['lr']:g} {c['schedule']}, "
             f"T={c['samples']}, pool subset {c['pool_subset']}, seed {c['seed']}")
 
 

@@ -43,4 +43,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except audit.AuditError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -139,4 +139,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except audit.AuditError as e:
+        raise SystemExit(f"error: {e}") from None

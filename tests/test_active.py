@@ -150,7 +150,7 @@ def test_acquire_command(shapes_npz, tmp_path):
     assert list(pd.read_csv(run / "acquired.csv").columns) == ["strategy", "repeat", "round", "index", "score"]
     meta = json.loads((run / "run.json").read_text())
     assert meta["complete"] and set(meta["results"]) == {"varratio", "meanstd"}
-    assert (meta["config"]["schedule"], meta["config"]["lr"]) == ("constant", 3e-3)
+    assert (meta["config"]["schedule"], meta["config"]["lr"], meta["config"]["even_batches"]) == ("constant", 3e-3, True)
     r = runner.invoke(app, args)  # the run exists now
     assert r.exit_code == 1 and "already exists" in r.output
     r = runner.invoke(app, args[:-2] + ["--model", "vgg", "--overwrite"])
@@ -259,8 +259,8 @@ def test_pool_runs_split_by_repeat(tmp_path, capsys):
     with pytest.raises(AuditError, match="made on other data than .*fingerprint f1, not f0"):
         pool_runs([a, c])
     # a run made before --schedule existed trained at a constant step size
-    make("c", rows(0, [0.8]), config={k: v for k, v in cfg.items() if k != "schedule"})
-    with pytest.raises(AuditError, match="schedule 'constant'"):
+    make("c", rows(0, [0.8]), config={k: v for k, v in cfg.items() if k not in ("schedule", "even_batches")})
+    with pytest.raises(AuditError, match="schedule 'constant', even_batches False"):
         pool_runs([a, c])
     (tmp_path / "c" / "al_curve.csv").write_text("strategy,repeat\nbald,0\n")
     with pytest.raises(AuditError, match="al_curve.csv: missing column"):
@@ -357,6 +357,8 @@ def test_resume_in_the_command(shapes_npz, tmp_path):
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--lr", "0.01", rounds=3))
     assert r.exit_code == 2 and "--resume: " in r.output and "lr 0.003" in r.output and "0.01" in r.output
     assert pd.read_csv(run / "al_curve.csv")["round"].tolist() == [0, 1, 2]
+    r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--no-even-batches", rounds=3))
+    assert r.exit_code == 2 and "even_batches True; this command has False" in r.output
     r = runner.invoke(app, acquire_args(shapes_npz, tmp_path / "none", "bald", "--resume"))
     assert r.exit_code == 1 and "--resume: " in r.output and "nothing to go on with" in r.output
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--overwrite"))

@@ -184,3 +184,10 @@ def test_help_names_the_default_folder(command, default):
     # square brackets in a help text are rich markup: the default once vanished from the help
     r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert r.exit_code == 0 and f"(default: {default}" in r.output, r.output
+
+
+def test_train_without_even_batches_is_recorded(shapes_npz, tmp_path):
+    r = invoke("train", "--data", shapes_npz, "--run", tmp_path / "r", "--epochs", "1", "--batch-size", "64",
+               "--no-even-batches")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["even_batches"] is False

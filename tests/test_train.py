@@ -8,7 +8,7 @@ import pytest
 
 from audit import TrainConfig, load_dataset, train, train_run
 from audit.errors import AuditError
-from audit.train import read_subset, step_scale
+from audit.train import _batches, read_subset, step_scale, stored_train_config
 
 FAST = TrainConfig(epochs=4, batch_size=32, lr=1e-3, seed=0)
 
@@ -38,6 +38,28 @@ def test_step_scale():
     assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5)
     assert all(a > b > 0 for a, b in zip(cos, cos[1:]))
     assert cos[-1] < 0.03
+
+
+def test_even_batches():
+    sizes = lambda n, b, even: [s.stop - s.start for s in _batches(n, b, even=even)]  # noqa: E731
+    assert sizes(130, 128, False) == [128, 2] and sizes(130, 128, True) == [65, 65]
+    assert sizes(100, 32, False) == [32, 32, 32, 4] and sizes(100, 32, True) == [25, 25, 25, 25]
+    assert sizes(256, 128, True) == sizes(256, 128, False) == [128, 128]
+    assert sizes(7, 3, True) == [2, 3, 2] and sizes(5, 10, True) == [5]
+    order = np.arange(130)[::-1]
+    assert np.concatenate(list(_batches(130, 128, order, even=True))).tolist() == order.tolist()
+    # runs made before the option trained in full batches and the remainder
+    assert stored_train_config({"epochs": 2}).even_batches is False
+    assert stored_train_config({"epochs": 2, "even_batches": True}).even_batches is True
+
+
+def test_even_batches_change_only_a_remainder(shapes_npz):
+    ds = load_dataset(shapes_npz)  # 300 training images
+    fc4 = {}
+    for b, even in ((100, True), (100, False), (64, True), (64, False)):
+        fc4[b, even] = train(ds, TrainConfig(epochs=1, batch_size=b, lr=1e-3, even_batches=even)).model.fc4.W.array
+    np.testing.assert_array_equal(fc4[100, True], fc4[100, False])  # 100 divides 300: the same batches
+    assert not np.array_equal(fc4[64, True], fc4[64, False])  # 64+64+64+64+44 against 5 x 60
 
 
 def test_cosine_schedule_learns_and_changes_the_training(shapes_npz):
