@@ -390,8 +390,12 @@ def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALR
     new = asdict(config)
     diff = [k for k in CURVE_SETTINGS if old.get(k) != new[k]]
     if diff:
-        raise AuditError(f"--resume: {run} was made with " + ", ".join(f"{k} {old.get(k)!r}" for k in diff)
-                         + "; this command has " + ", ".join(f"{new[k]!r}" for k in diff)
+        def said(k, v):  # a switch as its option, other settings as name and value
+            return f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"{k} {v!r}"
+
+        raise AuditError(f"--resume: {run} was made with " + ", ".join(said(k, old.get(k)) for k in diff)
+                         + "; this command has " + ", ".join(said(k, new[k]) if isinstance(new[k], bool)
+                                                             else repr(new[k]) for k in diff)
                          + ": pass the same settings to go on with it", usage=True)
     if meta["data"].get("fingerprint") != fingerprint:
         raise AuditError(f"--resume: {run} was made on other data (fingerprint {meta['data'].get('fingerprint')}, "

@@ -358,7 +358,7 @@ def test_resume_in_the_command(shapes_npz, tmp_path):
     assert r.exit_code == 2 and "--resume: " in r.output and "lr 0.003" in r.output and "0.01" in r.output
     assert pd.read_csv(run / "al_curve.csv")["round"].tolist() == [0, 1, 2]
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--no-even-batches", rounds=3))
-    assert r.exit_code == 2 and "even_batches True; this command has False" in r.output
+    assert r.exit_code == 2 and "made with --even-batches; this command has --no-even-batches" in r.output
     r = runner.invoke(app, acquire_args(shapes_npz, tmp_path / "none", "bald", "--resume"))
     assert r.exit_code == 1 and "--resume: " in r.output and "nothing to go on with" in r.output
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--overwrite"))
