@@ -98,6 +98,8 @@ def _root() -> None:
 
 RunOpt = typer.Option(Path("runs/default"), "--run", help="Run folder (created by train).")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, gpu, or a chainer spec such as @cupy:1.")
+EvenBatchesOpt = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 "
+                              "images at 128: 65 + 65); --no-even-batches: full batches and the remainder.")
 
 
 @app.command()
@@ -110,7 +112,7 @@ def train(
     batch_size: int = typer.Option(1000, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam's alpha."),
     schedule: str = typer.Option("constant", "--schedule", help="constant, or cosine: alpha falls to 0 over the training."),
-    even_batches: bool = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 images at 128: 65 + 65); --no-even-batches: full batches and the remainder."),
+    even_batches: bool = EvenBatchesOpt,
     dropout: float = typer.Option(0.5, "--dropout", help="Dropout ratio of both dropout layers."),
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
@@ -274,7 +276,7 @@ def acquire(
     lr: float = typer.Option(3e-3, "--lr", help="Adam's alpha at the start (Gal et al.'s code: 1e-3)."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine: alpha falls to 0 over each training; "
                                  "constant: Gal et al.'s code."),
-    even_batches: bool = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 images at 128: 65 + 65); --no-even-batches: full batches and the remainder."),
+    even_batches: bool = EvenBatchesOpt,
     stop_at_error: Optional[float] = typer.Option(
         None, "--stop-at-error", help="End a strategy's repeat once its validation error is at most this (e.g. 0.05)."),
     data: str = typer.Option("mnist", "--data"),
