@@ -324,6 +324,16 @@ CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", 
                   "schedule", "weight_decay", "batchbald_samples", "even_batches")
 
 
+def _differing(a: dict, b: dict) -> list[str]:
+    """The settings that shape a curve on which two configs disagree."""
+    return [k for k in CURVE_SETTINGS if a.get(k) != b.get(k)]
+
+
+def _as_option(key: str, value) -> str:
+    """A switch as the option that sets it (``--no-even-batches``)."""
+    return f"--{'' if value else 'no-'}{key.replace('_', '-')}"
+
+
 def stored_config(meta: dict) -> dict:
     """The ``config`` of an acquire run's run.json, with what older runs did not record."""
     config = dict(meta.get("config", {}))
@@ -359,7 +369,7 @@ def pool_runs(run_dirs: list[str | os.PathLike]) -> PooledRuns:
         loaded.append((run, meta, stored_config(meta), runs.read_table(run / AL_CURVE, CURVE_COLUMNS), acquired))
     run0, meta0, cfg0, _, _ = loaded[0]
     for run, meta, cfg, _, _ in loaded[1:]:
-        diff = [k for k in CURVE_SETTINGS if cfg.get(k) != cfg0.get(k)]
+        diff = _differing(cfg, cfg0)
         if diff:
             raise AuditError(f"{run}: {', '.join(f'{k} {cfg.get(k)!r}' for k in diff)}; {run0} has "
                              f"{', '.join(repr(cfg0.get(k)) for k in diff)}: runs made with other settings "
@@ -388,15 +398,12 @@ def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALR
                          f"{meta.get('command')!r})")
     old = stored_config(meta)
     new = asdict(config)
-    diff = [k for k in CURVE_SETTINGS if old.get(k) != new[k]]
+    diff = _differing(old, new)
     if diff:
-        def said(k, v):  # a switch as its option, other settings as name and value
-            return f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"{k} {v!r}"
-
-        raise AuditError(f"--resume: {run} was made with " + ", ".join(said(k, old.get(k)) for k in diff)
-                         + "; this command has " + ", ".join(said(k, new[k]) if isinstance(new[k], bool)
-                                                             else repr(new[k]) for k in diff)
-                         + ": pass the same settings to go on with it", usage=True)
+        was = [_as_option(k, old.get(k)) if isinstance(old.get(k), bool) else f"{k} {old.get(k)!r}" for k in diff]
+        now = [_as_option(k, new[k]) if isinstance(new[k], bool) else repr(new[k]) for k in diff]
+        raise AuditError(f"--resume: {run} was made with {', '.join(was)}; this command has {', '.join(now)}: "
+                         "pass the same settings to go on with it", usage=True)
     if meta["data"].get("fingerprint") != fingerprint:
         raise AuditError(f"--resume: {run} was made on other data (fingerprint {meta['data'].get('fingerprint')}, "
                          f"this data {fingerprint})")
