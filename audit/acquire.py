@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import metrics
-from .errors import AuditError
+from .errors import AuditError, bad_param
 
 STRATEGIES = ("bald", "batchbald", "entropy", "varratio", "meanstd", "random")
 
@@ -75,7 +75,7 @@ def score_pool(mc_probs: np.ndarray, strategy: str) -> np.ndarray:
 def acquire(mc_probs: np.ndarray, strategy: str, k: int, *, seed: int = 0, num_samples: int = 10000) -> CandidateBatch:
     """k pool positions to label next by ``strategy`` (one of STRATEGIES)."""
     if strategy not in STRATEGIES:
-        raise AuditError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}", usage=True)
+        raise bad_param("strategy", f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     mc_probs = _check(mc_probs, k)
     if strategy == "random":
         idx = np.random.default_rng(seed).choice(mc_probs.shape[0], size=k, replace=False)

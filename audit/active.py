@@ -26,15 +26,14 @@ from . import runs
 from .acquire import STRATEGIES, acquire
 from .data import Dataset, load_dataset
 from .device import get_device
-from .errors import AuditError
+from .errors import AuditError, bad_param
 from .mc import mc_predict
 from .progress import NullProgress, Progress
-from .train import TrainConfig, check_run_free, train
+from .score import MAX_SAMPLES
+from .train import TrainConfig, check_int, check_run_free, train
 
-AL_CURVE = "al_curve.csv"
-ACQUIRED = "acquired.csv"
-CURVE_COLUMNS = ("strategy", "repeat", "round", "n_labelled", "valid_accuracy", "seconds")
-ACQUIRED_COLUMNS = ("strategy", "repeat", "round", "index", "score")
+from .alstate import _differing, go_on_from, read_results, resumable, stored_config
+from .curves import CURVE_COLUMNS, reach_table, reached
 
 
 @dataclass(frozen=True)
@@ -71,24 +70,17 @@ class ALConfig:
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad or not self.strategies:
-            raise AuditError(f"--strategy: expected a comma-separated list of {', '.join(STRATEGIES)}, got "
-                             f"{','.join(self.strategies)!r}", usage=True)
-        for name, v, lo in (("--initial", self.initial, 1), ("--step", self.step, 1), ("--rounds", self.rounds, 0),
-                            ("--samples", self.samples, 1), ("--repeats", self.repeats, 1),
-                            ("--first-repeat", self.first_repeat, 0)):
-            if v < lo:
-                raise AuditError(f"{name}: expected at least {lo}, got {v}", usage=True)
-        from .model import ARCHS
-
-        if self.model not in ARCHS:
-            raise AuditError(f"--model: expected one of {', '.join(ARCHS)}, got {self.model!r}", usage=True)
-        self.train_config(self.initial, self.seed)  # --epochs, --batch-size, --lr, --schedule: TrainConfig checks them
+            raise bad_param("strategies", f"expected a comma-separated list of {', '.join(STRATEGIES)}, got "
+                            f"{','.join(self.strategies)!r}")
+        for name, lo, hi in (("initial", 1, None), ("step", 1, None), ("rounds", 0, None), ("samples", 1, MAX_SAMPLES),
+                             ("repeats", 1, None), ("first_repeat", 0, None), ("seed", 0, None),
+                             ("batchbald_samples", 1, None)):
+            check_int(name, getattr(self, name), lo, hi)
+        self.train_config(self.initial, self.seed)  # model, epochs, batch_size, lr, schedule: TrainConfig checks them
         if self.stop_error is not None and not 0 < self.stop_error < 1:
-            raise AuditError(f"--stop-at-error: expected an error rate between 0 and 1, got {self.stop_error}",
-                             usage=True)
+            raise bad_param("stop_error", f"expected an error rate between 0 and 1, got {self.stop_error}")
         if self.pool_subset is not None and self.pool_subset < self.step:
-            raise AuditError(f"--pool-subset: expected at least --step ({self.step}), got {self.pool_subset}",
-                             usage=True)
+            raise bad_param("pool_subset", f"expected at least --step ({self.step}), got {self.pool_subset}")
 
     def train_config(self, n_labelled: int, seed: int) -> TrainConfig:
         wd = self.weight_decay
@@ -155,7 +147,7 @@ def run_active_learning(
                 out += old[~mine].to_dict("records")
     # where each strategy's repeat goes on from; its earlier rows are in every save from the
     # first on, so an interrupted call loses none of them
-    plans = {(s, rep): _go_on_from(prior, s, rep, config)
+    plans = {(s, rep): go_on_from(prior, s, rep, config)
              for rep in range(config.first_repeat, last_rep) for s in config.strategies}
     for _, old_curve, old_acquired in plans.values():
         curve += old_curve
@@ -211,30 +203,6 @@ def _in_order(curve: list[dict], acquired: list[dict], config: ALConfig) -> ALRe
     return ALResult(*out)
 
 
-def _go_on_from(prior: ALResult | None, strategy: str, rep: int, config: ALConfig) -> tuple[int, list, list]:
-    """Where a strategy's repeat goes on from ``prior``: (first round to run, the curve
-    rows and the acquisitions to keep). A curve that reached ``stop_error`` or the last
-    round is kept whole and not run again (first round past the end)."""
-    if prior is None or prior.curve.empty:
-        return 0, [], []
-    c = prior.curve[(prior.curve.strategy == strategy) & (prior.curve.repeat == rep)].sort_values("round")
-    a = prior.acquired[(prior.acquired.strategy == strategy) & (prior.acquired.repeat == rep)]
-    if c.empty:
-        return 0, [], []
-    stops = [r for r, acc in zip(c["round"], c.valid_accuracy) if config.stop_error is not None
-             and reached(acc, config.stop_error)]
-    last = int(c["round"].max())
-    if stops or last >= config.rounds:  # nothing left to run; rows past the new end are kept, never deleted
-        return config.rounds + 1, c.to_dict("records"), a.to_dict("records")
-    if (a["round"] == last + 1).any():
-        first, keep_acquired_to = last + 1, last + 1  # the acquisitions that round trains on were made
-    else:
-        first, keep_acquired_to = last, last  # none made after the last round: train it again to acquire
-        c = c[c["round"] < last]
-    a = a[a["round"] <= keep_acquired_to]
-    return first, c.to_dict("records"), a.to_dict("records")
-
-
 def _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev):
     """``step`` new training indices and their scores."""
     pool = np.setdiff1d(np.arange(len(dataset.train)), labelled)
@@ -261,91 +229,58 @@ def acquire_run(
     resume: bool = False,
     progress: Progress | None = None,
 ) -> ALResult:
-    """Run the loops and keep RUN/al_curve.csv, acquired.csv and run.json up to date
-    after every round (each file replaced atomically), so a long run shows its
-    progress and an interrupted one keeps its finished rounds.
+    """Run the loops and commit RUN/al_curve.csv, acquired.csv and run.json after every
+    round (one commit each), so a long run shows its progress and an interrupted one
+    keeps its finished rounds.
 
     ``resume``: go on with the run already in RUN (interrupted, or to take it further:
     more rounds, a lower ``stop_error``, more repeats or strategies); its settings
-    must be those of ``config`` but for those four."""
-    run = Path(run)
+    must be those of ``config`` but for those four. Nothing is written before the
+    first round of a resume ends, so a refused or failed resume leaves the run as it was."""
+    store = runs.RunStore(run)
     get_device(device)
-    prior = None
-    if resume:
-        if overwrite:
-            raise AuditError("--resume and --overwrite: expected one of them, got both", usage=True)
-        if not run.is_dir():
-            raise AuditError(f"--resume: {run} does not exist, so there is nothing to go on with; "
-                             "leave out --resume to start it")
-        old_meta = runs.read_run(run)
-    else:
-        check_run_free(run, overwrite)
-    dataset = load_dataset(data, data_dir=data_dir, progress=progress)
-    if resume:
-        prior = _resumable(run, old_meta, config, dataset.fingerprint)
-    meta = {
-        "command": "acquire",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "seed": config.seed,
-        "data": {"data": str(data), "data_dir": data_dir, "source": dataset.source,
-                 "fingerprint": dataset.fingerprint, "class_names": list(dataset.class_names),
-                 "n_train": len(dataset.train), "n_valid": len(dataset.valid),
-                 "image_shape": list(dataset.image_shape)},
-        "device": str(device),
-        "versions": runs.versions(),
-        "complete": False,
-    }
-    if run.exists() and overwrite:
-        for name in (AL_CURVE, ACQUIRED):
-            (run / name).unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-    runs.write_json(run / runs.RUN_JSON, meta)
-    t0 = time.perf_counter()
+    if resume and overwrite:
+        raise AuditError("--resume and --overwrite: expected one of them, got both", usage=True)
+    with store.writing():
+        if resume:
+            if not store.path.exists():
+                raise AuditError(f"--resume: {store.path} does not exist, so there is nothing to go on with; "
+                                 "leave out --resume to start it")
+            old = store.require().meta()
+        else:
+            check_run_free(store, overwrite)
+        dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+        prior = resumable(store, config, dataset.fingerprint) if resume else None
+        meta = runs.RunMeta(
+            command="acquire", created=runs.now(),
+            config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            seed=config.seed, data=runs.data_source(data, data_dir, dataset, run=store.path), device=str(device),
+            versions=runs.versions(), complete=False,
+        )
+        if resume:
+            meta = meta.evolve(created=old.created, resumed=(*old.resumed, runs.now()))
+        else:  # the new run (or the one --overwrite replaces) exists from here on, with no rounds yet
+            with store.transaction(replace_all=True) as txn:
+                meta = txn.commit(meta)
+        t0 = time.perf_counter()
 
-    def save(res: ALResult) -> None:
-        for name, df in ((AL_CURVE, res.curve), (ACQUIRED, res.acquired)):
-            with runs.atomic_path(run / name) as tmp:
-                df.to_csv(tmp, index=False, float_format="%.6g")
+        def save(res: ALResult, **fields) -> None:
+            nonlocal meta
+            with store.transaction() as txn:
+                txn.write_csv(runs.AL_CURVE, res.curve)
+                txn.write_csv(runs.ACQUIRED, res.acquired)
+                meta = txn.commit(meta.evolve(**fields))
 
-    if prior is not None:
-        meta["created"] = old_meta.get("created", meta["created"])
-        meta["resumed"] = old_meta.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]
-    result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save, prior=prior)
-    save(result)
-    meta.update(complete=True, timings={"seconds": round(time.perf_counter() - t0, 3)},
-                results=reach_table(result.curve, config.initial))
-    runs.write_json(run / runs.RUN_JSON, meta)
+        result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save, prior=prior)
+        save(result, complete=True, timings={"seconds": round(time.perf_counter() - t0, 3)},
+             results=reach_table(result.curve, config.initial))
     return result
-
-
-# settings that shape every curve: a run goes on (or pools with another) only where they agree
-CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", "batch_size", "lr",
-                  "schedule", "weight_decay", "batchbald_samples", "even_batches")
-
-
-def _differing(a: dict, b: dict) -> list[str]:
-    """The settings that shape a curve on which two configs disagree."""
-    return [k for k in CURVE_SETTINGS if a.get(k) != b.get(k)]
-
-
-def _as_option(key: str, value) -> str:
-    """A switch as the option that sets it (``--no-even-batches``)."""
-    return f"--{'' if value else 'no-'}{key.replace('_', '-')}"
-
-
-def stored_config(meta: dict) -> dict:
-    """The ``config`` of an acquire run's run.json, with what older runs did not record."""
-    config = dict(meta.get("config", {}))
-    config.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
-    config.setdefault("even_batches", False)  # and before --even-batches in full batches and the remainder
-    return config
 
 
 @dataclass(frozen=True)
 class PooledRuns:
     runs: list[Path]
-    meta: dict  # the first run's run.json
+    meta: runs.RunMeta  # the first run's run.json
     config: dict  # its stored_config
     curve: pd.DataFrame  # every (strategy, repeat, round) of the runs once
     acquired: pd.DataFrame  # every (strategy, repeat, round, index) once; empty where no run kept acquired.csv
@@ -362,11 +297,14 @@ def pool_runs(run_dirs: list[str | os.PathLike]) -> PooledRuns:
         raise AuditError("--run: expected at least one acquire run, got none", usage=True)
     loaded = []
     for run in paths:
-        if not (run / runs.RUN_JSON).is_file() or not (run / AL_CURVE).is_file():
-            raise AuditError(f"{run}: expected an `audit acquire` run (run.json and {AL_CURVE}), found none")
-        meta = runs.read_run(run)
-        acquired = runs.read_table(run / ACQUIRED, ACQUIRED_COLUMNS) if (run / ACQUIRED).is_file() else pd.DataFrame()
-        loaded.append((run, meta, stored_config(meta), runs.read_table(run / AL_CURVE, CURVE_COLUMNS), acquired))
+        store = runs.RunStore(run)
+        if not store.exists() or not store.has(runs.AL_CURVE):
+            raise AuditError(f"{run}: expected an `audit acquire` run (run.json and {runs.AL_CURVE}), found none")
+        meta = store.meta()
+        curve, acquired = read_results(store) or (None, None)
+        if curve is None:  # al_curve.csv without acquired.csv (runs made before acquired.csv)
+            curve, acquired = store.read_table(runs.AL_CURVE, CURVE_COLUMNS, numeric=CURVE_COLUMNS[1:]), pd.DataFrame()
+        loaded.append((run, meta, stored_config(meta), curve, acquired))
     run0, meta0, cfg0, _, _ = loaded[0]
     for run, meta, cfg, _, _ in loaded[1:]:
         diff = _differing(cfg, cfg0)
@@ -374,9 +312,9 @@ def pool_runs(run_dirs: list[str | os.PathLike]) -> PooledRuns:
             raise AuditError(f"{run}: {', '.join(f'{k} {cfg.get(k)!r}' for k in diff)}; {run0} has "
                              f"{', '.join(repr(cfg0.get(k)) for k in diff)}: runs made with other settings "
                              "are not pooled")
-        theirs, ours = meta.get("data", {}).get("fingerprint"), meta0.get("data", {}).get("fingerprint")
-        if theirs != ours:
-            raise AuditError(f"{run}: made on other data than {run0} (fingerprint {theirs}, not {ours}): not pooled")
+        if meta.fingerprint != meta0.fingerprint:
+            raise AuditError(f"{run}: made on other data than {run0} (fingerprint {meta.fingerprint[:12]}, not "
+                             f"{meta0.fingerprint[:12]}): not pooled")
     curve = pd.concat([c for *_, c, _ in loaded], ignore_index=True)
     key = ["strategy", "repeat", "round"]
     both = curve[curve.duplicated(key, keep=False)].groupby(key).valid_accuracy.nunique()
@@ -388,100 +326,4 @@ def pool_runs(run_dirs: list[str | os.PathLike]) -> PooledRuns:
     if not acquired.empty:
         acquired = acquired.drop_duplicates(["strategy", "repeat", "round", "index"], ignore_index=True)
     return PooledRuns(paths, meta0, cfg0, curve.drop_duplicates(key, ignore_index=True), acquired,
-                      [run for run, m, *_ in loaded if not m.get("complete")])
-
-
-def _resumable(run: Path, meta: dict, config: ALConfig, fingerprint: str) -> ALResult | None:
-    """The results in ``run`` to go on from, if its settings and data are ``config``'s."""
-    if meta.get("command") != "acquire":
-        raise AuditError(f"--resume: {run} is not an `audit acquire` run (its run.json says "
-                         f"{meta.get('command')!r})")
-    old = stored_config(meta)
-    new = asdict(config)
-    diff = _differing(old, new)
-    if diff:
-        was = [_as_option(k, old.get(k)) if isinstance(old.get(k), bool) else f"{k} {old.get(k)!r}" for k in diff]
-        now = [_as_option(k, new[k]) if isinstance(new[k], bool) else repr(new[k]) for k in diff]
-        raise AuditError(f"--resume: {run} was made with {', '.join(was)}; this command has {', '.join(now)}: "
-                         "pass the same settings to go on with it", usage=True)
-    if meta["data"].get("fingerprint") != fingerprint:
-        raise AuditError(f"--resume: {run} was made on other data (fingerprint {meta['data'].get('fingerprint')}, "
-                         f"this data {fingerprint})")
-    if not (run / AL_CURVE).is_file() or not (run / ACQUIRED).is_file():
-        return None  # stopped before its first round: start afresh
-    return ALResult(runs.read_table(run / AL_CURVE, CURVE_COLUMNS), runs.read_table(run / ACQUIRED, ACQUIRED_COLUMNS))
-
-
-def last_accuracy(curve: pd.DataFrame) -> pd.Series:
-    """Per strategy (in order of appearance): the mean over repeats of each repeat's
-    last validation accuracy (repeats stopped by ``stop_error`` end early)."""
-    last = curve.sort_values("round").groupby(["strategy", "repeat"], sort=False).tail(1)
-    return last.groupby("strategy", sort=False)["valid_accuracy"].mean()
-
-
-def reached(accuracy: float, error: float) -> bool:
-    """Whether a validation ``accuracy`` has an error of at most ``error`` (0.95 reaches 5%)."""
-    return accuracy >= 1 - error - 1e-9  # 1 - 0.95 is 0.05000000000000004 in floats
-
-
-def first_reached(curve: pd.DataFrame, error: float, initial: int) -> dict[int, tuple[int | None, int]]:
-    """Per repeat of one strategy's ``curve`` (in repeat order): the images acquired
-    (beyond the initial set) at the first round whose validation error is at most
-    ``error`` (None if none is), and at the curve's last round."""
-    out = {}
-    for rep, r in curve.groupby("repeat"):
-        hits = [n for n, a in sorted(zip(r.n_labelled, r.valid_accuracy)) if reached(a, error)]
-        out[int(rep)] = (int(hits[0]) - initial if hits else None, int(r.n_labelled.max()) - initial)
-    return out
-
-
-def reach_table(curve: pd.DataFrame, initial: int, errors=(0.10, 0.05)) -> dict:
-    """Per strategy and error level: the images acquired (beyond the initial set) at
-    which each repeat's validation error first reaches the level, and their mean.
-
-    The mean is None when a repeat never reached the level; ``acquired_max`` then says
-    how far the curves went (the level was not reached within that many).
-    """
-    out = {}
-    for strategy, g in curve.groupby("strategy", sort=False):
-        row: dict = {"acquired_max": int(g.n_labelled.max()) - initial}
-        for e in errors:
-            per = [first for first, _ in first_reached(g, e, initial).values()]
-            key = f"{e:.0%}"
-            row[key] = None if None in per else round(float(np.mean(per)), 1)
-            row[f"{key} per repeat"] = per
-        out[strategy] = row
-    return out
-
-
-def versus(curve: pd.DataFrame, initial: int, baseline: str = "random", errors=(0.10, 0.05)) -> dict:
-    """Each strategy against ``baseline``, repeat by repeat (the same initial images):
-    per error level, in how many repeats it reached the level with fewer acquired
-    images ("ahead"), as many ("tied"), more ("behind"), or "open" where neither curve
-    settles it (both stopped short, or one stopped short of where the other got there).
-    Empty without the baseline in ``curve``."""
-    if baseline not in set(curve.strategy):
-        return {}
-    base = curve[curve.strategy == baseline]
-    base_reached = {e: first_reached(base, e, initial) for e in errors}
-    out = {}
-    for strategy, g in curve.groupby("strategy", sort=False):
-        if strategy == baseline:
-            continue
-        row = {}
-        for e in errors:
-            ours, theirs = first_reached(g, e, initial), base_reached[e]
-            count = dict(ahead=0, tied=0, behind=0, open=0)
-            for rep in sorted(set(ours) & set(theirs)):
-                (x, x_end), (y, y_end) = ours[rep], theirs[rep]
-                if x is not None and y is not None:
-                    count["ahead" if x < y else "tied" if x == y else "behind"] += 1
-                elif x is not None and x <= y_end:  # the baseline's curve had not reached it by its end
-                    count["ahead"] += 1
-                elif y is not None and y <= x_end:
-                    count["behind"] += 1
-                else:
-                    count["open"] += 1
-            row[f"{e:.0%}"] = count
-        out[strategy] = row
-    return out
+                      [run for run, m, *_ in loaded if not m.complete])

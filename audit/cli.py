@@ -8,6 +8,7 @@ exit status 1 (2 for a bad option value), never a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -74,19 +75,58 @@ def _fmt(key: str, value: Any) -> str:
     return f"{key} {value}"
 
 
+# library parameters whose flag is not simply --name-with-dashes
+FLAGS = {"stop_error": "--stop-at-error", "strategies": "--strategy", "flag_top": "--flag-top"}
+
+
+def flag_for(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def one_line(e: BaseException) -> tuple[str, int]:
+    """What the user sees for ``e``, and the exit status: one line naming the file or
+    option, what was expected and what was found."""
+    from .runs import free_space_hint
+
+    if isinstance(e, AuditError):
+        msg = str(e)
+        if e.param and msg.startswith(f"{e.param}:"):
+            msg = flag_for(e.param) + msg[len(e.param):]
+        return msg, 2 if e.usage else 1
+    if isinstance(e, OSError):
+        where = e.filename if e.filename is not None else "a file"
+        return f"{where}: {e.strerror or e}; {free_space_hint(e)}", 1
+    if isinstance(e, MemoryError):
+        return ("out of memory; lower --batch-size or --samples (or score fewer images at a time); "
+                "nothing was written"), 1
+    from PIL import Image
+
+    if isinstance(e, Image.DecompressionBombError):
+        return f"an image is too large to decode safely ({e}); nothing was written", 1
+    return (f"internal error ({type(e).__name__}: {e}); nothing was written. This is a bug in audit: please "
+            "report it, with the output of the same command run with AUDIT_DEBUG=1"), 1
+
+
 def handle_errors(fn):
-    """Turn AuditError into one line on stderr and a non-zero exit."""
+    """Turn every failure into one line on stderr and a non-zero exit (with AUDIT_DEBUG=1,
+    unexpected ones show their traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except AuditError as e:
-            err.print(f"error: {e}", markup=False)
-            raise typer.Exit(2 if e.usage else 1) from None
         except KeyboardInterrupt:
-            err.print("interrupted; files finished before the interruption are complete, none is half-written", markup=False)
+            err.print("interrupted; the run is as the last finished step left it, no file is half-written",
+                      markup=False)
             raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:
+            if os.environ.get("AUDIT_DEBUG") and not isinstance(e, AuditError):
+                raise
+            msg, code = one_line(e)
+            err.print(f"error: {msg}", markup=False)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -159,16 +199,13 @@ def score(
 ) -> None:
     """Score every image by MC dropout into RUN/scores.csv and mc_summary.npz (trains first if needed)."""
     from .flags import FlagConfig
-    from .score import score_run
+    from .score import ScoreConfig, score_run
 
+    config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds)
     result = score_run(
         run,
-        samples=samples,
-        splits=splits,
-        batch_size=batch_size,
-        seed=seed,
+        config,
         device=device,
-        folds=folds,
         flags=FlagConfig(confidence=confidence, flag_top=flag_top or None),
         data=data,
         data_dir=None if data_dir is None else str(data_dir),
@@ -289,7 +326,8 @@ def acquire(
                                 "must be the run's."),
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
-    from .active import ALConfig, acquire_run, last_accuracy
+    from .active import ALConfig, acquire_run
+    from .curves import last_accuracy
 
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,

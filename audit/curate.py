@@ -1,139 +1,24 @@
-"""Review decisions (keep / drop / relabel) and the curated training set they make.
+"""``audit retrain``: a new run trained on a run's training set after review decisions.
 
-decisions.csv, as the report's export writes it:
-
-    split,index,path,action,new_label
-    train,4711,,relabel,9
-    train,123,,drop,
-    valid,88,,keep,
-
-``index`` is the position in its split as loaded; ``new_label`` a class name (only
-for ``relabel``); ``path`` optional, and checked when the data came from files.
-The source data is never modified: a curated run keeps every image, trains on the
-kept indices, with the new labels, and records the decisions it applied.
+The decisions themselves (reading, checking, applying) are :mod:`audit.decisions`.
+The source data and the source run are never modified: a curated run keeps every
+image, trains on the kept indices with the new labels, and records the decisions it
+applied as its decisions.csv (covered by run.json's manifest).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from .data import SPLITS, Dataset, Split, fingerprint
+from . import runs
+from .decisions import Curated, apply_decisions, flagged_decisions, read_decisions, validate_decisions
+from .device import get_device
 from .errors import AuditError
-
-ACTIONS = ("keep", "drop", "relabel")
-DECISION_COLUMNS = ("split", "index", "path", "action", "new_label")
-
-
-@dataclass(frozen=True)
-class Curated:
-    """A dataset after review decisions.
-
-    dataset: the same images; training labels replaced where relabelled.
-    train_indices: (M,) training indices to train on (dropped ones left out).
-    """
-
-    dataset: Dataset
-    train_indices: np.ndarray
-    dropped: int
-    relabelled: int
-    kept: int
-    valid_decisions: int  # decisions on validation images: recorded, not applied
-
-
-def read_decisions(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"--decisions: {path} does not exist")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise AuditError(f"--decisions: {path} is not a readable CSV ({e})") from None
-    missing = [c for c in ("split", "index", "action") if c not in df.columns]
-    if missing:
-        raise AuditError(
-            f"--decisions: {path} lacks column(s) {', '.join(missing)}; expected {','.join(DECISION_COLUMNS)}"
-        )
-    for c in ("path", "new_label"):
-        if c not in df.columns:
-            df[c] = ""
-    return df[list(DECISION_COLUMNS)]
-
-
-def validate_decisions(decisions: pd.DataFrame, dataset: Dataset, *, source: str = "decisions") -> pd.DataFrame:
-    """Check every row against ``dataset``; returns a typed copy (index int, new_label int or -1)."""
-    df = decisions.copy()
-    names = list(dataset.class_names)
-    idx, new = [], []
-    for row_no, r in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
-        where = f"{source}: line {row_no}"
-        if r.split not in SPLITS:
-            raise AuditError(f"{where}: split {r.split!r} is not one of {', '.join(SPLITS)}")
-        if r.action not in ACTIONS:
-            raise AuditError(f"{where}: action {r.action!r} is not one of {', '.join(ACTIONS)}")
-        s = dataset.split(r.split)
-        try:
-            i = int(str(r.index).strip())
-        except ValueError:
-            raise AuditError(f"{where}: index {r.index!r} is not an integer") from None
-        if not 0 <= i < len(s):
-            raise AuditError(f"{where}: {r.split} index {i} is out of range (0..{len(s) - 1})")
-        if r.path and s.paths is not None and s.paths[i] != r.path:
-            raise AuditError(f"{where}: {r.split} index {i} is {s.paths[i]!r}, not {r.path!r}")
-        if r.action == "relabel":
-            if r.new_label not in names:
-                raise AuditError(
-                    f"{where}: new_label {r.new_label!r} is not a class (classes: {', '.join(names[:20])})"
-                )
-            new.append(names.index(r.new_label))
-        elif r.new_label not in ("", None):
-            raise AuditError(f"{where}: new_label {r.new_label!r} given for action {r.action!r}; only relabel takes one")
-        else:
-            new.append(-1)
-        idx.append(i)
-    df["index"] = np.array(idx, dtype=np.int64)
-    df["new_label"] = np.array(new, dtype=np.int64)
-    dup = df.duplicated(["split", "index"], keep=False)
-    if dup.any():
-        r = df[dup].iloc[0]
-        raise AuditError(f"{source}: {r['split']} index {r['index']} has more than one decision")
-    return df
-
-
-def apply_decisions(
-    dataset: Dataset, decisions: pd.DataFrame, *, train_indices: np.ndarray | None = None
-) -> Curated:
-    """The curated training set: drops left out, relabels applied; the source untouched.
-
-    Decisions on validation images are validated and counted but not applied, so the
-    validation accuracy before and after compare on the same images.
-    """
-    df = validate_decisions(decisions, dataset)
-    train = df[df["split"] == "train"]
-    y = dataset.train.y.copy()
-    rel = train[train["action"] == "relabel"]
-    y[rel["index"].to_numpy()] = rel["new_label"].to_numpy().astype(np.int32)
-    base = np.arange(len(y)) if train_indices is None else np.asarray(train_indices)
-    dropped = train.loc[train["action"] == "drop", "index"].to_numpy()
-    keep = base[~np.isin(base, dropped)]
-    new_train = Split(dataset.train.x, y, dataset.train.paths)
-    curated = replace(
-        dataset,
-        train=new_train,
-        fingerprint=fingerprint(new_train, dataset.valid, dataset.class_names),
-    )
-    return Curated(
-        curated,
-        keep,
-        dropped=int(np.isin(dropped, base).sum()),
-        relabelled=int(len(rel)),
-        kept=int((train["action"] == "keep").sum()),
-        valid_decisions=int((df["split"] == "valid").sum()),
-    )
+from .train import check_run_free, evaluate, fit_and_write, stored_train_config
 
 
 @dataclass(frozen=True)
@@ -143,15 +28,6 @@ class RetrainResult:
     accuracy_before: float  # validation accuracy of the source run's model
     accuracy_after: float  # validation accuracy of the curated run's model
     seconds: float
-
-
-def flagged_decisions(scores: pd.DataFrame) -> pd.DataFrame:
-    """``drop`` for every flagged training image of scores.csv."""
-    f = scores[(scores["split"] == "train") & (scores["flag"].fillna("") != "")]
-    return pd.DataFrame(
-        {"split": "train", "index": f["index"].astype(str), "path": f["path"] if "path" in f else "",
-         "action": "drop", "new_label": ""}
-    )[list(DECISION_COLUMNS)]
 
 
 def retrain_run(
@@ -171,64 +47,66 @@ def retrain_run(
     (default ``runs/<name>-curated``) keeps the decisions it applied as decisions.csv
     and in run.json; the source data and the source run are not modified.
     """
-    from . import runs
-    from .device import get_device
-    from .score import load_base_data, load_run_data
-    from .train import check_run_free, evaluate, fit_and_write, run_subset, stored_train_config
+    from .score import read_scores
 
-    run = Path(run)
+    source_store = runs.RunStore(run).require()
     if decisions is None and not drop_flagged:
         raise AuditError("retrain: give --decisions FILE, --drop-flagged, or both", usage=True)
     dev = get_device(device)
-    out = Path(out) if out is not None else run.parent / f"{run.name}-curated"
-    if out.resolve() == run.resolve():
-        raise AuditError(f"--out: {out} is the source run; a curated run goes into a new folder")
-    check_run_free(out, overwrite)
-    meta = runs.read_run(run)
-    base = load_base_data(meta, progress=progress)
-    dataset = load_run_data(meta, run=run, base=base)
-    parts = []
-    if decisions is not None:
-        parts.append(validate_decisions(read_decisions(decisions), dataset, source=str(decisions)))
-    if drop_flagged:
-        path = run / runs.SCORES
-        if not path.is_file():
-            raise AuditError(f"--drop-flagged: {run} has no {runs.SCORES}; run `audit score --run {run}` first")
-        scores = pd.read_csv(path, keep_default_na=False)
-        if "flag" not in scores.columns:
-            raise AuditError(f"--drop-flagged: {path} has no flag column; rerun `audit score`")
-        parts.append(validate_decisions(flagged_decisions(scores), dataset, source=str(path)))
-    prior = meta["data"].get("curation")
-    if prior:  # a curated run's own decisions carry over, so the base data + one file rebuild it
-        parts.append(validate_decisions(read_decisions(run / prior["decisions"]), dataset, source=str(run)))
-    merged = pd.concat(parts, ignore_index=True).drop_duplicates(["split", "index"], keep="first")
-    merged = merged.assign(
-        index=merged["index"].astype(str),
-        new_label=[dataset.class_names[i] if i >= 0 else "" for i in merged["new_label"]],
-    )
-    curated = apply_decisions(base, merged, train_indices=run_subset(run, meta))
-    if len(curated.train_indices) == 0:
-        raise AuditError("retrain: the decisions drop every training image; nothing to train on")
+    name = source_store.path.resolve().name
+    out_store = runs.RunStore(Path(out) if out is not None else source_store.path.resolve().parent / f"{name}-curated",
+                              option="--out")
+    if out_store.path.resolve() == source_store.path.resolve():
+        raise AuditError(f"--out: {out_store.path} is the source run; a curated run goes into a new folder")
+    meta = source_store.meta()
+    with out_store.writing():
+        check_run_free(out_store, overwrite)
+        base = source_store.base_dataset(progress=progress)
+        dataset = source_store.dataset(base=base)
+        parts = []
+        if decisions is not None:
+            parts.append(validate_decisions(read_decisions(decisions), dataset, source=str(decisions)))
+        if drop_flagged:
+            scores = read_scores(source_store, ("split", "index", "label", "pred", "flag"),
+                                 hint="; rerun `audit score` to add the flags")
+            parts.append(validate_decisions(flagged_decisions(scores), dataset,
+                                            source=str(source_store.path / runs.SCORES)))
+        prior = meta.data.get("curation")
+        if prior:  # a curated run's own decisions carry over, so the base data + one file rebuild it
+            own = read_decisions(source_store.path / prior["decisions"], source_store.read_bytes(prior["decisions"]))
+            parts.append(validate_decisions(own, dataset, source=str(source_store.path / prior["decisions"])))
+        merged = pd.concat(parts, ignore_index=True).drop_duplicates(["split", "index"], keep="first")
+        merged = merged.assign(
+            index=merged["index"].astype(str),
+            new_label=[dataset.class_names[i] if i >= 0 else "" for i in merged["new_label"]],
+        )
+        curated = apply_decisions(base, merged, train_indices=source_store.subset())
+        if len(curated.train_indices) == 0:
+            raise AuditError("retrain: the decisions drop every training image; nothing to train on")
 
-    model = runs.load_model(run, meta)
-    model.to_device(dev)
-    _, before = evaluate(model, dataset.valid, device=dev)
-    source = {k: v for k, v in meta["data"].items() if k in ("data", "data_dir")}
-    source["curation"] = {
-        "source_run": str(run),
-        "base_fingerprint": base.fingerprint,
-        "decisions": "decisions.csv",
-        "from_file": None if decisions is None else str(decisions),
-        "drop_flagged": drop_flagged,
-        "dropped": curated.dropped,
-        "relabelled": curated.relabelled,
-        "kept": curated.kept,
-        "valid_decisions_not_applied": curated.valid_decisions,
-    }
-    result = fit_and_write(
-        out, curated.dataset, source, config=stored_train_config(meta["config"]), subset=curated.train_indices,
-        device=device, overwrite=overwrite, progress=progress,
-        extra={"command": "retrain", "results_before": {"valid_accuracy": before}},
-        files={"decisions.csv": merged.to_csv(index=False)},
-    )
-    return RetrainResult(out, curated, before, result.valid_accuracy, result.seconds)
+        model = source_store.load_model()
+        model.to_device(dev)
+        _, before = evaluate(model, dataset.valid, device=dev)
+        source = {k: v for k, v in meta.data.items() if k in ("data", "data_dir")}
+        if meta.data.get("data_rel"):  # the data inside the source run: keep the path that finds it
+            source["data"] = str(Path(source_store.data_path()).resolve())
+        source = {**runs.data_source(source["data"], source.get("data_dir"), curated.dataset, run=out_store.path),
+                  "curation": {
+                      "source_run": str(source_store.path.resolve()),
+                      "base_fingerprint": base.fingerprint,
+                      "decisions": runs.DECISIONS,
+                      "from_file": None if decisions is None else str(Path(decisions).resolve()),
+                      "drop_flagged": drop_flagged,
+                      "dropped": curated.dropped,
+                      "relabelled": curated.relabelled,
+                      "kept": curated.kept,
+                      "valid_decisions_not_applied": curated.valid_decisions,
+                  }}
+        result = fit_and_write(
+            out_store, curated.dataset, source,
+            config=stored_train_config(meta.config, str(source_store.path / runs.RUN_JSON)),
+            subset=curated.train_indices, device=device, progress=progress, command="retrain",
+            extra={"results_before": {"valid_accuracy": before}},
+            files={runs.DECISIONS: runs.csv_bytes(merged)},
+        )
+    return RetrainResult(out_store.path, curated, before, result.valid_accuracy, result.seconds)

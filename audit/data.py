@@ -41,6 +41,10 @@ MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# labels at most this (a class per label below it): past it, a label is a typo or an id, not a class
+MAX_CLASSES = 100_000
+# float pixels past this magnitude are not an image scale anyone trains on; they overflow float32 sums
+FLOAT_LIMIT = 1e3
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
 
 
@@ -343,6 +347,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     else:
         top = max(int(ys[s].max(initial=-1)) for s in SPLITS)
         class_names = tuple(str(i) for i in range(top + 1))
+    if len(set(class_names)) != len(class_names):
+        raise AuditError(f"{path}: class_names has duplicates; each class needs its own name")
     for s in SPLITS:
         bad = (ys[s] < 0) | (ys[s] >= len(class_names))
         if bad.any():
@@ -353,7 +359,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
             )
     if len(class_names) < 2:
         raise AuditError(f"{path}: found {len(class_names)} class(es); need at least 2")
-    train, valid = (Split(xs[s], ys[s]) for s in SPLITS)
+    train, valid = (Split(xs[s], ys[s].astype(np.int32)) for s in SPLITS)  # narrowed after the range check
     return _finish(train, valid, class_names, str(path))
 
 
@@ -367,10 +373,14 @@ def _check_images(x: np.ndarray, what: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if np.issubdtype(x.dtype, np.floating):
-        x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise AuditError(f"{what}: contains NaN or infinite values")
-        return x
+        top = float(np.abs(x).max())
+        if top > FLOAT_LIMIT:
+            raise AuditError(f"{what}: float images are taken as they are and must lie within +-{FLOAT_LIMIT:g} "
+                             f"(e.g. [0, 1], or standardised); found a value of magnitude {top:.3g}: scale them or "
+                             "store uint8 pixels")
+        return np.ascontiguousarray(x, dtype=np.float32)
     raise AuditError(f"{what}: expected uint8 or float images, got dtype {x.dtype}")
 
 
@@ -379,7 +389,11 @@ def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
         raise AuditError(f"{what}: expected a 1-d array of labels, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
         raise AuditError(f"{what}: expected integer labels, got dtype {y.dtype}")
-    return y.astype(np.int32)
+    y = y.astype(np.int64)  # exact for every integer dtype but uint64 past 2^63, which the range check catches
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= MAX_CLASSES):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise AuditError(f"{what}: label {bad} is out of range; expected labels in 0..{MAX_CLASSES - 1}")
+    return y
 
 
 # ----------------------------------------------------------------------------- folder
@@ -432,7 +446,7 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
                     im.load()
                     grey_im = im.mode in _GREY_MODES
                     arr = im.convert("L" if grey_im else "RGB")
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise AuditError(f"{p}: not a readable image ({e})") from None
             grey &= grey_im
             sizes.setdefault(arr.size, []).append(p)
@@ -462,3 +476,75 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
     }
     return _finish(splits["train"], splits["valid"], class_names, str(root))
 
+
+
+def holdout(dataset: Dataset, n: int, *, seed: int = 0) -> Dataset:
+    """A dataset whose ``valid`` is ``n`` images carved at random from ``dataset.train``
+    (seeded) and whose ``train`` is the rest; the original validation images are left
+    out. For choosing settings without looking at the images results are reported on.
+    """
+    if not 0 < n < len(dataset.train):
+        raise AuditError(f"n: expected 1..{len(dataset.train) - 1} held-out images, got {n}")
+    perm = np.random.default_rng([seed, n]).permutation(len(dataset.train))
+    held, rest = np.sort(perm[:n]), np.sort(perm[n:])
+    t = dataset.train
+
+    def take(idx):
+        return Split(t.x[idx], t.y[idx], None if t.paths is None else tuple(t.paths[i] for i in idx))
+
+    train, valid = take(rest), take(held)
+    return _finish(train, valid, dataset.class_names, f"{dataset.source} (train, {n} held out)")
+
+
+def read_subset(path: str | os.PathLike, n_train: int) -> np.ndarray:
+    """Training indices from ``path``: ``.npy``, or text with one integer a line
+    (a CSV whose header has an ``index`` column is read from that column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"--subset: {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            idx = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise AuditError(f"--subset: {path} is not a readable .npy file ({e})") from None
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise AuditError(f"--subset: {path} must hold a 1-d integer array, got {idx.dtype} {idx.shape}")
+        return _check_indices(idx.astype(np.int64), n_train, f"--subset: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise AuditError(f"--subset: {path} is neither .npy nor text with one index a line") from None
+    return read_indices(text, n_train, f"--subset: {path}")
+
+
+def read_indices(text: str, n_train: int, where: str) -> np.ndarray:
+    """Training indices from text: one integer a line, or a CSV with an ``index`` column."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    col = 0
+    if lines and not lines[0].lstrip("-").isdigit():
+        header = [h.strip() for h in lines[0].split(",")]
+        if "index" not in header:
+            raise AuditError(f"{where}: first line {lines[0][:40]!r} is neither an index nor a header with 'index'")
+        col, lines = header.index("index"), lines[1:]
+    try:
+        idx = np.array([int(ln.split(",")[col]) for ln in lines], dtype=object)
+    except (ValueError, IndexError):
+        bad = next(ln for ln in lines if len(ln.split(",")) <= col or not ln.split(",")[col].strip().lstrip("-").isdigit())
+        raise AuditError(f"{where}: expected integer indices, found {bad[:40]!r}") from None
+    return _check_indices(idx, n_train, where)
+
+
+def _check_indices(idx: np.ndarray, n_train: int, where: str) -> np.ndarray:
+    if idx.size == 0:
+        raise AuditError(f"{where} lists no indices")
+    out = np.array([not 0 <= int(i) < n_train for i in idx.tolist()], bool)  # exact, before any narrowing
+    if out.any():
+        raise AuditError(
+            f"{where}: index {int(idx[out][0])} is out of range; the training split has "
+            f"{n_train} images (0..{n_train - 1}); {int(out.sum())} out of range"
+        )
+    idx = idx.astype(np.int64)
+    if np.unique(idx).size != idx.size:
+        raise AuditError(f"{where}: {idx.size - np.unique(idx).size} duplicate indices")
+    return idx

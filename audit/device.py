@@ -9,7 +9,7 @@ import numpy as np
 from . import _compat  # noqa: F401
 import chainer
 
-from .errors import AuditError
+from .errors import AuditError, bad_param
 
 
 def cpu_workers() -> int:
@@ -40,9 +40,7 @@ def get_device(spec: str = "cpu") -> chainer.backend.Device:
     if s.isdigit():
         s = f"@cupy:{s}"
     if not s.startswith("@cupy:") or not s[6:].isdigit():
-        raise AuditError(
-            f"--device: expected cpu, gpu or @cupy:N, got {spec!r}", usage=True
-        )
+        raise bad_param("device", f"expected cpu, gpu or @cupy:N, got {spec!r}")
     n, want = gpu_count(), int(s[6:])
     if want >= n:
         have = f"{n} usable CUDA GPU(s)" if n else "no usable CUDA GPU (is cupy installed, with a driver?)"

@@ -11,6 +11,12 @@ class AuditError(ValueError):
     library raises it and never exits the process.
     """
 
-    def __init__(self, message: str, *, usage: bool = False) -> None:
+    def __init__(self, message: str, *, usage: bool = False, param: str | None = None) -> None:
         super().__init__(message)
         self.usage = usage
+        self.param = param  # the library parameter the message begins with; the CLI names its flag
+
+
+def bad_param(param: str, message: str) -> AuditError:
+    """A usage error about library parameter ``param``: "param: message"."""
+    return AuditError(f"{param}: {message}", usage=True, param=param)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import AuditError
+from .errors import AuditError, bad_param
 
 FLAGS = ("mislabeled", "ambiguous")
 
@@ -38,9 +38,9 @@ class FlagConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.confidence < 1.0:
-            raise AuditError(f"--confidence: expected a probability in (0, 1), got {self.confidence}", usage=True)
+            raise bad_param("confidence", f"expected a probability in (0, 1), got {self.confidence}")
         if self.flag_top is not None and self.flag_top < 1:
-            raise AuditError(f"--flag-top: expected at least 1, got {self.flag_top}", usage=True)
+            raise bad_param("flag_top", f"expected at least 1, got {self.flag_top}")
 
 
 def flag_issues(

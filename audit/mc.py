@@ -34,7 +34,7 @@ import chainer
 from . import metrics
 from .data import to_float32
 from .device import cpu_workers, get_device, make_rng
-from .errors import AuditError
+from .errors import AuditError, bad_param
 from .model import MCDropoutNet, keep_bits
 from .progress import NullProgress, Progress
 
@@ -227,9 +227,9 @@ def mc_predict(
     ((5, 3), (5,))
     """
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
-        raise AuditError(f"--samples: expected a positive number of passes, got {samples!r}", usage=True)
+        raise bad_param("samples", f"expected a positive number of passes, got {samples!r}")
     if batch_size < 1:
-        raise AuditError(f"--batch-size: expected at least 1, got {batch_size}", usage=True)
+        raise bad_param("batch_size", f"expected at least 1, got {batch_size}")
     x = np.asarray(x)
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(model.spec.image_shape):
         raise AuditError(

@@ -19,7 +19,7 @@ import chainer.links as L
 from chainer import initializers
 
 from . import fastconv
-from .errors import AuditError
+from .errors import AuditError, bad_param
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _dropout(h, ratio: float, rng):
 
 def _check(n_classes: int, dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
-        raise AuditError(f"--dropout: expected a ratio in [0, 1), got {dropout}")
+        raise bad_param("dropout", f"expected a ratio in [0, 1), got {dropout}")
     if n_classes < 2:
         raise AuditError(f"n_classes: expected at least 2, got {n_classes}")
 
@@ -287,6 +287,19 @@ def _relu(h):
     return F.relu(h)
 
 
+# smallest image side each architecture takes: origin (3x3 conv, pool 2) twice needs
+# (H - 2) // 2 - 2 >= 2; gal's two 4x4 convs then pool 2 need H - 6 >= 2
+MIN_SIDE = {"origin": 10, "gal": 8}
+
+
+def check_image_shape(image_shape, arch: str) -> None:
+    """One line when the images are too small for ``arch``'s convolutions."""
+    c, h, w = (int(v) for v in image_shape)
+    if min(h, w) < MIN_SIDE.get(arch, 1) or c < 1:
+        raise AuditError(f"images of {h}x{w} are too small for the {arch} CNN (it needs at least "
+                         f"{MIN_SIDE[arch]}x{MIN_SIDE[arch]}); resize them")
+
+
 def build_model(
     n_classes: int,
     image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -298,7 +311,8 @@ def build_model(
 ) -> MCDropoutNet:
     """A freshly initialised model (``arch`` "origin" or "gal") for ``n_classes`` classes."""
     if arch not in ARCHS:
-        raise AuditError(f"--model: expected one of {', '.join(ARCHS)}, got {arch!r}", usage=True)
+        raise bad_param("model", f"expected one of {', '.join(ARCHS)}, got {arch!r}")
+    check_image_shape(image_shape, arch)
     kw = {} if hidden is None else {"hidden": hidden}
     return ARCHS[arch](n_classes, image_shape, dropout=dropout, seed=seed, **kw)
 
@@ -306,5 +320,6 @@ def build_model(
 def model_from_spec(spec: ModelSpec) -> MCDropoutNet:
     if spec.arch not in ARCHS:
         raise AuditError(f"model: unknown architecture {spec.arch!r}")
+    check_image_shape(spec.image_shape, spec.arch)
     kw = {"dropout_conv": spec.dropout_conv} if spec.arch == "gal" else {}
     return ARCHS[spec.arch](spec.n_classes, spec.image_shape, dropout=spec.dropout, hidden=spec.hidden, seed=None, **kw)

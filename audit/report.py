@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .data import Dataset, load_dataset
-from .errors import AuditError
+from .data import Dataset
+from .errors import AuditError, bad_param
 from .flags import pair_counts
 from .progress import NullProgress, Progress
 
@@ -81,12 +81,6 @@ def png_data_uri(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def read_scores(run: Path) -> pd.DataFrame:
-    path = run / runs.SCORES
-    if not path.is_file():
-        raise AuditError(f"--run: {run} has no {runs.SCORES}; run `audit score --run {run}` first")
-    return runs.read_table(path, ("split", "index", "label", "pred", *METRICS), hint="; rerun `audit score`",
-                           keep_default_na=False)
 
 
 def _histogram(values: np.ndarray, lo: float, hi: float) -> list[float]:
@@ -105,20 +99,21 @@ def report_context(
     progress: Progress | None = None,
 ) -> dict:
     """Everything the template shows, as plain data."""
-    from .score import load_run_data
+    from .score import read_scores
 
     progress = progress or NullProgress()
-    run = Path(run)
+    store = runs.RunStore(run).require()
+    run = store.path
     if top < 1:
-        raise AuditError(f"--top: expected at least 1 image per grid, got {top}", usage=True)
+        raise bad_param("top", f"expected at least 1 image per grid, got {top}")
     if metric not in METRICS:
-        raise AuditError(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}", usage=True)
-    meta = runs.read_run(run)
-    scores = read_scores(run)
+        raise bad_param("metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
+    meta = store.meta()
+    scores = read_scores(store, ("split", "index", "label", "pred", *METRICS))
     if split not in set(scores["split"]):
         have = ", ".join(sorted(set(scores["split"]))) or "none"
         raise AuditError(f"--split: {split!r} was not scored in {run} (scored: {have}); run `audit score --splits {split}`")
-    dataset = dataset or load_run_data(meta, run=run, progress=progress)
+    dataset = dataset or store.dataset(progress=progress)
     names = list(dataset.class_names)
     images = dataset.split(split).x
     df = scores[scores["split"] == split]
@@ -186,7 +181,7 @@ def report_context(
         for s, g in scores.groupby("split", sort=False)
     ]
     return {
-        "title": f"audit report: {run.name}",
+        "title": f"audit report: {run.resolve().name}",
         "run": str(run),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "split": split,
@@ -202,15 +197,15 @@ def report_context(
         "n_flagged": {f: int((flagged["flag"] == f).sum()) for f in ("mislabeled", "ambiguous")},
         "pairs": pair_counts(flagged, names) if has_flags else [],
         "provenance": {
-            "created": meta.get("created", ""),
-            "config": json.dumps(meta.get("config", {}), sort_keys=True),
-            "seed": meta.get("seed", ""),
-            "model": json.dumps(meta.get("model", {}), sort_keys=True),
-            "data_source": meta["data"].get("source", ""),
-            "fingerprint": meta["data"].get("fingerprint", ""),
-            "device": meta.get("device", ""),
-            "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
-            "score": json.dumps(meta.get("score", {}), sort_keys=True),
+            "created": meta.created,
+            "config": json.dumps(meta.config, sort_keys=True),
+            "seed": meta.seed,
+            "model": json.dumps(meta.model or {}, sort_keys=True),
+            "data_source": meta.data.get("source", ""),
+            "fingerprint": meta.fingerprint,
+            "device": meta.device,
+            "versions": ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
+            "score": json.dumps(meta.score or {}, sort_keys=True),
         },
         "n_unique": len(uris),
     }
@@ -229,13 +224,14 @@ def al_context(run: str | os.PathLike | list, *, first_rounds: int = 2, progress
     """The data of an active-learning run's page (or of several runs pooled, as
     ``active.pool_runs`` does): curves (mean and range over repeats) in chart
     coordinates, the reach table, and the first acquisitions."""
-    from .active import last_accuracy, pool_runs, reach_table, versus
+    from .active import pool_runs
+    from .curves import last_accuracy, reach_table, versus
 
     pooled = pool_runs(run if isinstance(run, (list, tuple)) else [run])
     meta, curve, acquired = pooled.meta, pooled.curve, pooled.acquired
     if acquired.empty:
         raise AuditError(f"{pooled.runs[0]}: no acquired.csv; the report shows the images acquired")
-    dataset = load_dataset(meta["data"]["data"], data_dir=meta["data"].get("data_dir"), progress=progress)
+    dataset = runs.RunStore(pooled.runs[0]).base_dataset(progress=progress)
     names = list(dataset.class_names)
     x_lo, x_hi = float(curve.n_labelled.min()), float(max(curve.n_labelled.max(), curve.n_labelled.min() + 1))
     y_lo = float(np.floor(curve.valid_accuracy.min() * 10) / 10)
@@ -268,7 +264,7 @@ def al_context(run: str | os.PathLike | list, *, first_rounds: int = 2, progress
         "title": f"audit active learning: {' + '.join(r.name for r in pooled.runs)}",
         "run": ", ".join(map(str, pooled.runs)),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "config": json.dumps(meta.get("config", {}), sort_keys=True),
+        "config": json.dumps(meta.config, sort_keys=True),
         "incomplete": [str(r) for r in pooled.incomplete],
         "pooled": len(pooled.runs) if len(pooled.runs) > 1 else 0,  # how many runs, when several
         "repeats": int(curve.repeat.nunique()),
@@ -280,9 +276,9 @@ def al_context(run: str | os.PathLike | list, *, first_rounds: int = 2, progress
                   "x_ticks": [(t, xy(t, y_lo)[0]) for t in x_ticks],
                   "y_ticks": [(t, xy(x_lo, t)[1]) for t in y_ticks]},
         "first_rounds": first_rounds,
-        "stop_error": meta.get("config", {}).get("stop_error"),
-        "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
-        "fingerprint": meta["data"].get("fingerprint", ""),
+        "stop_error": meta.config.get("stop_error"),
+        "versions": ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
+        "fingerprint": meta.fingerprint,
     }
 
 
@@ -299,19 +295,19 @@ def write_report(
 
     ``run`` may name several acquire runs (a list): their curves are pooled into one
     page (``active.pool_runs``), by default in ``reports/<name>+<name>…``."""
-    from .active import AL_CURVE
-
     t0 = time.perf_counter()
     run_list = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     if not run_list:
         raise AuditError("--run: expected a run folder, got none", usage=True)
-    if out is None:
-        name = "+".join(r.name for r in run_list)
+    if len(run_list) == 1:
+        runs.RunStore(run_list[0]).require()
+    if out is None:  # named after the run folder itself, also for --run .. or --run .
+        name = "+".join(r.resolve().name for r in run_list)
         out = Path("reports") / (name if len(name) <= 120 else f"{run_list[0].name}+{len(run_list) - 1}-more")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AuditError(f"--out: {out} exists and is not a folder")
-    if any((r / AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list):  # acquire runs
+    if any((r / runs.AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list):  # acquire runs
         ctx = al_context(run_list, progress=progress)
         html = render_report(ctx, "active.html.j2")
         n_cells = n_unique = sum(len(s["acquired"]) for s in ctx["strategies"])
@@ -324,5 +320,5 @@ def write_report(
         n_cells = sum(len(g["low"]) + len(g["high"]) for c in ctx["classes"] for g in c["grids"].values())
         n_unique = ctx["n_unique"]
     path = out / "index.html"
-    runs.write_text(path, html)
+    runs.write_atomic(path, html.encode())
     return ReportResult(path, n_cells, n_unique, len(html.encode()), time.perf_counter() - t0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import pandas as pd
 from . import metrics, runs
 from .data import SPLITS, Dataset, load_dataset
 from .device import describe, get_device
-from .errors import AuditError
+from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
 from .mc import DEFAULT_BATCH, MaskMode, mc_predict
 from .model import MCDropoutNet
@@ -43,10 +43,7 @@ def parse_splits(splits: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     names = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
     bad = [s for s in names if s not in SPLITS]
     if bad or not names:
-        raise AuditError(
-            f"--splits: expected a comma-separated list of {', '.join(SPLITS)}, got {','.join(names)!r}",
-            usage=True,
-        )
+        raise bad_param("splits", f"expected a comma-separated list of {', '.join(SPLITS)}, got {','.join(names)!r}")
     return tuple(dict.fromkeys(names))
 
 
@@ -126,9 +123,39 @@ def score_dataset(
     return ScoreResult(scores, np.concatenate(all_probs), time.perf_counter() - t0, describe(dev))
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of :func:`score_run`; recorded in run.json's ``score``.
+
+    samples: T, MC passes per image. folds: K >= 2 scores training images out of sample
+    with K fold models (0: none). The rest as in :func:`score_dataset`."""
+
+    samples: int = 50  # the origin's T
+    splits: tuple[str, ...] = SPLITS
+    batch_size: int = DEFAULT_BATCH
+    seed: int = 0
+    folds: int = 0
+
+    def __post_init__(self) -> None:
+        from .train import check_int
+
+        object.__setattr__(self, "splits", parse_splits(self.splits))
+        check_int("samples", self.samples, 1, MAX_SAMPLES)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("seed", self.seed, 0)
+        check_int("folds", self.folds, 0)
+        if self.folds == 1:
+            raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
+
+
+# Past these, one batch's (B, T, 1000) activations alone exceed any machine's memory: a
+# typo (an extra zero or three), not a setting.
+MAX_SAMPLES = 100_000
+MAX_BATCH = 1_000_000
+
+
 def fold_models(
-    run: Path,
-    meta: dict,
+    store: runs.RunStore,
     dataset: Dataset,
     folds: int,
     *,
@@ -138,34 +165,35 @@ def fold_models(
     """K models, each trained without one fold of the run's training images.
 
     The folds are a seeded permutation of the run's training indices cut into K
-    parts; models are kept in RUN/folds/K-k/model.npz and reused while the run's data
-    and settings are unchanged.
+    parts; models are kept in RUN/folds/K-k/model.npz (each fold its own commit, so an
+    interrupted run keeps the folds it finished) and reused while the run's data and
+    settings are unchanged. The caller holds the run's lock.
     """
-    from .train import run_subset, stored_train_config, train
+    from .train import stored_train_config, train
 
     progress = progress or NullProgress()
-    if folds < 2:
-        raise AuditError(f"--folds: expected at least 2 folds (or 0 for none), got {folds}", usage=True)
-    config = stored_train_config(meta["config"])
-    base = run_subset(run, meta)
+    meta = store.meta()
+    config = stored_train_config(meta.config, str(store.path / runs.RUN_JSON))
+    base = store.subset()
     base = np.arange(len(dataset.train)) if base is None else base
     if folds > len(base):
-        raise AuditError(f"--folds: {folds} folds but only {len(base)} training images")
+        raise bad_param("folds", f"{folds} folds but only {len(base)} training images")
     parts = np.array_split(np.random.default_rng([config.seed, folds]).permutation(base), folds)
     out = []
     for k, held_out in enumerate(parts):
         held_out = np.sort(held_out)
-        path = run / "folds" / f"{folds}-{k}" / runs.MODEL
-        key = {"fingerprint": dataset.fingerprint, "config": meta["config"], "n_held_out": int(len(held_out))}
-        done = meta.get("folds", {}).get(f"{folds}-{k}")
-        if done == key and path.is_file():
-            model = runs.load_model_file(path, meta)
+        name = runs.fold_model(folds, k)
+        key = {"fingerprint": dataset.fingerprint, "config": meta.config, "n_held_out": int(len(held_out))}
+        if store.meta().folds.get(f"{folds}-{k}") == key and store.has(name):
+            model = store.load_model(name)
         else:
             fold_config = replace(config, seed=config.seed + 1 + k)  # each fold its own initialisation
             result = train(dataset, fold_config, subset=np.setdiff1d(base, held_out), device=device, progress=progress)
             model = result.model
-            runs.write_model(path, model)
-            meta.setdefault("folds", {})[f"{folds}-{k}"] = key
+            meta = store.meta()
+            with store.transaction() as txn:
+                txn.write_model(name, model)
+                txn.commit(meta.evolve(folds={**meta.folds, f"{folds}-{k}": key}))
             progress.close(
                 f"fold {k + 1}/{folds}: trained on {result.n_train:,} images in {result.seconds:.1f} s, "
                 f"{len(held_out):,} held out; validation accuracy {result.valid_accuracy:.4f}"
@@ -176,76 +204,64 @@ def fold_models(
 
 def score_run(
     run: str | os.PathLike = "runs/default",
+    config: ScoreConfig = ScoreConfig(),
     *,
-    samples: int = 50,
-    splits: str | tuple[str, ...] = SPLITS,
-    batch_size: int = DEFAULT_BATCH,
-    seed: int = 0,
-    device: str = "cpu",
-    folds: int = 0,
     flags: FlagConfig = FlagConfig(),
+    device: str = "cpu",
     data: str = "mnist",
     data_dir: str | None = None,
     progress: Progress | None = None,
 ) -> ScoreResult:
-    """Score the run's data with its model; write scores.csv and mc_summary.npz.
+    """Score the run's data with its model; write scores.csv and mc_summary.npz (one commit).
 
     A run with no model is trained first with the default settings on ``data``. With
-    ``folds`` K >= 2, training images are scored out of sample by K fold models.
+    ``config.folds`` K >= 2, training images are scored out of sample by K fold models.
     Flags (see :mod:`audit.flags`) are added with ``flags``. Returns the scores as a
     DataFrame (see :class:`ScoreResult`).
     """
-    from .train import TrainConfig, train_run
+    from .train import TrainConfig, train_into
 
-    run = Path(run)
-    splits = parse_splits(splits)
-    if samples < 1:
-        raise AuditError(f"--samples: expected a positive number of passes, got {samples}", usage=True)
-    if folds == 1 or folds < 0:
-        raise AuditError(f"--folds: expected at least 2 folds (or 0 for none), got {folds}", usage=True)
+    store = runs.RunStore(run)
     get_device(device)
-    if not runs.has_model(run):
-        if (run / runs.RUN_JSON).is_file() and runs.read_run(run).get("command") == "acquire":
-            raise AuditError(f"--run: {run} is an `audit acquire` run (learning curves, no model to score); "
-                             "expected a run made by `audit train`")
-        if run.exists() and any(run.iterdir()):
-            have = "run.json but no model.npz" if (run / runs.RUN_JSON).is_file() else "files but no model.npz and run.json"
-            raise AuditError(f"--run: {run} has {have}; not a trained run folder")
-        train_run(run, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress)
-    meta = runs.read_run(run)
-    model = runs.load_model(run, meta)
-    dataset = load_run_data(meta, run=run, data_dir=data_dir, progress=progress)
-    t0 = time.perf_counter()
-    train_folds = (
-        fold_models(run, meta, dataset, folds, device=device, progress=progress)
-        if folds and "train" in splits else None
-    )
-    fold_seconds = time.perf_counter() - t0
-    result = score_dataset(
-        model, dataset, splits=splits, samples=samples, batch_size=batch_size, seed=seed,
-        device=device, train_folds=train_folds, progress=progress,
-    )
-    scores = flag_issues(result.scores, result.probs, class_names=dataset.class_names, config=flags)
-    result = replace(result, scores=order_columns(scores))
-    write_scores(run, result.scores, result.probs, dataset.class_names)
-    meta["score"] = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "samples": samples,
-        "splits": list(splits),
-        "seed": seed,
-        "masks": "independent",
-        "folds": folds,
-        "batch_size": batch_size,
-        "device": result.device,
-        "seconds": round(result.seconds, 3),
-        "fold_training_seconds": round(fold_seconds, 3) if folds else 0,
-        "n_scored": int(len(result.scores)),
-        "accuracy": result.accuracy,
-        "mean_entropy": float(result.scores["entropy"].mean()),
-    }
-    meta["flags"] = flag_summary(result.scores, flags)
-    meta["versions"] = runs.versions()
-    runs.write_json(run / runs.RUN_JSON, meta)
+    with store.writing():
+        if not store.exists() or not store.has(runs.MODEL):
+            if store.exists() and store.meta().command == "acquire":
+                raise AuditError(f"--run: {store.path} is an `audit acquire` run (learning curves, no model to "
+                                 "score); expected a run made by `audit train`")
+            if not store.is_free():
+                have = f"{runs.RUN_JSON} but no {runs.MODEL}" if store.exists() else \
+                    f"files but no {runs.MODEL} and {runs.RUN_JSON}"
+                raise AuditError(f"--run: {store.path} has {have}; not a trained run folder")
+            train_into(store, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress)
+        model = store.load_model()
+        dataset = store.dataset(data_dir=data_dir, progress=progress)
+        t0 = time.perf_counter()
+        train_folds = (
+            fold_models(store, dataset, config.folds, device=device, progress=progress)
+            if config.folds and "train" in config.splits else None
+        )
+        fold_seconds = time.perf_counter() - t0
+        result = score_dataset(
+            model, dataset, splits=config.splits, samples=config.samples, batch_size=config.batch_size,
+            seed=config.seed, device=device, train_folds=train_folds, progress=progress,
+        )
+        scores = flag_issues(result.scores, result.probs, class_names=dataset.class_names, config=flags)
+        result = replace(result, scores=order_columns(scores))
+        meta = store.meta()
+        summary = {
+            "created": runs.now(),
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            "masks": "independent",
+            "device": result.device,
+            "seconds": round(result.seconds, 3),
+            "fold_training_seconds": round(fold_seconds, 3) if config.folds else 0,
+            "n_scored": int(len(result.scores)),
+            "accuracy": result.accuracy,
+            "mean_entropy": float(result.scores["entropy"].mean()),
+        }
+        with store.transaction() as txn:
+            write_scores(txn, result.scores, result.probs, dataset.class_names)
+            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, flags), versions=runs.versions()))
     return result
 
 
@@ -254,10 +270,43 @@ def order_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df[first + [c for c in df.columns if c not in first]]
 
 
-def write_scores(run: Path, scores: pd.DataFrame, probs: np.ndarray, class_names) -> None:
-    with runs.atomic_path(run / runs.SCORES) as tmp:
-        scores.to_csv(tmp, index=False, float_format="%.6g")
-    runs.write_npz(run / runs.MC_SUMMARY, probs=probs, class_names=np.array(class_names))
+def write_scores(txn: runs.Transaction, scores: pd.DataFrame, probs: np.ndarray, class_names) -> None:
+    txn.write_csv(runs.SCORES, scores)
+    txn.write_npz(runs.MC_SUMMARY, probs=probs, class_names=np.array(class_names))
+
+
+def read_scores(store: runs.RunStore, columns=("split", "index", "label", "pred"), hint: str = "; rerun `audit score`"):
+    """scores.csv of a scored run, checked: the columns, numbers where numbers belong,
+    labels and indices within the run's data."""
+    from .csvsafe import restore_frame
+
+    if not store.has(runs.SCORES):
+        raise AuditError(f"--run: {store.path} has no {runs.SCORES}; run `audit score --run {store.path}` first")
+    numeric = [c for c in columns if c not in ("split", "path", "flag", "reason")]
+    df = store.read_table(runs.SCORES, columns, hint=hint, numeric=numeric, keep_default_na=False)
+    path = store.path / runs.SCORES
+    meta = store.meta()
+    n_classes = len(meta.class_names)
+    sizes = {"train": meta.data["n_train"], "valid": meta.data["n_valid"]}
+    bad_split = ~df["split"].isin(list(sizes))
+    if bad_split.any():
+        i = int(np.flatnonzero(bad_split.to_numpy())[0])
+        raise AuditError(f"{path}: line {i + 2}: split {df['split'].iloc[i]!r} is not one of {', '.join(sizes)}")
+    for col, hi in (("label", n_classes), ("pred", n_classes)):
+        v = df[col].to_numpy()
+        bad = (v < 0) | (v >= hi) | (v != np.round(v))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise AuditError(f"{path}: line {i + 2}: {col} {v[i]} is not a class of this run (0..{hi - 1})")
+    idx = df["index"].to_numpy()
+    limit = df["split"].map(sizes).to_numpy()
+    bad = (idx < 0) | (idx >= limit) | (idx != np.round(idx))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise AuditError(f"{path}: line {i + 2}: index {idx[i]} is outside the {df['split'].iloc[i]} split "
+                         f"(0..{limit[i] - 1})")
+    df["label"], df["pred"], df["index"] = (df[c].astype(np.int64) for c in ("label", "pred", "index"))
+    return restore_frame(df, [c for c in ("path", "reason") if c in df.columns])
 
 
 def flag_summary(scores: pd.DataFrame, config: FlagConfig) -> dict:
@@ -270,58 +319,22 @@ def flag_summary(scores: pd.DataFrame, config: FlagConfig) -> dict:
 
 
 def flag_run(run: str | os.PathLike = "runs/default", *, flags: FlagConfig = FlagConfig()) -> pd.DataFrame:
-    """Recompute the flags of a scored run with other settings, without rescoring."""
-    run = Path(run)
-    meta = runs.read_run(run)
-    path = run / runs.SCORES
-    if not path.is_file() or not (run / runs.MC_SUMMARY).is_file():
-        raise AuditError(f"--run: {run} has no {runs.SCORES} and {runs.MC_SUMMARY}; run `audit score --run {run}` first")
-    scores = pd.read_csv(path, keep_default_na=False)
-    with np.load(run / runs.MC_SUMMARY) as z:
-        probs = z["probs"]
-        names = [str(c) for c in z["class_names"]]
-    scores = order_columns(flag_issues(scores, probs, class_names=names, config=flags))
-    write_scores(run, scores, probs, names)
-    meta["flags"] = flag_summary(scores, flags)
-    runs.write_json(run / runs.RUN_JSON, meta)
+    """Recompute the flags of a scored run with other settings, without rescoring (one commit)."""
+    store = runs.RunStore(run).require()
+    with store.writing():
+        scores = read_scores(store, ("split", "index", "label", "entropy", "expected_entropy", "mutual_info"))
+        if not store.has(runs.MC_SUMMARY):
+            raise AuditError(f"--run: {store.path} has no {runs.MC_SUMMARY}; run `audit score --run {store.path}` first")
+        z = store.read_npz(runs.MC_SUMMARY)
+        if "probs" not in z or "class_names" not in z:
+            raise AuditError(f"{store.path / runs.MC_SUMMARY}: expected arrays probs and class_names")
+        probs, names = z["probs"], [str(c) for c in z["class_names"]]
+        if probs.ndim != 2 or len(probs) != len(scores) or not np.isfinite(probs).all():
+            raise AuditError(f"{store.path / runs.MC_SUMMARY}: probs {probs.shape} do not match the "
+                             f"{len(scores)} rows of {runs.SCORES}; rerun `audit score`")
+        scores = order_columns(flag_issues(scores, probs, class_names=names, config=flags))
+        meta = store.meta()
+        with store.transaction() as txn:
+            write_scores(txn, scores, probs, names)
+            txn.commit(meta.evolve(flags=flag_summary(scores, flags)))
     return scores
-
-
-def load_base_data(meta: dict, *, data_dir: str | None = None, progress: Progress | None = None) -> Dataset:
-    """The source data of a run, before any review decisions, checked against its fingerprint."""
-    d = meta["data"]
-    dataset = load_dataset(d["data"], data_dir=data_dir or d.get("data_dir"), progress=progress)
-    curation = d.get("curation")
-    expected = curation["base_fingerprint"] if curation else d["fingerprint"]
-    if dataset.fingerprint != expected:
-        what = "the curated run started from" if curation else "this run was trained on"
-        raise AuditError(
-            f"--data: {d['data']} is not the data {what} (fingerprint {dataset.fingerprint[:12]}, "
-            f"run.json says {expected[:12]}); retrain the run"
-        )
-    return dataset
-
-
-def load_run_data(
-    meta: dict, *, run: str | os.PathLike | None = None, data_dir: str | None = None,
-    progress: Progress | None = None, base: Dataset | None = None,
-) -> Dataset:
-    """The dataset a run was trained on (with its review decisions applied, for a
-    curated run), checked against its fingerprint. ``base``: the already loaded
-    :func:`load_base_data`, to avoid loading it twice."""
-    from .curate import apply_decisions, read_decisions
-
-    d = meta["data"]
-    dataset = base if base is not None else load_base_data(meta, data_dir=data_dir, progress=progress)
-    curation = d.get("curation")
-    if curation:
-        if run is None:
-            raise AuditError("load_run_data: a curated run needs run= to find its decisions")
-        dataset = apply_decisions(dataset, read_decisions(Path(run) / curation["decisions"])).dataset
-        if dataset.fingerprint != d["fingerprint"]:
-            raise AuditError(
-                f"{Path(run) / curation['decisions']}: applied to the source data it does not give the "
-                f"data this run was trained on (fingerprint {dataset.fingerprint[:12]}, run.json says "
-                f"{d['fingerprint'][:12]})"
-            )
-    return dataset

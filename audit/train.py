@@ -15,9 +15,9 @@ import chainer
 import chainer.functions as F
 
 from . import runs
-from .data import Dataset, Split, load_dataset, to_float32
+from .data import Dataset, Split, load_dataset, read_subset, to_float32
 from .device import describe, get_device, make_rng
-from .errors import AuditError
+from .errors import AuditError, bad_param
 from .model import MCDropoutNet, build_model
 from .progress import NullProgress, Progress
 
@@ -42,19 +42,28 @@ class TrainConfig:
     even_batches: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise AuditError(f"--epochs: expected at least 1, got {self.epochs}", usage=True)
-        if self.batch_size < 1:
-            raise AuditError(f"--batch-size: expected at least 1, got {self.batch_size}", usage=True)
-        if not self.lr > 0:
-            raise AuditError(f"--lr: expected a positive learning rate, got {self.lr}", usage=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad_param("lr", f"expected a positive, finite learning rate, got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
-            raise AuditError(f"--dropout: expected a ratio in [0, 1), got {self.dropout}", usage=True)
-        if self.weight_decay < 0:
-            raise AuditError(f"--weight-decay: expected >= 0, got {self.weight_decay}", usage=True)
+            raise bad_param("dropout", f"expected a ratio in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad_param("weight_decay", f"expected a finite rate >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
-            raise AuditError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
-                             usage=True)
+            raise bad_param("schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        from .model import ARCHS
+
+        if self.model not in ARCHS:
+            raise bad_param("model", f"expected one of {', '.join(ARCHS)}, got {self.model!r}")
+
+
+def check_int(param: str, value, lo: int, hi: int | None = None) -> None:
+    """``value`` must be an integer in [lo, hi]; one line naming ``param`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+        rng = f"at least {lo}" if hi is None else f"{lo}..{hi}"
+        raise bad_param(param, f"expected an integer {rng}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -81,46 +90,6 @@ class TrainResult:
         return self.log[-1].valid_accuracy
 
 
-def read_subset(path: str | os.PathLike, n_train: int) -> np.ndarray:
-    """Training indices from ``path``: ``.npy``, or text with one integer a line
-    (a CSV whose header has an ``index`` column is read from that column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"--subset: {path} does not exist")
-    if path.suffix == ".npy":
-        try:
-            idx = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise AuditError(f"--subset: {path} is not a readable .npy file ({e})") from None
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise AuditError(f"--subset: {path} must hold a 1-d integer array, got {idx.dtype} {idx.shape}")
-    else:
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        col = 0
-        if lines and not lines[0].lstrip("-").isdigit():
-            header = [h.strip() for h in lines[0].split(",")]
-            if "index" not in header:
-                raise AuditError(f"--subset: {path}: first line {lines[0]!r} is neither an index nor a header with 'index'")
-            col, lines = header.index("index"), lines[1:]
-        try:
-            idx = np.array([int(ln.split(",")[col]) for ln in lines], dtype=np.int64)
-        except (ValueError, IndexError):
-            bad = next(ln for ln in lines if not ln.split(",")[col].strip().lstrip("-").isdigit())
-            raise AuditError(f"--subset: {path}: expected integer indices, found {bad!r}") from None
-    if idx.size == 0:
-        raise AuditError(f"--subset: {path} lists no indices")
-    out = (idx < 0) | (idx >= n_train)
-    if out.any():
-        raise AuditError(
-            f"--subset: {path}: index {int(idx[out][0])} is out of range; the training split has "
-            f"{n_train} images (0..{n_train - 1}); {int(out.sum())} out of range"
-        )
-    if np.unique(idx).size != idx.size:
-        raise AuditError(f"--subset: {path}: {idx.size - np.unique(idx).size} duplicate indices")
-    return idx.astype(np.int64)
-
-
 def step_scale(schedule: str, step: int, total: int) -> float:
     """The step size of update ``step`` (0-based) of ``total``, as a fraction of ``lr``:
     1 throughout for "constant"; for "cosine" half a cosine from 1 down to (not quite) 0."""
@@ -140,10 +109,20 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None = None, *, even: 
         yield slice(start, stop) if order is None else order[start:stop]
 
 
-def stored_train_config(config: dict) -> TrainConfig:
+def stored_train_config(config: dict, where: str = "run.json") -> TrainConfig:
     """The TrainConfig of a run's run.json, with what older runs did not record: they
-    trained in full batches and a remainder."""
-    return TrainConfig(**{"even_batches": False, **config})
+    trained in full batches and a remainder. One line naming ``where`` if it is not one."""
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise AuditError(f"{where}: field 'config.{unknown[0]}' is not a training setting; not a run.json of "
+                         "`audit train`")
+    try:
+        return TrainConfig(**{"even_batches": False, **config})
+    except AuditError as e:
+        raise AuditError(f"{where}: field 'config': {e}") from None
+    except TypeError as e:
+        raise AuditError(f"{where}: field 'config': {e}") from None
 
 
 def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device=None) -> tuple[float, float]:
@@ -213,6 +192,10 @@ def train(
             t = dev.send(y_all[rows])
             y = model(x, rng=mask_rng)
             loss = F.softmax_cross_entropy(y, t)
+            if not math.isfinite(float(loss.array)):
+                raise AuditError(
+                    f"training diverged: the loss is {float(loss.array)} at epoch {epoch}, step {step + 1}; "
+                    f"lower --lr (it is {config.lr}) or check the images' scale; nothing was written")
             model.cleargrads()
             loss.backward()
             optimizer.eta = step_scale(config.schedule, step, total_steps)  # Adam's schedule multiplier
@@ -266,78 +249,72 @@ def train_run(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Load ``data``, train, and write the run folder ``run`` (atomically)."""
-    run = Path(run)
+    """Load ``data``, train, and write the run folder ``run`` in one commit."""
+    store = runs.RunStore(run)
     get_device(device)  # fail on a bad --device before loading anything
-    check_run_free(run, overwrite)
+    with store.writing():
+        return train_into(store, data=data, data_dir=data_dir, config=config, subset=subset, device=device,
+                          overwrite=overwrite, progress=progress)
+
+
+def train_into(store: runs.RunStore, *, data: str, data_dir: str | None, config: TrainConfig,
+               subset: str | os.PathLike | None = None, device: str = "cpu", overwrite: bool = False,
+               progress: Progress | None = None) -> TrainResult:
+    """:func:`train_run` on a store whose lock the caller holds."""
+    check_run_free(store, overwrite)
     dataset = load_dataset(data, data_dir=data_dir, progress=progress)
     idx = read_subset(subset, len(dataset.train)) if subset is not None else None
-    source = {"data": str(data), "data_dir": None if data_dir is None else str(data_dir)}
-    if subset is not None:
-        source["subset_file"] = str(subset)
-    return fit_and_write(run, dataset, source, config=config, subset=idx, device=device,
-                         overwrite=overwrite, progress=progress)
+    extra = {"subset_file": str(Path(subset).resolve())} if subset is not None else {}
+    source = runs.data_source(data, data_dir, dataset, run=store.path, **extra)
+    return fit_and_write(store, dataset, source, config=config, subset=idx, device=device, progress=progress)
 
 
-def check_run_free(run: Path, overwrite: bool) -> None:
-    if run.exists() and any(run.iterdir()) and not overwrite:
-        raise AuditError(f"--run: {run} already exists; pass --overwrite to replace it or choose another --run")
+def check_run_free(store: runs.RunStore, overwrite: bool) -> None:
+    """A new run may go into ``store`` only where nothing would be lost: no folder, an
+    empty one, or (with ``overwrite``) an existing run."""
+    if store.is_free():
+        return
+    if not overwrite:
+        raise AuditError(f"--run: {store.path} already exists; pass --overwrite to replace it or choose another --run")
+    if not store.exists():
+        raise AuditError(f"--overwrite: {store.path} holds files but no {runs.RUN_JSON}; it is not a run folder, "
+                         "and --overwrite replaces only runs (move those files, or choose another --run)")
 
 
 def fit_and_write(
-    run: Path,
+    store: runs.RunStore,
     dataset: Dataset,
     source: dict,
     *,
     config: TrainConfig,
     subset: np.ndarray | None = None,
     device: str = "cpu",
-    overwrite: bool = False,
     progress: Progress | None = None,
+    command: str = "train",
     extra: dict | None = None,
-    files: dict[str, str] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> TrainResult:
-    """Train on ``dataset`` (its ``subset``) and write the run folder.
+    """Train on ``dataset`` (its ``subset``) and publish the run in one commit that
+    replaces whatever the folder held (the caller holds the lock).
 
-    ``source`` says how to load the data again (run.json's ``data``); ``extra`` adds
-    entries to run.json, ``files`` text files to the run folder.
+    ``source`` is run.json's ``data`` block (:func:`runs.data_source`); ``extra`` adds
+    fields to run.json, ``files`` more files to the run.
     """
     result = train(dataset, config, subset=subset, device=device, progress=progress)
-    meta = {
-        "command": "train",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": asdict(config),
-        "seed": config.seed,
-        "model": result.model.spec.to_json(),
-        "data": {
-            **source,
-            "source": dataset.source,
-            "fingerprint": dataset.fingerprint,
-            "class_names": list(dataset.class_names),
-            "n_train": len(dataset.train),
-            "n_valid": len(dataset.valid),
-            "image_shape": list(dataset.image_shape),
-            "subset": None if subset is None else {"file": runs.SUBSET, "n": int(len(subset))},
-        },
-        "device": result.device,
-        "versions": runs.versions(),
-        "timings": {"train_seconds": round(result.seconds, 3)},
-        "results": {"valid_accuracy": result.valid_accuracy, "n_train_used": result.n_train},
+    data = {**source, "subset": None if subset is None else {"file": runs.SUBSET, "n": int(len(subset))}}
+    meta = runs.RunMeta(
+        command=command, created=runs.now(), config=asdict(config), seed=config.seed,
+        model=result.model.spec.to_json(), data=data, device=result.device, versions=runs.versions(),
+        timings={"train_seconds": round(result.seconds, 3)},
+        results={"valid_accuracy": result.valid_accuracy, "n_train_used": result.n_train},
         **(extra or {}),
-    }
-    with runs.staged_run(run, overwrite=overwrite) as stage:
-        runs.write_model(stage / runs.MODEL, result.model)
-        runs.write_text(stage / runs.TRAIN_LOG, log_csv(result.log))
+    )
+    with store.transaction(replace_all=True) as txn:
+        txn.write_model(runs.MODEL, result.model)
+        txn.write_text(runs.TRAIN_LOG, log_csv(result.log))
         if subset is not None:
-            runs.write_text(stage / runs.SUBSET, "\n".join(map(str, subset.tolist())) + "\n")
-        for name, text in (files or {}).items():
-            runs.write_text(stage / name, text)
-        runs.write_json(stage / runs.RUN_JSON, meta)
+            txn.write_text(runs.SUBSET, "\n".join(map(str, subset.tolist())) + "\n")
+        for name, content in (files or {}).items():
+            txn.write_bytes(name, content)
+        txn.commit(meta)
     return result
-
-
-def run_subset(run: str | os.PathLike, meta: dict) -> np.ndarray | None:
-    """The training indices a run was trained on, or None for all."""
-    if not meta["data"].get("subset"):
-        return None
-    return read_subset(Path(run) / runs.SUBSET, int(meta["data"]["n_train"]))

@@ -43,8 +43,8 @@ import numpy as np
 import pandas as pd
 
 import audit  # noqa: F401
-from audit.active import (ALConfig, _acquire_step, acquire_run, initial_set, last_accuracy, pool_runs, reach_table,
-                          versus)
+from audit.active import ALConfig, _acquire_step, acquire_run, initial_set, pool_runs
+from audit.curves import last_accuracy, reach_table, versus
 from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train

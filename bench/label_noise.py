@@ -82,7 +82,7 @@ def main() -> None:
         oos = res.scores[res.scores["split"] == "train"].reset_index(drop=True)
         # the same model scoring its own training images: what K-fold avoids
         noisy = audit.load_dataset(data)
-        ins = score_dataset(runs.load_model(run), noisy, splits=("train",), samples=a.samples, seed=a.seed).scores
+        ins = score_dataset(runs.RunStore(run).load_model(), noisy, splits=("train",), samples=a.samples, seed=a.seed).scores
 
     flagged = oos["flag"].to_numpy() == "mislabeled"
     tp = int((flagged & is_flip).sum())

@@ -92,7 +92,7 @@ def test_batchbald_avoids_duplicates_that_bald_takes():
 
 def test_bad_input():
     p = _pool(n=5)
-    with pytest.raises(AuditError, match="--strategy"):
+    with pytest.raises(AuditError, match="^strategy: "):
         acquire(p, "coreset", 2)
     with pytest.raises(AuditError, match=r"k: expected 1..5"):
         acquire(p, "bald", 6)

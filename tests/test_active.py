@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 import audit
-from audit.active import ALConfig, initial_set, pool_runs, reach_table, run_active_learning, versus
+from audit.active import ALConfig, initial_set, pool_runs, run_active_learning
+from audit.curves import reach_table, versus
 from audit.cli import app
 from audit.errors import AuditError
 
@@ -128,13 +129,14 @@ def test_stop_at_error_ends_a_curve(shapes_npz):
 
 
 @pytest.mark.parametrize("kwargs, option", [
-    (dict(strategies=("bald", "coreset")), "--strategy"), (dict(step=0), "--step"),
-    (dict(pool_subset=2, step=3), "--pool-subset"), (dict(samples=0), "--samples"),
-    (dict(stop_error=0.0), "--stop-at-error"), (dict(stop_error=1.5), "--stop-at-error"),
-    (dict(schedule="step"), "--schedule"), (dict(lr=-1.0), "--lr"), (dict(first_repeat=-1), "--first-repeat"),
+    (dict(strategies=("bald", "coreset")), "strategies"), (dict(step=0), "step"),
+    (dict(pool_subset=2, step=3), "pool_subset"), (dict(samples=0), "samples"),
+    (dict(stop_error=0.0), "stop_error"), (dict(stop_error=1.5), "stop_error"),
+    (dict(schedule="step"), "schedule"), (dict(lr=-1.0), "lr"), (dict(first_repeat=-1), "first_repeat"),
+    (dict(seed=-1), "seed"), (dict(lr=float("inf")), "lr"),
 ])
 def test_bad_config(kwargs, option):
-    with pytest.raises(AuditError, match=option):
+    with pytest.raises(AuditError, match=f"^{option}: "):
         ALConfig(**kwargs)
 
 
@@ -189,7 +191,7 @@ def test_first_repeat_in_the_command_and_report(shapes_npz, tmp_path):
     html = (tmp_path / "rep" / "index.html").read_text()
     assert "acquired in the first 2 round(s), repeat 3" in html and html.count("<figure") == 3
     r = runner.invoke(app, args[:-1] + ["-1", "--overwrite"])
-    assert r.exit_code == 2 and "--first-repeat: expected at least 0, got -1" in r.output
+    assert r.exit_code == 2 and "--first-repeat: expected an integer at least 0, got -1" in r.output
 
 
 def test_stop_at_error_in_the_command_and_report(shapes_npz, tmp_path):
@@ -234,8 +236,11 @@ def test_pool_runs_split_by_repeat(tmp_path, capsys):
     def make(name, curve, config=cfg, fingerprint="f0"):
         (tmp_path / name).mkdir(exist_ok=True)
         pd.DataFrame(curve).to_csv(tmp_path / name / "al_curve.csv", index=False)
+        data = {"data": "mnist", "source": "mnist", "fingerprint": fingerprint, "class_names": list("0123456789"),
+                "n_train": 60000, "n_valid": 10000, "image_shape": [1, 28, 28]}
         (tmp_path / name / "run.json").write_text(json.dumps(
-            {"command": "acquire", "config": config, "data": {"fingerprint": fingerprint}, "complete": True}))
+            {"command": "acquire", "created": "2026-11-30T00:00:00", "seed": 0, "device": "cpu", "config": config,
+             "data": data, "complete": True}))
         return str(tmp_path / name)
 
     a = make("a", rows(0, [0.8, 0.9, 0.95]))

@@ -101,7 +101,7 @@ def test_score_trains_first_when_the_run_has_no_model(shapes_npz, tmp_path):
         (["train", "--data", "/no/such/file.npz"], ["--data: /no/such/file.npz does not exist"], 1),
         (["train", "--device", "tpu"], ["--device: expected cpu, gpu or @cupy:N, got 'tpu'"], 2),
         (["train", "--device", "@cupy:7"], ["--device @cupy:7: this machine has"], 1),
-        (["train", "--epochs", "0"], ["--epochs: expected at least 1"], 2),
+        (["train", "--epochs", "0"], ["--epochs: expected an integer at least 1"], 2),
         (["train", "--data-dir", "/no/such/dir"], ["--data-dir: /no/such/dir is not a folder"], 1),
     ],
 )
@@ -122,7 +122,7 @@ def test_bad_subset(shapes_npz, tmp_path):
 @pytest.mark.parametrize(
     "args, fragments, code",
     [
-        (["--samples", "0"], ["--samples: expected a positive number of passes"], 2),
+        (["--samples", "0"], ["--samples: expected an integer 1..100000, got 0"], 2),
         (["--samples", "-4"], ["--samples"], 2),
         (["--splits", "train,test"], ["--splits: expected a comma-separated list of train, valid"], 2),
         (["--device", "gpu"], ["--device gpu: this machine has"], 1),

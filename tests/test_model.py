@@ -53,7 +53,7 @@ def test_keep_mask_rate(ratio):
 
 
 def test_bad_dropout_and_classes():
-    with pytest.raises(AuditError, match="--dropout"):
+    with pytest.raises(AuditError, match="^dropout: "):
         build_model(3, dropout=1.0)
     with pytest.raises(AuditError, match="n_classes"):
         build_model(1)
@@ -97,5 +97,5 @@ def test_gal_cnn_shapes():
     from audit.model import model_from_spec
 
     assert type(model_from_spec(m.spec)) is type(m)
-    with pytest.raises(AuditError, match="--model"):
+    with pytest.raises(AuditError, match="^model: "):
         build_model(3, arch="resnet")

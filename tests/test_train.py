@@ -144,11 +144,12 @@ def test_failed_run_leaves_nothing(shapes_npz, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, option",
-    [(dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"), (dict(dropout=1.0), "--dropout"),
-     (dict(schedule="linear"), "--schedule")],
+    [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(lr=0.0), "lr"), (dict(dropout=1.0), "dropout"),
+     (dict(schedule="linear"), "schedule"), (dict(lr=float("inf")), "lr"), (dict(lr=float("nan")), "lr"),
+     (dict(seed=-1), "seed")],
 )
 def test_bad_config(kwargs, option):
-    with pytest.raises(AuditError, match=option):
+    with pytest.raises(AuditError, match=f"^{option}: "):
         TrainConfig(**kwargs)
 
 
