@@ -20,7 +20,37 @@ from rich.progress import Progress as RichBar
 
 from .errors import AuditError
 
+try:  # typer >= 0.26 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer with click
+    import click.exceptions as click_exceptions
+from typer.core import TyperGroup
+
+
+class OneLineGroup(TyperGroup):
+    """Usage errors (an option's value that does not parse, an unknown option) as one
+    line on stderr, like every other error, instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                print(e.format_message(), file=sys.stderr)
+                sys.exit(2)
+            where = f" (see `audit {e.ctx.info_name} --help`)" if e.ctx is not None and e.ctx.parent else ""
+            print(f"error: {' '.join(e.format_message().split())}{where}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except click_exceptions.ClickException as e:
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineGroup,
     add_completion=False,
     no_args_is_help=True,
     help="Audit a labelled image dataset with Monte-Carlo dropout.",

@@ -14,6 +14,13 @@ from __future__ import annotations
 DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _is_text(col) -> bool:
+    """A column of text: object dtype, or pandas' string dtype (the default from pandas 3)."""
+    import pandas as pd
+
+    return col.dtype == object or pd.api.types.is_string_dtype(col.dtype)
+
+
 def neutralise(cell: str) -> str:
     """``cell`` as a spreadsheet shows it as text: ``'=1+2`` for ``=1+2``. A cell whose
     leading quotes hide a dangerous start gets one more quote, so :func:`restore` is exact."""
@@ -31,7 +38,7 @@ def restore(cell: str) -> str:
 
 def neutralise_frame(df):
     """A copy of ``df`` with every text (object) column neutralised."""
-    text = [c for c in df.columns if df[c].dtype == object]
+    text = [c for c in df.columns if _is_text(df[c])]
     if not text:
         return df
     out = df.copy()
@@ -42,7 +49,7 @@ def neutralise_frame(df):
 
 def restore_frame(df, columns=None):
     """``df`` with the text columns (or ``columns``) restored, in place; returns it."""
-    for c in (columns if columns is not None else [c for c in df.columns if df[c].dtype == object]):
-        if c in df.columns and df[c].dtype == object:
+    for c in (columns if columns is not None else [c for c in df.columns if _is_text(df[c])]):
+        if c in df.columns and _is_text(df[c]):
             df[c] = [restore(v) for v in df[c]]
     return df

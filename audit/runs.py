@@ -392,6 +392,10 @@ def load_npz_safe(data: bytes | str | os.PathLike, what: str) -> dict[str, np.nd
     import zipfile
 
     src = io.BytesIO(data) if isinstance(data, bytes) else data
+    if not zipfile.is_zipfile(src):
+        raise AuditError(f"{what}: not a readable .npz file (not a zip archive); truncated or not written by audit")
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
     try:
         with np.load(src, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
@@ -543,7 +547,12 @@ class RunStore:
                 d = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise AuditError(f"{path}: not valid JSON ({e})") from None
-            self._meta = RunMeta.from_json(d, str(path))
+            meta = RunMeta.from_json(d, str(path))
+            if meta.command in ("train", "retrain"):
+                from .config import stored_train_config
+
+                stored_train_config(meta.config, str(path))  # one line naming the field, before anything uses it
+            self._meta = meta
         return self._meta
 
     def has(self, name: str) -> bool:
@@ -555,31 +564,34 @@ class RunStore:
         command commits; one line if it was changed outside audit)."""
         name = check_name(name)
         path = self.path / name
-        for attempt in range(50):
-            meta = self.meta(fresh=attempt > 0)
+        meta = self.meta()
+        for _ in range(50):
+            entry = meta.files.get(name)
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
-                if name in meta.files and self._pending():
-                    time.sleep(0.1)
-                    continue
-                raise AuditError(f"{what or self.option}: {path} does not exist") from None
-            entry = meta.files.get(name)
-            if entry is None:
-                if meta.version < 2:
-                    return data  # a run written before the manifest: nothing to check against
-                raise AuditError(f"{path}: not recorded in {RUN_JSON}; it was not written by audit "
-                                 "(or by an audit command that did not finish)")
-            if entry["bytes"] == len(data) and entry["sha256"] == sha256(data):
+                data = None
+            if data is not None and (entry is None and meta.version < 2):
+                return data  # a run written before the manifest: nothing to check against
+            if data is not None and entry is not None and entry["bytes"] == len(data) and entry["sha256"] == sha256(data):
                 return data
-            if self._pending() or self.lock.held_elsewhere():
-                time.sleep(0.1)  # another command is between its renames; read again
-                continue
-            raise AuditError(f"{path}: its content does not match {RUN_JSON} (sha256 {sha256(data)[:12]}, "
-                             f"recorded {entry['sha256'][:12]}): changed outside audit; rerun the command that "
-                             "wrote it")
-        raise AuditError(f"{path}: still changing after 5 s of retries; another audit command is writing "
-                         f"{self.path}")
+            # another command may be committing (its journal is there) or have committed since we read
+            # run.json: read both again; only ours holding the lock rules that out
+            if self.lock.fd is not None:
+                break
+            pending = self._pending()
+            fresh = self.meta(fresh=True)
+            if not pending and fresh.files.get(name) == entry:
+                break
+            meta = fresh
+            time.sleep(0.1)
+        if data is None:
+            raise AuditError(f"{what or self.option}: {path} does not exist")
+        if entry is None:
+            raise AuditError(f"{path}: not recorded in {RUN_JSON}; it was not written by audit "
+                             "(or by an audit command that did not finish)")
+        raise AuditError(f"{path}: its content does not match {RUN_JSON} (sha256 {sha256(data)[:12]}, "
+                         f"recorded {entry['sha256'][:12]}): changed outside audit; rerun the command that wrote it")
 
     def read_table(self, name: str, columns, *, hint: str = "", numeric=(), **read_kw):
         """A CSV of the run as a DataFrame; one clear line if it is unreadable, lacks
@@ -866,10 +878,12 @@ def parse_table(data: bytes, path: Path, columns, *, hint: str = "", numeric=(),
     if missing:
         raise AuditError(f"{path}: missing column(s) {', '.join(missing)}{hint}")
     for c in numeric:
-        col = pd.to_numeric(df[c], errors="coerce") if df[c].dtype == object else df[c]
-        bad = col.isna() & (df[c].astype(str) != "nan") if df[c].dtype == object else None
-        if df[c].dtype == object and bad.any():
-            i = int(bad.to_numpy().nonzero()[0][0])
+        if pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype):
+            continue
+        col = pd.to_numeric(df[c], errors="coerce")
+        bad = (col.isna() & ~df[c].astype(str).str.lower().isin(["nan", ""])).to_numpy()
+        if bad.any():
+            i = int(bad.nonzero()[0][0])
             raise AuditError(f"{path}: column {c!r}, line {i + 2}: expected a number, found {str(df[c].iloc[i])[:40]!r}")
         df[c] = col
     return df

@@ -17,53 +17,10 @@ import chainer.functions as F
 from . import runs
 from .data import Dataset, Split, load_dataset, read_subset, to_float32
 from .device import describe, get_device, make_rng
-from .errors import AuditError, bad_param
+from .config import SCHEDULES, TrainConfig, check_int, stored_train_config  # noqa: F401 (re-exported)
+from .errors import AuditError
 from .model import MCDropoutNet, build_model
 from .progress import NullProgress, Progress
-
-
-SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings; the defaults are the origin's."""
-
-    epochs: int = 10
-    batch_size: int = 1000
-    lr: float = 1e-4  # Adam's alpha
-    dropout: float = 0.5
-    seed: int = 0
-    model: str = "origin"  # or "gal", the CNN of Gal et al. 2017
-    weight_decay: float = 0.0  # L2 rate on the head's first dense layer (chainer WeightDecay)
-    schedule: str = "constant"  # or "cosine": the step size falls from lr to 0 over the training
-    # split each epoch into ceil(n / batch_size) batches of near-equal size, not full batches and a
-    # remainder (130 images in batches of 128: 65 + 65, not 128 + 2); the same when batch_size divides n
-    even_batches: bool = True
-
-    def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_int("seed", self.seed, 0)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise bad_param("lr", f"expected a positive, finite learning rate, got {self.lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad_param("dropout", f"expected a ratio in [0, 1), got {self.dropout}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise bad_param("weight_decay", f"expected a finite rate >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            raise bad_param("schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        from .model import ARCHS
-
-        if self.model not in ARCHS:
-            raise bad_param("model", f"expected one of {', '.join(ARCHS)}, got {self.model!r}")
-
-
-def check_int(param: str, value, lo: int, hi: int | None = None) -> None:
-    """``value`` must be an integer in [lo, hi]; one line naming ``param`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
-        rng = f"at least {lo}" if hi is None else f"{lo}..{hi}"
-        raise bad_param(param, f"expected an integer {rng}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -107,22 +64,6 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None = None, *, even: 
         bounds = [*range(0, n, batch_size), n]
     for start, stop in zip(bounds[:-1], bounds[1:]):
         yield slice(start, stop) if order is None else order[start:stop]
-
-
-def stored_train_config(config: dict, where: str = "run.json") -> TrainConfig:
-    """The TrainConfig of a run's run.json, with what older runs did not record: they
-    trained in full batches and a remainder. One line naming ``where`` if it is not one."""
-    known = set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise AuditError(f"{where}: field 'config.{unknown[0]}' is not a training setting; not a run.json of "
-                         "`audit train`")
-    try:
-        return TrainConfig(**{"even_batches": False, **config})
-    except AuditError as e:
-        raise AuditError(f"{where}: field 'config': {e}") from None
-    except TypeError as e:
-        raise AuditError(f"{where}: field 'config': {e}") from None
 
 
 def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device=None) -> tuple[float, float]:
@@ -172,15 +113,23 @@ def train(
         # as the paper's code: an L2 penalty on the dense layer after the first dropout
         model.head_layers().first.W.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
 
-    x_all, y_all = dataset.train.x, dataset.train.y
-    idx_all = np.arange(len(y_all)) if subset is None else np.asarray(subset)
-    n = len(idx_all)
+    idx_all = np.arange(len(dataset.train)) if subset is None else np.asarray(subset)
     order_rng = np.random.default_rng(config.seed)
     mask_rng = make_rng(dev, [config.seed, 1])
+    t_start = time.perf_counter()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a diverging run ends below with one line, not warnings
+        return _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
+                       validate)
+
+
+def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
+            validate) -> TrainResult:
+    """The epochs of :func:`train`."""
+    x_all, y_all = dataset.train.x, dataset.train.y
+    n = len(idx_all)
     log = []
     steps_per_epoch = -(-n // config.batch_size)
     total_steps, step = config.epochs * steps_per_epoch, 0
-    t_start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         progress.start(f"epoch {epoch}/{config.epochs}", n)
         t0 = time.perf_counter()

@@ -26,6 +26,8 @@ RECIPES = {
     "b32-cos2e-3": ALConfig(batch_size=32, lr=2e-3, schedule="cosine"),
     "acquire": ALConfig(batch_size=32, lr=3e-3, schedule="cosine"),  # audit acquire's default
     "b32-cos5e-3": ALConfig(batch_size=32, lr=5e-3, schedule="cosine"),
+    "b32-cos7e-3": ALConfig(batch_size=32, lr=7e-3, schedule="cosine"),
+    "b32-cos1e-2": ALConfig(batch_size=32, lr=1e-2, schedule="cosine"),
 }
 
 
