@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,15 @@ from .train import TrainConfig, check_int, check_run_free, train
 
 from .alstate import _differing, go_on_from, read_results, resumable, stored_config
 from .curves import CURVE_COLUMNS, reach_table, reached
+
+
+# How `audit acquire` trains each round: Gal et al.'s CNN and 50 epochs, with the step size,
+# batch and batching chosen on a validation split carved from MNIST's training images
+# (bench/recipe.py; bench/README.md): batches of 32, Adam's step size falling from its peak
+# to 0 along half a cosine, near-equal batches. Their code: batch 128, a constant 1e-3.
+AL_TRAIN = TrainConfig(model="gal", epochs=50, batch_size=32, lr=3e-3, schedule="cosine", even_batches=True)
+# Gal et al.'s code, for reproductions (bench/al_mnist.py's default)
+PAPER_TRAIN = replace(AL_TRAIN, batch_size=128, lr=1e-3, schedule="constant", even_batches=False)
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,7 @@ class ALConfig:
     repeats: int = 1
     first_repeat: int = 0  # number the repeats from here: repeat k has the same start and seeds in any run
     seed: int = 0
-    model: str = "gal"
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 3e-3  # peak step size of the cosine schedule (the paper's code: 1e-3, constant)
-    schedule: str = "cosine"  # "constant": the paper's code
-    even_batches: bool = True  # near-equal batches per epoch (False: full ones and the remainder, as the paper's code)
+    train: TrainConfig = AL_TRAIN  # how each round trains (its seed and weight decay are set per round)
     weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
     stop_error: float | None = None  # end a strategy's repeat once its validation error is at most this
@@ -76,20 +80,39 @@ class ALConfig:
                              ("repeats", 1, None), ("first_repeat", 0, None), ("seed", 0, None),
                              ("batchbald_samples", 1, None)):
             check_int(name, getattr(self, name), lo, hi)
-        self.train_config(self.initial, self.seed)  # model, epochs, batch_size, lr, schedule: TrainConfig checks them
+        if not isinstance(self.train, TrainConfig):
+            raise bad_param("train", f"expected a TrainConfig, got {type(self.train).__name__}")
+        self.train_config(self.initial, self.seed)
         if self.stop_error is not None and not 0 < self.stop_error < 1:
             raise bad_param("stop_error", f"expected an error rate between 0 and 1, got {self.stop_error}")
         if self.pool_subset is not None and self.pool_subset < self.step:
             raise bad_param("pool_subset", f"expected at least --step ({self.step}), got {self.pool_subset}")
 
     def train_config(self, n_labelled: int, seed: int) -> TrainConfig:
+        """The training settings of a round with ``n_labelled`` images and ``seed``."""
         wd = self.weight_decay
         if wd is None:
             # Keras l2(c / N) with c = 3.5 adds 2c/N * w to the gradient
-            wd = 2 * 3.5 / n_labelled if self.model == "gal" else 0.0
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
-                           model=self.model, weight_decay=wd, schedule=self.schedule,
-                           even_batches=self.even_batches)
+            wd = 2 * 3.5 / n_labelled if self.train.model == "gal" else 0.0
+        return replace(self.train, seed=seed, weight_decay=wd)
+
+    def to_json(self) -> dict:
+        """run.json's ``config``: flat, as runs have always recorded it (``train``'s
+        fields beside the loop's; its seed is the loop's, set per round)."""
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k != "train"}
+        t = asdict(self.train)
+        for k in ("seed", "weight_decay"):
+            t.pop(k)
+        return {**d, **t}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ALConfig":
+        """The config of run.json's flat ``config`` (what :meth:`to_json` writes)."""
+        d = dict(d)
+        train_keys = set(TrainConfig.__dataclass_fields__) - {"seed", "weight_decay"}
+        t = {k: d.pop(k) for k in list(d) if k in train_keys}
+        d["strategies"] = tuple(d.get("strategies", ()))
+        return cls(**d, train=TrainConfig(**t))
 
 
 @dataclass(frozen=True)
@@ -253,7 +276,7 @@ def acquire_run(
         prior = resumable(store, config, dataset.fingerprint) if resume else None
         meta = runs.RunMeta(
             command="acquire", created=runs.now(),
-            config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            config=config.to_json(),
             seed=config.seed, data=runs.data_source(data, data_dir, dataset, run=store.path), device=str(device),
             versions=runs.versions(), complete=False,
         )

@@ -8,7 +8,6 @@ the labelled set there is every index acquired up to it.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 
@@ -100,7 +99,7 @@ def resumable(store: runs.RunStore, config: ALConfig, fingerprint: str) -> ALRes
     if meta.command != "acquire":
         raise AuditError(f"--resume: {run} is not an `audit acquire` run (its run.json says {meta.command!r})")
     old = stored_config(meta)
-    new = asdict(config)
+    new = config.to_json()
     diff = _differing(old, new)
     if diff:
         was = [_as_option(k, old.get(k)) if isinstance(old.get(k), bool) else f"{k} {old.get(k)!r}" for k in diff]

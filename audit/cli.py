@@ -357,13 +357,15 @@ def acquire(
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
     from .active import ALConfig, acquire_run
+    from .config import TrainConfig
     from .curves import last_accuracy
 
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
         rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, first_repeat=first_repeat,
-        seed=seed, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, stop_error=stop_at_error,
-        even_batches=even_batches,
+        seed=seed, stop_error=stop_at_error,
+        train=TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
+                          even_batches=even_batches),
     )
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, resume=resume, progress=BarProgress())

@@ -36,14 +36,14 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import audit  # noqa: F401
-from audit.active import ALConfig, _acquire_step, acquire_run, initial_set, pool_runs
+from audit.config import TrainConfig
+from audit.active import AL_TRAIN, ALConfig, _acquire_step, acquire_run, initial_set, pool_runs
 from audit.curves import last_accuracy, reach_table, versus
 from audit.data import load_dataset
 from audit.device import get_device
@@ -59,8 +59,8 @@ def time_rounds(cfg: ALConfig, sizes: list[int]) -> None:
     """Train, evaluate and score-and-acquire once at each labelled-set size (BALD)."""
     ds = load_dataset("mnist", download=False)
     dev = get_device("cpu")
-    print(f"one round at n labelled (model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-          f"lr {cfg.lr:g} {cfg.schedule}, "
+    print(f"one round at n labelled (model {cfg.train.model}, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
+          f"lr {cfg.train.lr:g} {cfg.train.schedule}, "
           f"T={cfg.samples}, pool subset {cfg.pool_subset}, evaluation on {len(ds.valid)}):")
     for n in sizes:
         labelled = initial_set(ds.train.y, n, ds.n_classes, np.random.default_rng(n))
@@ -87,9 +87,9 @@ def main() -> None:
     p.add_argument("--model", default="gal")
     p.add_argument("--epochs", type=int, default=50)
     # the paper's code trained so; audit acquire's defaults (32, 3e-3, cosine) train better on small sets
-    p.add_argument("--batch-size", type=int, default=128, help=f"audit acquire's default: {ALConfig.batch_size}")
-    p.add_argument("--lr", type=float, default=1e-3, help=f"audit acquire's default: {ALConfig.lr:g}")
-    p.add_argument("--schedule", default="constant", help=f"audit acquire's default: {ALConfig.schedule}")
+    p.add_argument("--batch-size", type=int, default=128, help=f"audit acquire's default: {AL_TRAIN.batch_size}")
+    p.add_argument("--lr", type=float, default=1e-3, help=f"audit acquire's default: {AL_TRAIN.lr:g}")
+    p.add_argument("--schedule", default="constant", help=f"audit acquire's default: {AL_TRAIN.schedule}")
     p.add_argument("--even-batches", action="store_true", help="near-equal batches per epoch (audit acquire's "
                    "default); without it full batches and the remainder, as Keras's fit in the paper's code")
     p.add_argument("--seed", type=int, default=0)
@@ -104,9 +104,10 @@ def main() -> None:
     if a.summarize:
         summarize(a.summarize.split(","))
         return
+    train = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, schedule=a.schedule,
+                        even_batches=a.even_batches)
     cfg = ALConfig(strategies=tuple(a.strategies.split(",")), rounds=a.rounds, repeats=a.repeats,
-                   pool_subset=a.pool_subset, samples=a.samples, model=a.model, epochs=a.epochs,
-                   batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, seed=a.seed, even_batches=a.even_batches,
+                   pool_subset=a.pool_subset, samples=a.samples, seed=a.seed, train=train,
                    first_repeat=a.first_repeat, stop_error=a.stop_at_error)
     if a.time_rounds:
         time_rounds(cfg, [int(n) for n in a.time_rounds.split(",")])
@@ -117,7 +118,7 @@ def main() -> None:
     res = acquire_run(Path(a.run), config=cfg, resume=a.resume, progress=Lines())
     wall = time.perf_counter() - t0
     print(f"\nup to {cfg.rounds} rounds x {len(cfg.strategies)} strategies x {cfg.repeats} repeats "
-          f"(from repeat {cfg.first_repeat + 1}), {settings(asdict(cfg))}, stop at error {cfg.stop_error}; "
+          f"(from repeat {cfg.first_repeat + 1}), {settings(cfg.to_json())}, stop at error {cfg.stop_error}; "
           f"wall {wall:.0f} s")
     print_table(res.curve, cfg.initial)
 

@@ -14,16 +14,17 @@ each seed's, one line per recipe and size.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import dataclasses
 import time
 
 import numpy as np
 
 import audit
-from audit.active import ALConfig, initial_set
+from audit.active import AL_TRAIN, PAPER_TRAIN, ALConfig, initial_set
 
 RECIPES = {
-    "paper": ALConfig(batch_size=128, lr=1e-3, schedule="constant"),
+    "paper": ALConfig(train=replace(PAPER_TRAIN, even_batches=True)),
     "acquire": ALConfig(),
 }
 

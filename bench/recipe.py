@@ -12,22 +12,23 @@ accuracy on the held-out images, each seed's, and the wall time.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import time
 
 import numpy as np
 
 import audit
-from audit.active import ALConfig, initial_set
+from audit.active import AL_TRAIN, PAPER_TRAIN, ALConfig, initial_set
 from audit.data import holdout
 
 RECIPES = {
-    "paper": ALConfig(batch_size=128, lr=1e-3, schedule="constant"),  # Gal et al.'s code
-    "b32": ALConfig(batch_size=32, lr=1e-3, schedule="constant"),
-    "b32-cos2e-3": ALConfig(batch_size=32, lr=2e-3, schedule="cosine"),
-    "acquire": ALConfig(batch_size=32, lr=3e-3, schedule="cosine"),  # audit acquire's default
-    "b32-cos5e-3": ALConfig(batch_size=32, lr=5e-3, schedule="cosine"),
-    "b32-cos7e-3": ALConfig(batch_size=32, lr=7e-3, schedule="cosine"),
-    "b32-cos1e-2": ALConfig(batch_size=32, lr=1e-2, schedule="cosine"),
+    "paper": ALConfig(train=replace(PAPER_TRAIN, even_batches=True)),  # Gal et al.'s code
+    "b32": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=1e-3, schedule="constant")),
+    "b32-cos2e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=2e-3, schedule="cosine")),
+    "acquire": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=3e-3, schedule="cosine")),  # audit acquire's default
+    "b32-cos5e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=5e-3, schedule="cosine")),
+    "b32-cos7e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=7e-3, schedule="cosine")),
+    "b32-cos1e-2": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=1e-2, schedule="cosine")),
 }
 
 
