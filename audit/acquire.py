@@ -59,6 +59,11 @@ def top_k(scores_N: np.ndarray, k: int) -> CandidateBatch:
     return CandidateBatch(order, scores_N[order])
 
 
+def random_batch(rng: np.random.Generator, n: int, k: int) -> CandidateBatch:
+    """k of n pool positions uniformly at random, without replacement (scores 0)."""
+    return CandidateBatch(rng.choice(n, size=k, replace=False), np.zeros(k, np.float32))
+
+
 def score_pool(mc_probs: np.ndarray, strategy: str) -> np.ndarray:
     """The per-image score a top-k strategy ranks by, (N, T, C) -> (N,)."""
     fn = {
@@ -78,8 +83,7 @@ def acquire(mc_probs: np.ndarray, strategy: str, k: int, *, seed: int = 0, num_s
         raise bad_param("strategy", f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     mc_probs = _check(mc_probs, k)
     if strategy == "random":
-        idx = np.random.default_rng(seed).choice(mc_probs.shape[0], size=k, replace=False)
-        return CandidateBatch(idx, np.zeros(k, np.float32))
+        return random_batch(np.random.default_rng(seed), mc_probs.shape[0], k)
     if strategy == "batchbald":
         return batchbald(mc_probs, k, num_samples=num_samples, seed=seed)
     return top_k(score_pool(mc_probs, strategy), k)

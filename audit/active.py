@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .acquire import STRATEGIES, acquire
+from .acquire import STRATEGIES, acquire, random_batch
 from .data import Dataset, load_dataset
 from .device import get_device
 from .errors import AuditError, bad_param
@@ -232,8 +232,9 @@ def _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev):
     rng = np.random.default_rng(_seed(config.seed, rep, rnd, 2))
     if config.pool_subset is not None and config.pool_subset < len(pool):
         pool = np.sort(rng.choice(pool, size=config.pool_subset, replace=False))
-    if strategy == "random":
-        return rng.choice(pool, size=config.step, replace=False), np.zeros(config.step)
+    if strategy == "random":  # no scoring: the same draw Generator.choice(pool) makes
+        batch = random_batch(rng, len(pool), config.step)
+        return pool[batch.indices], batch.scores
     r = mc_predict(model, dataset.train.x[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
                    masks="consistent" if strategy == "batchbald" else "independent", device=dev, return_mc=True)
     batch = acquire(r.mc_probs, strategy, config.step, seed=_seed(config.seed, rep, rnd, 4),

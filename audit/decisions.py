@@ -46,26 +46,17 @@ class Curated:
 
 
 def read_decisions(path: str | os.PathLike, data: bytes | None = None) -> pd.DataFrame:
-    """decisions.csv from ``path`` (or its already read ``data``), cells restored from
-    their spreadsheet-safe form."""
-    import io
-
-    from .csvsafe import restore_frame
+    """decisions.csv from ``path`` (or its already read ``data``), every cell as text,
+    restored from its spreadsheet-safe form."""
+    from .tables import parse_table, restore_frame
 
     path = Path(path)
     if data is None:
         if not path.is_file():
             raise AuditError(f"--decisions: {path} does not exist")
         data = path.read_bytes()
-    try:
-        df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise AuditError(f"--decisions: {path} is not a readable CSV ({str(e).strip().splitlines()[0]})") from None
-    missing = [c for c in ("split", "index", "action") if c not in df.columns]
-    if missing:
-        raise AuditError(
-            f"--decisions: {path} lacks column(s) {', '.join(missing)}; expected {','.join(DECISION_COLUMNS)}"
-        )
+    df = parse_table(data, path, ("split", "index", "action"),
+                     hint=f"; expected {','.join(DECISION_COLUMNS)}", dtype=str, keep_default_na=False)
     for c in ("path", "new_label"):
         if c not in df.columns:
             df[c] = ""

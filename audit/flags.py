@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import metrics
 from .errors import AuditError, bad_param
 
 FLAGS = ("mislabeled", "ambiguous")
@@ -75,13 +76,9 @@ def flag_issues(
     names = list(class_names) if class_names is not None else [str(c) for c in range(probs.shape[1])]
 
     out = scores.drop(columns=[c for c in ("mislabel_score", "flag", "suggested_label", "reason") if c in scores])
-    rows = np.arange(len(labels))
-    given = probs[rows, labels]
-    others = probs.copy()
-    others[rows, labels] = -np.inf
-    other = others.argmax(axis=1)  # the strongest class other than the label
-    p_other = others.max(axis=1)
-    ml_score = p_other - given
+    given = probs[np.arange(len(labels)), labels]
+    other, p_other = metrics.strongest_other(probs, labels)  # the strongest class other than the label
+    ml_score = -metrics.margin(probs, labels)
 
     mislabeled = p_other >= config.confidence
     ambiguous = ~mislabeled & (given < config.confidence)

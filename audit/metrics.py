@@ -80,11 +80,19 @@ def margin(probs, labels):
     Negative: the model prefers another class. *Lower* is more suspicious.
     """
     xp = get_array_module(probs)
+    given = probs[xp.arange(probs.shape[0]), labels]
+    return given - strongest_other(probs, labels)[1]
+
+
+def strongest_other(probs, labels):
+    """The class other than the label with the highest p̄, and that p̄: (N, C), (N,) ->
+    ((N,) int, (N,)). The class a relabelling would suggest."""
+    xp = get_array_module(probs)
     rows = xp.arange(probs.shape[0])
-    given = probs[rows, labels]
     others = probs.copy()
     others[rows, labels] = -xp.inf
-    return given - others.max(axis=1)
+    other = others.argmax(axis=1)  # (N, C) -> (N,)
+    return other, others[rows, other]
 
 
 def pred(probs):

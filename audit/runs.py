@@ -54,6 +54,7 @@ import chainer
 
 from .errors import AuditError
 from .model import MCDropoutNet, ModelSpec, model_from_spec
+from .tables import parse_table, read_table  # noqa: F401 (read_table: re-exported for the benches)
 
 # ------------------------------------------------------------------------- file names
 
@@ -341,7 +342,7 @@ def model_bytes(model: MCDropoutNet) -> bytes:
 
 def csv_bytes(df, **kw) -> bytes:
     """A DataFrame as CSV bytes; text cells are neutralised against formula injection."""
-    from .csvsafe import neutralise_frame
+    from .tables import neutralise_frame
 
     return neutralise_frame(df).to_csv(index=False, float_format="%.6g", **kw).encode()
 
@@ -860,45 +861,6 @@ class Transaction:
         store._apply(self.stage, plan)
         _step("published")
         return meta
-
-
-# ------------------------------------------------------------------------------ CSVs
-
-
-def parse_table(data: bytes, path: Path, columns, *, hint: str = "", numeric=(), **read_kw):
-    """CSV bytes as a DataFrame; one clear line if unreadable, short of ``columns``, or
-    not numeric where ``numeric`` says."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(io.BytesIO(data), **read_kw)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise AuditError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[0]})") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise AuditError(f"{path}: missing column(s) {', '.join(missing)}{hint}")
-    for c in numeric:
-        if pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype):
-            continue
-        col = pd.to_numeric(df[c], errors="coerce")
-        bad = (col.isna() & ~df[c].astype(str).str.lower().isin(["nan", ""])).to_numpy()
-        if bad.any():
-            i = int(bad.nonzero()[0][0])
-            raise AuditError(f"{path}: column {c!r}, line {i + 2}: expected a number, found {str(df[c].iloc[i])[:40]!r}")
-        df[c] = col
-    return df
-
-
-def read_table(path: str | os.PathLike, columns, *, hint: str = "", numeric=(), **read_kw):
-    """A CSV outside any run (a user's file) as a DataFrame, with one-line errors."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AuditError(f"{path}: does not exist") from None
-    except IsADirectoryError:
-        raise AuditError(f"{path}: is a folder, not a CSV file") from None
-    return parse_table(data, path, columns, hint=hint, numeric=numeric, **read_kw)
 
 
 def free_space_hint(e: OSError) -> str:

@@ -278,7 +278,7 @@ def write_scores(txn: runs.Transaction, scores: pd.DataFrame, probs: np.ndarray,
 def read_scores(store: runs.RunStore, columns=("split", "index", "label", "pred"), hint: str = "; rerun `audit score`"):
     """scores.csv of a scored run, checked: the columns, numbers where numbers belong,
     labels and indices within the run's data."""
-    from .csvsafe import restore_frame
+    from .tables import restore_frame
 
     if not store.has(runs.SCORES):
         raise AuditError(f"--run: {store.path} has no {runs.SCORES}; run `audit score --run {store.path}` first")

@@ -55,10 +55,24 @@ def test_duplicate_decisions(shapes_npz):
         apply_decisions(audit.load_dataset(shapes_npz), d)
 
 
+FLIPPED = np.arange(0, 300, 20)  # 15 training labels planted wrong, so the flags have something to find
+
+
 @pytest.fixture(scope="module")
-def scored(shapes_npz, tmp_path_factory):
+def noisy_npz(shapes_npz, tmp_path_factory):
+    with np.load(shapes_npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["y_train"] = arrays["y_train"].copy()
+    arrays["y_train"][FLIPPED] = (arrays["y_train"][FLIPPED] + 1) % 3
+    path = tmp_path_factory.mktemp("noisy") / "noisy.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored(noisy_npz, tmp_path_factory):
     run = tmp_path_factory.mktemp("cur") / "src"
-    for args in (["train", "--data", str(shapes_npz), "--run", str(run), "--epochs", "3", "--batch-size", "32", "--lr", "1e-3"],
+    for args in (["train", "--data", str(noisy_npz), "--run", str(run), "--epochs", "3", "--batch-size", "32", "--lr", "1e-3"],
                  ["score", "--run", str(run), "--samples", "4", "--confidence", "0.34"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, r.output
@@ -98,12 +112,16 @@ def test_retrain_with_decisions_then_score_the_curated_run(scored, tmp_path):
 
 def test_retrain_drop_flagged(scored, tmp_path):
     scores = pd.read_csv(scored / "scores.csv", keep_default_na=False)
-    n_flagged = int(((scores.split == "train") & (scores.flag != "")).sum())
+    flagged = scores[(scores.split == "train") & (scores.flag != "")]
+    n_flagged = len(flagged)
+    assert n_flagged >= 10 and len(set(flagged["index"]) & set(FLIPPED)) >= 10  # the planted flips among them
     out = tmp_path / "dropped"
     r = runner.invoke(app, ["retrain", "--run", str(scored), "--drop-flagged", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert f"applied: {n_flagged} dropped" in r.output
     assert json.loads((out / "run.json").read_text())["data"]["subset"]["n"] == 300 - n_flagged
+    kept = set(int(v) for v in (out / "subset.txt").read_text().split())
+    assert not kept & set(flagged["index"])  # exactly the flagged images dropped
 
 
 @pytest.mark.parametrize(
@@ -112,7 +130,7 @@ def test_retrain_drop_flagged(scored, tmp_path):
         ("split,index,path,action,new_label\ntrain,5000,,drop,\n", "train index 5000 is out of range"),
         ("split,index,path,action,new_label\ntrain,1,,relabel,zebra\n", "new_label 'zebra' is not a class"),
         ("split,index,path,action,new_label\ntrain,1,,burn,\n", "action 'burn' is not one of"),
-        ("split,action\ntrain,drop\n", "lacks column(s) index"),
+        ("split,action\ntrain,drop\n", "missing column(s) index"),
     ],
 )
 def test_retrain_refuses_bad_decisions_and_trains_nothing(scored, tmp_path, content, fragment):

@@ -731,7 +731,7 @@ def test_user_text_in_csvs_is_neutralised(tmp_path):
 
 
 def test_csv_neutralise_round_trips():
-    from audit.csvsafe import neutralise, restore
+    from audit.tables import neutralise, restore
 
     for cell in ["=1+2", "+x", "-1.png", "@a", "\tt", "\rr", "'=x", "''=x", "plain", "'quoted", "", "a=b"]:
         assert restore(neutralise(cell)) == cell

@@ -66,10 +66,71 @@ def test_consistent_masks_are_shared_by_all_images(model, images):
     assert m1.shape == (1, 6, 1000)
 
 
-def test_dropout_off_in_the_trunk_and_global_flag_untouched(model, images):
+@pytest.mark.parametrize("arch", ["origin", "gal"])
+def test_dropout_off_in_the_trunk_and_global_flag_untouched(images, arch):
+    """The trunk is deterministic even with chainer's train flag on, and MC dropout is
+    the head's alone: with the head's dropout ratios at 0 every pass is the deterministic
+    network, exactly; the global flag is never switched."""
+    from audit.model import GalCNN, OriginCNN
+
+    shape = images.shape[1:]
+    m = OriginCNN(3, shape, dropout=0.0) if arch == "origin" else GalCNN(3, shape, dropout=0.0, dropout_conv=0.0)
+    x = audit.data.to_float32(images[:4])
     assert chainer.config.train is True
-    mc.mc_predict(model, images[:3], samples=2)
+    with chainer.no_backprop_mode():
+        a, b = m.trunk(x).array, m.trunk(x).array
+        with chainer.using_config("train", False):
+            off = m.trunk(x).array
+            logits = m(x).array
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, off, rtol=1e-6)
+    r = mc.mc_predict(m, images[:4], samples=5, return_mc=True)
     assert chainer.config.train is True
+    want = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    for t in range(5):
+        np.testing.assert_allclose(r.mc_probs[:, t], want, rtol=1e-5, atol=1e-6)
+    # with dropout on, passes differ: the test above would see a trunk that dropped units
+    r = mc.mc_predict(model_with_dropout(shape), images[:4], samples=5, return_mc=True)
+    assert np.abs(r.mc_probs[:, 0] - r.mc_probs[:, 1]).max() > 1e-4
+
+
+def model_with_dropout(shape):
+    return audit.build_model(3, shape)
+
+
+class _FakeOOM(Exception):
+    """What a GPU's allocator raises when a batch does not fit (a stand-in for CuPy's)."""
+
+
+def test_out_of_memory_halves_the_batch(monkeypatch):
+    """_run_device on a stand-in device that fails any batch over 16 images: it halves
+    until batches fit, then covers every image once, in order."""
+    monkeypatch.setattr(mc, "_is_out_of_memory", lambda e: isinstance(e, _FakeOOM))
+    tried, stored = [], []
+
+    def worker(start, stop):
+        tried.append(stop - start)
+        if stop - start > 16:
+            raise _FakeOOM("out of memory allocating 1 GB")
+        return {"probs": np.zeros((stop - start, 3))}, None
+
+    mc._run_device(worker, 100, 128, lambda s, e, scores, probs: stored.append((s, e)))
+    assert tried[:4] == [100, 64, 32, 16]
+    assert stored[0] == (0, 16) and stored[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(stored, stored[1:]))  # contiguous, no image twice
+
+    def always(start, stop):
+        raise _FakeOOM("no memory at all")
+
+    with pytest.raises(_FakeOOM):  # a batch of one that does not fit is not retried forever
+        mc._run_device(always, 10, 8, lambda *a: None)
+
+    def other(start, stop):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError):  # other errors are not mistaken for memory
+        mc._run_device(other, 10, 8, lambda *a: None)
 
 
 def test_mask_rate_and_blocks():

@@ -1,4 +1,9 @@
-"""CSV cells safe to open in a spreadsheet (OWASP, "CSV Injection").
+"""CSV tables: read with one-line errors, written safe to open in a spreadsheet.
+
+Reading: :func:`parse_table` and :func:`read_table` give one clear line for a file that
+is not CSV, lacks a column, or holds text where a number belongs.
+
+Writing (OWASP, "CSV Injection"):
 
 A cell that begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is read by
 Excel, LibreOffice and Google Sheets as a formula. Every text cell audit writes from
@@ -10,6 +15,12 @@ text columns are touched, and a negative number is not text.
 """
 
 from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from .errors import AuditError
 
 DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -53,3 +64,39 @@ def restore_frame(df, columns=None):
         if c in df.columns and _is_text(df[c]):
             df[c] = [restore(v) for v in df[c]]
     return df
+
+
+def parse_table(data: bytes, path: Path, columns, *, hint: str = "", numeric=(), **read_kw):
+    """CSV bytes as a DataFrame; one clear line if unreadable, short of ``columns``, or
+    not numeric where ``numeric`` says."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(io.BytesIO(data), **read_kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise AuditError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[0]})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise AuditError(f"{path}: missing column(s) {', '.join(missing)}{hint}")
+    for c in numeric:
+        if pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype):
+            continue
+        col = pd.to_numeric(df[c], errors="coerce")
+        bad = (col.isna() & ~df[c].astype(str).str.lower().isin(["nan", ""])).to_numpy()
+        if bad.any():
+            i = int(bad.nonzero()[0][0])
+            raise AuditError(f"{path}: column {c!r}, line {i + 2}: expected a number, found {str(df[c].iloc[i])[:40]!r}")
+        df[c] = col
+    return df
+
+
+def read_table(path: str | os.PathLike, columns, *, hint: str = "", numeric=(), **read_kw):
+    """A CSV outside any run (a user's file) as a DataFrame, with one-line errors."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AuditError(f"{path}: does not exist") from None
+    except IsADirectoryError:
+        raise AuditError(f"{path}: is a folder, not a CSV file") from None
+    return parse_table(data, path, columns, hint=hint, numeric=numeric, **read_kw)
