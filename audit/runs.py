@@ -54,7 +54,7 @@ import chainer
 
 from .errors import AuditError
 from .model import MCDropoutNet, ModelSpec, model_from_spec
-from .tables import parse_table, read_table  # noqa: F401 (read_table: re-exported for the benches)
+from .tables import parse_table
 
 # ------------------------------------------------------------------------- file names
 

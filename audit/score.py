@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import metrics, runs
-from .data import SPLITS, Dataset, load_dataset
+from .data import SPLITS, Dataset
 from .device import describe, get_device
 from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues

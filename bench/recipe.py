@@ -25,7 +25,8 @@ RECIPES = {
     "paper": ALConfig(train=replace(PAPER_TRAIN, even_batches=True)),  # Gal et al.'s code
     "b32": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=1e-3, schedule="constant")),
     "b32-cos2e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=2e-3, schedule="cosine")),
-    "acquire": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=3e-3, schedule="cosine")),  # audit acquire's default
+    "b32-cos3e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=3e-3, schedule="cosine")),  # the default before
+    "acquire": ALConfig(train=AL_TRAIN),  # audit acquire's default: batch 32, cosine from 5e-3
     "b32-cos5e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=5e-3, schedule="cosine")),
     "b32-cos7e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=7e-3, schedule="cosine")),
     "b32-cos1e-2": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=1e-2, schedule="cosine")),
@@ -34,7 +35,7 @@ RECIPES = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", default="paper,b32,acquire", help=f"comma-separated: {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default="paper,b32,b32-cos2e-3,b32-cos3e-3,b32-cos5e-3,b32-cos7e-3,b32-cos1e-2", help=f"comma-separated: {', '.join(RECIPES)}")
     p.add_argument("--sizes", default="100,300,500", help="labelled-set sizes")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--holdout", type=int, default=10000, help="training images held out for validation")

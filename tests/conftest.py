@@ -42,14 +42,33 @@ def make_shapes(n_per_class: int, *, size: int = 16, seed: int = 0, channels: in
     return x[perm], np.array(ys, dtype=np.int64)[perm]
 
 
+def write_shapes_npz(path: Path, n_train: int, n_valid: int, seeds=(1, 2), **override) -> Path:
+    """An .npz of make_shapes' three classes: n_train and n_valid images per class."""
+    x_train, y_train = make_shapes(n_train, seed=seeds[0])
+    x_valid, y_valid = make_shapes(n_valid, seed=seeds[1])
+    arrays = dict(x_train=x_train[:, 0], y_train=y_train, x_valid=x_valid[:, 0], y_valid=y_valid)
+    np.savez(path, **{**arrays, **override})
+    return path
+
+
+def assert_one_line_error(result, *fragments, code=None) -> str:
+    """A CliRunner result that failed with exactly one ``error:`` line holding every
+    fragment, and no traceback; returns that line."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
+
+
 @pytest.fixture(scope="session")
 def shapes_npz(tmp_path_factory) -> Path:
     """A 3-class .npz: 300 train and 90 valid 16x16 greyscale images."""
-    path = tmp_path_factory.mktemp("data") / "shapes.npz"
-    x_train, y_train = make_shapes(100, seed=1)
-    x_valid, y_valid = make_shapes(30, seed=2)
-    np.savez(path, x_train=x_train[:, 0], y_train=y_train, x_valid=x_valid[:, 0], y_valid=y_valid)
-    return path
+    return write_shapes_npz(tmp_path_factory.mktemp("data") / "shapes.npz", 100, 30)
 
 
 @pytest.fixture(scope="session")

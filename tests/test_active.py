@@ -153,7 +153,7 @@ def test_acquire_command(shapes_npz, tmp_path):
     assert list(pd.read_csv(run / "acquired.csv").columns) == ["strategy", "repeat", "round", "index", "score"]
     meta = json.loads((run / "run.json").read_text())
     assert meta["complete"] and set(meta["results"]) == {"varratio", "meanstd"}
-    assert (meta["config"]["schedule"], meta["config"]["lr"], meta["config"]["even_batches"]) == ("constant", 3e-3, True)
+    assert (meta["config"]["schedule"], meta["config"]["lr"], meta["config"]["even_batches"]) == ("constant", 5e-3, True)
     r = runner.invoke(app, args)  # the run exists now
     assert r.exit_code == 1 and "already exists" in r.output
     r = runner.invoke(app, args[:-2] + ["--model", "vgg", "--overwrite"])
@@ -361,7 +361,7 @@ def test_resume_in_the_command(shapes_npz, tmp_path):
     _same(pd.read_csv(run / "acquired.csv"), pd.read_csv(fresh / "acquired.csv"), ["round", "index"])
     # other settings than the run's: refused, the run untouched
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--lr", "0.01", rounds=3))
-    assert r.exit_code == 2 and "--resume: " in r.output and "lr 0.003" in r.output and "0.01" in r.output
+    assert r.exit_code == 2 and "--resume: " in r.output and "lr 0.005" in r.output and "0.01" in r.output
     assert pd.read_csv(run / "al_curve.csv")["round"].tolist() == [0, 1, 2]
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--no-even-batches", rounds=3))
     assert r.exit_code == 2 and "made with --even-batches; this command has --no-even-batches" in r.output

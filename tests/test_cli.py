@@ -20,16 +20,7 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments, code=None):
-    assert result.exit_code != 0, result.output
-    if code is not None:
-        assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1, result.output
-    for f in fragments:
-        assert f in errors[0], errors[0]
+from conftest import assert_one_line_error  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import audit
 from audit import runs
 from audit.cli import app
 
-from conftest import make_shapes
+from conftest import assert_one_line_error, make_shapes, write_shapes_npz
 
 runner = CliRunner()
 FAST = ["--epochs", "2", "--batch-size", "32", "--lr", "1e-3"]
@@ -45,16 +44,7 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def one_line_error(r, *fragments, code=None):
-    assert r.exit_code != 0, r.output
-    if code is not None:
-        assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output, r.output
-    errors = [ln for ln in r.output.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, r.output
-    for f in fragments:
-        assert f in errors[0], errors[0]
-    return errors[0]
+one_line_error = assert_one_line_error
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
@@ -128,11 +118,7 @@ def leftovers(run: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A small 3-class .npz: 60 train and 30 valid 16x16 images."""
-    path = tmp_path_factory.mktemp("faults") / "small.npz"
-    x_train, y_train = make_shapes(20, seed=11)
-    x_valid, y_valid = make_shapes(10, seed=12)
-    np.savez(path, x_train=x_train[:, 0], y_train=y_train, x_valid=x_valid[:, 0], y_valid=y_valid)
-    return path
+    return write_shapes_npz(tmp_path_factory.mktemp("faults") / "small.npz", 20, 10, seeds=(11, 12))
 
 
 @pytest.fixture(scope="module")
@@ -596,12 +582,7 @@ def test_run_before_the_store_still_works(scored):
 
 
 def _npz(path, **over):
-    x_train, y_train = make_shapes(10, seed=3)
-    x_valid, y_valid = make_shapes(4, seed=4)
-    arrays = dict(x_train=x_train[:, 0], y_train=y_train, x_valid=x_valid[:, 0], y_valid=y_valid)
-    arrays.update(over)
-    np.savez(path, **arrays)
-    return path
+    return write_shapes_npz(path, 10, 4, seeds=(3, 4), **over)
 
 
 def test_label_of_2_to_the_40_is_refused(tmp_path):
@@ -736,3 +717,24 @@ def test_csv_neutralise_round_trips():
     for cell in ["=1+2", "+x", "-1.png", "@a", "\tt", "\rr", "'=x", "''=x", "plain", "'quoted", "", "a=b"]:
         assert restore(neutralise(cell)) == cell
         assert not neutralise(cell).startswith(("=", "+", "-", "@", "\t", "\r"))
+
+
+def test_read_only_file_system_for_real(template, tmp_path):
+    """A run on a file system mounted read-only (as root ignores permissions, a real
+    read-only mount is the honest test): one line, nothing changed."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.system(f"mount -t tmpfs -o size=64m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
+    try:
+        run = mnt / "runs" / "r"
+        shutil.copytree(template, run)
+        assert os.system(f"mount -o remount,ro {mnt}") == 0
+        before = snapshot(run)
+        one_line_error(invoke("flag", "--run", run), "Read-only file system", "not writable", code=1)
+        one_line_error(invoke("score", "--run", run, *SCORE), "not writable", code=1)
+        assert snapshot(run) == before
+        r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "2")  # reading works
+        assert r.exit_code == 0, r.output
+    finally:
+        os.system(f"umount {mnt}")

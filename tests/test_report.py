@@ -20,7 +20,7 @@ from audit.report import METRICS, render_report, report_context, write_report
 from conftest import make_shapes
 
 runner = CliRunner()
-EVIL = "<script>alert(1)</script>"
+EVIL = "=<script>alert(1)</script>"  # markup, and a formula to a spreadsheet
 TOP = 5
 TRAIN_FLIPS = [3, 50, 100, 150]
 VALID_FLIPS = [0, 7, 20]
@@ -246,7 +246,7 @@ def test_review_decisions_export_and_retrain(scored_run, tmp_path, browser):
     assert got == {
         ("train", TRAIN_FLIPS[0], "keep", ""),
         ("train", TRAIN_FLIPS[1], "drop", ""),
-        ("train", TRAIN_FLIPS[2], "relabel", EVIL),
+        ("train", TRAIN_FLIPS[2], "relabel", "'" + EVIL),  # neutralised: a spreadsheet shows it as text
     }
     assert errors == []
 
