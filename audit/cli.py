@@ -249,13 +249,22 @@ def score(
         f"{result.accuracy:.4f}; mean entropy {df['entropy'].mean():.4f}",
         markup=False,
     )
-    _print_flags(df)
+    _print_flags(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
 
 
-def _print_flags(df) -> None:
-    counts = df[df["flag"] != ""].groupby(["split", "flag"]).size()
-    text = ", ".join(f"{s} {f} {n:,}" for (s, f), n in counts.items()) or "none"
+def _print_flags(run: Path) -> None:
+    """The flag counts of run.json, and what --flag-top left out."""
+    from .runs import RunStore
+
+    summary = RunStore(run).meta().flags or {}
+    counts = {k: n for k, n in summary.get("counts", {}).items() if not k.endswith("/none")}
+    text = ", ".join(f"{k.replace('/', ' ')} {n:,}" for k, n in counts.items()) or "none"
+    cut = summary.get("left_out") or {}
+    if cut:
+        text += (f"; {sum(cut.values()):,} more left out by --flag-top {summary.get('flag_top')} "
+                 f"({', '.join(f'{k.replace(chr(47), chr(32))} {n:,}' for k, n in cut.items())}; "
+                 "--flag-top 0 keeps all)")
     err.print(f"flagged: {text}", markup=False)
 
 
@@ -270,8 +279,8 @@ def flag(
     from .flags import FlagConfig
     from .score import flag_run
 
-    df = flag_run(run, flags=FlagConfig(confidence=confidence, flag_top=flag_top or None))
-    _print_flags(df)
+    flag_run(run, flags=FlagConfig(confidence=confidence, flag_top=flag_top or None))
+    _print_flags(run)
     typer.echo(f"flags written to {run}/scores.csv")
 
 

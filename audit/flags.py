@@ -80,9 +80,7 @@ def flag_issues(
     other, p_other = metrics.strongest_other(probs, labels)  # the strongest class other than the label
     ml_score = -metrics.margin(probs, labels)
 
-    mislabeled = p_other >= config.confidence
-    ambiguous = ~mislabeled & (given < config.confidence)
-    flag = np.where(mislabeled, "mislabeled", np.where(ambiguous, "ambiguous", ""))
+    flag = uncapped_flags(probs, labels, config.confidence)
 
     if config.flag_top is not None:
         # keep the flag_top most suspicious of each kind per split and class
@@ -106,6 +104,31 @@ def flag_issues(
     out["flag"] = flag
     out["suggested_label"] = np.where(flag != "", other, -1).astype(np.int64)
     out["reason"] = reasons
+    return out
+
+
+def uncapped_flags(probs: np.ndarray, labels: np.ndarray, confidence: float) -> np.ndarray:
+    """The flag of every row before ``flag_top`` caps them: (N, C), (N,) -> (N,) of
+    "mislabeled", "ambiguous" or ""."""
+    given = probs[np.arange(len(labels)), labels]
+    mislabeled = metrics.strongest_other(probs, labels)[1] >= confidence
+    ambiguous = ~mislabeled & (given < confidence)
+    return np.where(mislabeled, "mislabeled", np.where(ambiguous, "ambiguous", ""))
+
+
+def left_out(scores: pd.DataFrame, probs: np.ndarray, config: FlagConfig) -> dict[str, int]:
+    """How many flags ``config.flag_top`` left out, per "split/kind" (none: empty): what
+    :func:`flag_issues` would have flagged without the cap, less what it kept."""
+    labels = scores["label"].to_numpy().astype(np.int64)
+    every = uncapped_flags(np.asarray(probs, np.float32), labels, config.confidence)
+    kept = scores["flag"].to_numpy()
+    out = {}
+    for split in dict.fromkeys(scores["split"]):
+        rows = scores["split"].to_numpy() == split
+        for kind in FLAGS:
+            n = int(((every == kind) & rows).sum() - ((kept == kind) & rows).sum())
+            if n:
+                out[f"{split}/{kind}"] = n
     return out
 
 

@@ -194,6 +194,9 @@ def report_context(
         "class_names": names,
         "has_flags": has_flags,
         "n_flagged": {f: int((flagged["flag"] == f).sum()) for f in ("mislabeled", "ambiguous")},
+        "left_out": {k.split("/", 1)[1]: n for k, n in ((meta.flags or {}).get("left_out") or {}).items()
+                     if k.startswith(f"{split}/")},
+        "flag_top": (meta.flags or {}).get("flag_top"),
         "pairs": pair_counts(flagged, names) if has_flags else [],
         "provenance": {
             "created": meta.created,

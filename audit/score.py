@@ -260,7 +260,7 @@ def score_run(
         }
         with store.transaction() as txn:
             write_scores(txn, result.scores, result.probs, dataset.class_names)
-            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, flags), versions=runs.versions()))
+            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, result.probs, flags), versions=runs.versions()))
     return result
 
 
@@ -308,12 +308,17 @@ def read_scores(store: runs.RunStore, columns=("split", "index", "label", "pred"
     return restore_frame(df, [c for c in ("path", "reason") if c in df.columns])
 
 
-def flag_summary(scores: pd.DataFrame, config: FlagConfig) -> dict:
+def flag_summary(scores: pd.DataFrame, probs: np.ndarray, config: FlagConfig) -> dict:
+    """run.json's ``flags``: the settings, the counts per split and kind, and how many
+    flags ``flag_top`` left out (so a capped worklist never looks complete)."""
+    from .flags import left_out
+
     counts = scores.groupby(["split", "flag"]).size()
     return {
         "confidence": config.confidence,
         "flag_top": config.flag_top,
         "counts": {f"{s}/{f or 'none'}": int(n) for (s, f), n in counts.items()},
+        "left_out": left_out(scores, probs, config),
     }
 
 
@@ -335,5 +340,5 @@ def flag_run(run: str | os.PathLike = "runs/default", *, flags: FlagConfig = Fla
         meta = store.meta()
         with store.transaction() as txn:
             write_scores(txn, scores, probs, names)
-            txn.commit(meta.evolve(flags=flag_summary(scores, flags)))
+            txn.commit(meta.evolve(flags=flag_summary(scores, probs, flags)))
     return scores

@@ -154,3 +154,28 @@ def test_flag_command_recomputes(scored):
     sizes = df[df.flag != ""].groupby(["split", "label", "flag"]).size()
     assert len(sizes) >= 3 and sizes.max() == 1
     assert json.loads((scored / "run.json").read_text())["flags"]["confidence"] == 0.999
+
+
+def test_flags_left_out_by_flag_top_are_said(scored, tmp_path):
+    """--flag-top never cuts silently: the line, run.json and the report say how many."""
+    from audit.flags import FlagConfig, flag_issues
+
+    r = runner.invoke(app, ["flag", "--run", str(scored), "--confidence", "0.34", "--flag-top", "1"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(scored / "scores.csv", keep_default_na=False)
+    with np.load(scored / "mc_summary.npz") as z:
+        probs = z["probs"]
+    every = flag_issues(df, probs, config=FlagConfig(confidence=0.34, flag_top=None))
+    n_cut = int((every.flag != "").sum() - (df.flag != "").sum())
+    assert n_cut > 0
+    left = json.loads((scored / "run.json").read_text())["flags"]["left_out"]
+    assert sum(left.values()) == n_cut
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("flagged: "))
+    assert f"{n_cut:,} more left out by --flag-top 1" in line and "--flag-top 0 keeps all" in line
+    r = runner.invoke(app, ["report", "--run", str(scored), "--split", "train", "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert f"{sum(v for k, v in left.items() if k.startswith('train/'))} more flags left out by --flag-top 1" in html
+    r = runner.invoke(app, ["flag", "--run", str(scored), "--confidence", "0.34", "--flag-top", "0"])
+    assert "left out" not in r.output
+    assert json.loads((scored / "run.json").read_text())["flags"]["left_out"] == {}
