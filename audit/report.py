@@ -103,10 +103,7 @@ def report_context(
     progress = progress or NullProgress()
     store = runs.RunStore(run).require()
     run = store.path
-    if top < 1:
-        raise bad_param("top", f"expected at least 1 image per grid, got {top}")
-    if metric not in METRICS:
-        raise bad_param("metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
+    check_options(top, metric)
     meta = store.meta()
     scores = read_scores(store, ("split", "index", "label", "pred", *METRICS))
     if split not in set(scores["split"]):
@@ -213,6 +210,13 @@ def report_context(
     }
 
 
+def check_options(top: int, metric: str) -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise bad_param("top", f"expected at least 1 image per grid, got {top}")
+    if metric not in METRICS:
+        raise bad_param("metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
+
+
 def render_report(context: dict, template: str = TEMPLATE) -> str:
     return environment().get_template(template).render(**context)
 
@@ -301,6 +305,7 @@ def write_report(
     run_list = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     if not run_list:
         raise AuditError("--run: expected a run folder, got none", usage=True)
+    check_options(top, metric)
     if len(run_list) == 1:
         runs.RunStore(run_list[0]).require()
     if out is None:  # named after the run folder itself, also for --run .. or --run .
