@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from .train import TrainConfig, check_int, check_run_free, train
 from .alstate import _differing, go_on_from, read_results, resumable, stored_config
 from .curves import CURVE_COLUMNS, reach_table, reached
 
+
+if TYPE_CHECKING:
+    from .cluster import ClusterConfig
 
 # How `audit acquire` trains each round: Gal et al.'s CNN and 50 epochs, with the step size,
 # batch and batching chosen on a validation split carved from MNIST's training images
@@ -249,6 +252,7 @@ def acquire_run(
     device: str = "cpu",
     overwrite: bool = False,
     resume: bool = False,
+    cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
 ) -> ALResult:
     """Run the loops and commit RUN/al_curve.csv, acquired.csv and run.json after every
@@ -258,12 +262,21 @@ def acquire_run(
     ``resume``: go on with the run already in RUN (interrupted, or to take it further:
     more rounds, a lower ``stop_error``, more repeats or strategies); its settings
     must be those of ``config`` but for those four. Nothing is written before the
-    first round of a resume ends, so a refused or failed resume leaves the run as it was."""
+    first round of a resume ends, so a refused or failed resume leaves the run as it was.
+
+    ``cluster``: each (strategy, repeat) curve is a Dask piece (:mod:`audit.cluster`),
+    committed as it finishes; the curves are those of one in-process run."""
+    from .cluster import ClusterConfig, connect
+
+    cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
     get_device(device)
     if resume and overwrite:
         raise AuditError("--resume and --overwrite: expected one of them, got both", usage=True)
-    with store.writing():
+    if not cluster.in_process and device != "cpu":
+        raise AuditError("--device: Dask workers train on their CPU here; leave out --device, or --workers and "
+                         "--scheduler", usage=True)
+    with store.writing(), connect(cluster) as client:
         if resume:
             if not store.path.exists():
                 raise AuditError(f"--resume: {store.path} does not exist, so there is nothing to go on with; "
@@ -293,10 +306,72 @@ def acquire_run(
                 txn.write_csv(runs.ACQUIRED, res.acquired)
                 meta = txn.commit(meta.evolve(**fields))
 
-        result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save, prior=prior)
+        if client is None:
+            result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save,
+                                         prior=prior)
+        else:
+            result = _curves_on_cluster(client, meta.data, data_dir, config, prior, save, progress or NullProgress())
         save(result, complete=True, timings={"seconds": round(time.perf_counter() - t0, 3)},
              results=reach_table(result.curve, config.initial))
     return result
+
+
+def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfig, prior: ALResult | None,
+                       save: Callable[[ALResult], None], progress: Progress) -> ALResult:
+    """Every (strategy, repeat) curve as a Dask piece; each goes on from its rows in
+    ``prior``, and the run is committed as each finishes."""
+    from .cluster import run_pieces
+
+    last_rep = config.first_repeat + config.repeats
+    keys = [(s, rep) for rep in range(config.first_repeat, last_rep) for s in config.strategies]
+
+    def rows(df: pd.DataFrame | None, s: str, rep: int) -> list[dict]:
+        if df is None or df.empty:
+            return []
+        return df[(df.strategy == s) & (df.repeat == rep)].to_dict("records")
+
+    done: dict = {}
+    kept_c, kept_a = [], []  # rows of strategies and repeats this command does not run
+    if prior is not None:
+        for df, out in ((prior.curve, kept_c), (prior.acquired, kept_a)):
+            if not df.empty:
+                mine = df.strategy.isin(config.strategies) & df.repeat.between(config.first_repeat, last_rep - 1)
+                out += df[~mine].to_dict("records")
+    for s, rep in keys:
+        done[(s, rep)] = (rows(prior and prior.curve, s, rep), rows(prior and prior.acquired, s, rep))
+    pieces = [(data["data"], data_dir or data.get("data_dir"),
+               replace(config, strategies=(s,), first_repeat=rep, repeats=1).to_json(), *done[(s, rep)])
+              for s, rep in keys]
+    progress.start(f"{len(pieces)} curves (strategy x repeat)", len(pieces))
+
+    def merged() -> ALResult:
+        curve, acquired = list(kept_c), list(kept_a)
+        for c, a in done.values():
+            curve += c
+            acquired += a
+        return _in_order(curve, acquired, config)
+
+    def finished(i: int, result) -> None:
+        done[keys[i]] = result
+        progress.advance(1)
+        save(merged())
+
+    run_pieces(client, curve_piece, pieces, on_done=finished)
+    progress.close()
+    return merged()
+
+
+_DATA: dict = {}  # on a worker: datasets by path, loaded once per process
+
+
+def curve_piece(data: str, data_dir: str | None, config: dict, curve: list[dict], acquired: list[dict]):
+    """On a worker: one (strategy, repeat) curve, going on from its earlier rows."""
+    key = (data, data_dir)
+    if key not in _DATA:
+        _DATA[key] = load_dataset(data, data_dir=data_dir)
+    prior = ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)) if curve else None
+    res = run_active_learning(_DATA[key], ALConfig.from_json(config), prior=prior)
+    return res.curve.to_dict("records"), res.acquired.to_dict("records")
 
 
 @dataclass(frozen=True)

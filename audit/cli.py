@@ -168,6 +168,10 @@ def _root() -> None:
 
 RunOpt = typer.Option(Path("runs/default"), "--run", help="Run folder (created by train).")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, gpu, or a chainer spec such as @cupy:1.")
+WorkersOpt = typer.Option(None, "--workers", help="Run the independent pieces on a local Dask cluster of this many "
+                          "single-threaded worker processes (default: in this process).")
+SchedulerOpt = typer.Option(None, "--scheduler", metavar="ADDRESS", help="Run the pieces on a running Dask cluster: "
+                            "its scheduler's address (tcp://host:8786) or scheduler file; default $AUDIT_SCHEDULER.")
 EvenBatchesOpt = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 "
                               "images at 128: 65 + 65); --no-even-batches: full batches and the remainder.")
 
@@ -226,12 +230,16 @@ def score(
     flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
     data: str = typer.Option("mnist", "--data", help="Data to train on when the run has no model yet."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
 ) -> None:
     """Score every image by MC dropout into RUN/scores.csv and mc_summary.npz (trains first if needed)."""
+    from .cluster import ClusterConfig
     from .flags import FlagConfig
     from .score import ScoreConfig, score_run
 
     config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds)
+    cluster = ClusterConfig.from_options(workers, scheduler)
     result = score_run(
         run,
         config,
@@ -239,13 +247,15 @@ def score(
         flags=FlagConfig(confidence=confidence, flag_top=flag_top or None),
         data=data,
         data_dir=None if data_dir is None else str(data_dir),
+        cluster=cluster,
         progress=BarProgress(),
     )
     df = result.scores
     per_split = ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts(sort=False).items())
     err.print(
         f"scored {len(df):,} images ({per_split}) x {samples} passes in {result.seconds:.1f} s "
-        f"({len(df) / result.seconds:,.0f} images/s on {result.device}); accuracy of the MC mean "
+        f"({len(df) / result.seconds:,.0f} images/s on {result.device}"
+        f"{'' if cluster.in_process else ', ' + result.workers}); accuracy of the MC mean "
         f"{result.accuracy:.4f}; mean entropy {df['entropy'].mean():.4f}",
         markup=False,
     )
@@ -364,6 +374,8 @@ def acquire(
     resume: bool = typer.Option(False, "--resume", help="Go on with the run in --run (interrupted, or with more "
                                 "--rounds, --repeats, strategies or a lower --stop-at-error); the other settings "
                                 "must be the run's."),
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
     from .active import ALConfig, acquire_run
@@ -377,8 +389,11 @@ def acquire(
         train=TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                           even_batches=even_batches),
     )
+    from .cluster import ClusterConfig
+
+    cluster = ClusterConfig.from_options(workers, scheduler)
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
-                         device=device, overwrite=overwrite, resume=resume, progress=BarProgress())
+                         device=device, overwrite=overwrite, resume=resume, cluster=cluster, progress=BarProgress())
     final = last_accuracy(result.curve)
     err.print("last validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
     typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")

@@ -17,7 +17,7 @@ ACQUIRED_COLUMNS = ("strategy", "repeat", "round", "index", "score")
 def last_accuracy(curve: pd.DataFrame) -> pd.Series:
     """Per strategy (in order of appearance): the mean over repeats of each repeat's
     last validation accuracy (repeats stopped by ``stop_error`` end early)."""
-    last = curve.sort_values("round").groupby(["strategy", "repeat"], sort=False).tail(1)
+    last = curve.sort_values("round", kind="stable").groupby(["strategy", "repeat"], sort=False).tail(1)
     return last.groupby("strategy", sort=False)["valid_accuracy"].mean()
 
 

@@ -211,6 +211,7 @@ def mc_predict(
     device: str = "cpu",
     return_mc: bool = False,
     workers: int | None = None,
+    offset: int = 0,
     progress: Progress | None = None,
 ) -> MCResult:
     """MC-dropout predictions of ``model`` for images ``x`` (N, C, H, W), T = ``samples``.
@@ -219,6 +220,8 @@ def mc_predict(
     (higher = more uncertain); with ``return_mc`` also the (N, T, C) pass-wise
     probabilities (memory grows with N*T then). Same seed, same device: same result.
     On the CPU, ``workers`` threads (default: one per core) score batches in parallel.
+    ``offset``: the position of ``x[0]`` in a larger array, so a slice gets the masks it
+    would get there (a shard of a run scores its images exactly as the whole run does).
 
     >>> import audit
     >>> m = audit.build_model(3, (1, 16, 16))
@@ -246,7 +249,7 @@ def mc_predict(
 
     def make_worker():
         sampler = MaskSampler.for_model(model, samples=samples, seed=seed, mode=masks, device=dev)
-        return _Worker(model, sampler, x, dev)
+        return _Worker(model, sampler, x, dev, offset)
 
     def store(start, stop, scores_b, probs_b):
         for k, v in scores_b.items():
@@ -267,13 +270,13 @@ def mc_predict(
 class _Worker:
     """Scores batches [start, stop) of x: trunk, masks, head, reduction."""
 
-    def __init__(self, model: MCDropoutNet, sampler: MaskSampler, x: np.ndarray, device) -> None:
-        self.model, self.sampler, self.x, self.device = model, sampler, x, device
+    def __init__(self, model: MCDropoutNet, sampler: MaskSampler, x: np.ndarray, device, offset: int = 0) -> None:
+        self.model, self.sampler, self.x, self.device, self.offset = model, sampler, x, device, offset
         self.head = Head(model)
 
     def __call__(self, start: int, stop: int):
         a = self.model.trunk_array(self.device.send(to_float32(self.x[start:stop])))  # (B, H)
-        m1, m2 = self.sampler(start, stop)
+        m1, m2 = self.sampler(start + self.offset, stop + self.offset)
         probs_b = softmax(self.head(a, m1, m2))  # (B, T, C)
         scores_b = metrics.all_scores(probs_b)  # reduced on the device: (B, C) and (B,) arrays
         host = chainer.backend.CpuDevice()
@@ -290,8 +293,9 @@ def _run_cpu(make_worker, n: int, batch_size: int, store, workers: int) -> None:
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if workers == 1 or len(bounds) == 1:
         worker = make_worker()
-        for s, e in bounds:
-            store(s, e, *worker(s, e))
+        with threadpool_limits(limits=1, user_api="blas"):  # as the threads below: the same sums everywhere
+            for s, e in bounds:
+                store(s, e, *worker(s, e))
         return
     local = threading.local()
 

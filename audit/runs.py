@@ -337,7 +337,8 @@ def model_bytes(model: MCDropoutNet) -> bytes:
     s = DictionarySerializer()
     s.save(model)
     host = chainer.backend.CpuDevice()
-    return npz_bytes({k: host.send(v) for k, v in s.target.items()}, compress=True)
+    # sorted: chainer walks a Chain's children in set order, which changes from process to process
+    return npz_bytes({k: host.send(s.target[k]) for k in sorted(s.target)}, compress=True)
 
 
 def csv_bytes(df, **kw) -> bytes:

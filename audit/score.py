@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -18,6 +20,9 @@ from .mc import DEFAULT_BATCH, MaskMode, mc_predict
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
 
+if TYPE_CHECKING:
+    from .cluster import ClusterConfig
+
 SCORE_COLUMNS = (
     "split", "index", "fold", "label", "pred", "p_label",
     "entropy", "expected_entropy", "mutual_info", "variation_ratio", "mean_std", "margin",
@@ -31,6 +36,7 @@ class ScoreResult:
     probs: np.ndarray  # (N, C), aligned with scores
     seconds: float
     device: str
+    workers: str = "in-process"  # or "2 workers of a local Dask cluster", ...
 
     @property
     def accuracy(self) -> float:
@@ -46,7 +52,7 @@ def parse_splits(splits: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _stream_seed(seed: int, split: str, fold: int) -> int:
+def stream_seed(seed: int, split: str, fold: int) -> int:
     """A distinct mask stream per split and fold, so no two share masks."""
     return int(np.random.SeedSequence([seed, SPLITS.index(split), fold + 1]).generate_state(1)[0])
 
@@ -72,36 +78,62 @@ def score_dataset(
     (``fold`` -1).
     """
     progress = progress or NullProgress()
+    check_fits(model, dataset)
+    dev = get_device(device)
+    t0 = time.perf_counter()
+    models = {-1: model, **{k: m for k, (m, _) in enumerate(train_folds or [])}}
+    jobs, folds = plan_jobs(dataset, splits, [rows for _, rows in train_folds or []])
+    results = {}
+    for split, k, rows in jobs:
+        s = dataset.split(split)
+        whole = len(rows) == len(s)  # skip the gather (a copy of the images) when scoring all
+        r = mc_predict(models[k], s.x if whole else s.x[rows], samples=samples, batch_size=batch_size,
+                       seed=stream_seed(seed, split, k), masks=masks, device=dev, progress=progress)
+        results[(split, k)] = (r.probs, {name: getattr(r, name) for name in metrics.SCORE_NAMES})
+    scores, probs = assemble(dataset, jobs, folds, results)
+    return ScoreResult(scores, probs, time.perf_counter() - t0, describe(dev))
+
+
+def check_fits(model: MCDropoutNet, dataset: Dataset) -> None:
     if model.spec.n_classes != dataset.n_classes or tuple(model.spec.image_shape) != dataset.image_shape:
         raise AuditError(
             f"the model expects {model.spec.n_classes} classes of {model.spec.image_shape} images; "
             f"the data has {dataset.n_classes} classes of {dataset.image_shape}"
         )
-    dev = get_device(device)
-    t0 = time.perf_counter()
-    frames, all_probs = [], []
+
+
+def plan_jobs(dataset: Dataset, splits, fold_rows: list[np.ndarray]):
+    """What to score with which model: [(split, fold k or -1, rows)], and each split's
+    (N,) fold column. Training rows held out of fold k go to fold k's model, the rest to
+    the run's own (-1)."""
+    jobs, folds = [], {}
     for split in splits:
-        s = dataset.split(split)
-        fold = np.full(len(s), -1, np.int32)
-        jobs = []  # (model, rows, fold number)
-        if split == "train" and train_folds:
-            for k, (m, rows) in enumerate(train_folds):
+        fold = np.full(len(dataset.split(split)), -1, np.int32)
+        if split == "train":
+            for k, rows in enumerate(fold_rows):
                 fold[rows] = k
-                jobs.append((m, np.asarray(rows), k))
+                jobs.append((split, k, np.asarray(rows)))
         rest = np.flatnonzero(fold == -1)
         if len(rest):
-            jobs.append((model, rest, -1))
+            jobs.append((split, -1, rest))
+        folds[split] = fold
+    return jobs, folds
+
+
+def assemble(dataset: Dataset, jobs, folds: dict, results: dict) -> tuple[pd.DataFrame, np.ndarray]:
+    """scores.csv's rows and the (N, C) means, from each job's (probs, scores)."""
+    frames, all_probs = [], []
+    for split, fold in folds.items():
+        s = dataset.split(split)
         probs = np.empty((len(s), dataset.n_classes), np.float32)
         cols = {k: np.empty(len(s), np.float32) for k in metrics.SCORE_NAMES}
-        for m, rows, k in jobs:
-            whole = len(rows) == len(s)  # skip the gather (a copy of the images) when scoring all
-            r = mc_predict(
-                m, s.x if whole else s.x[rows], samples=samples, batch_size=batch_size,
-                seed=_stream_seed(seed, split, k), masks=masks, device=dev, progress=progress,
-            )
-            probs[rows] = r.probs
+        for js, k, rows in jobs:
+            if js != split:
+                continue
+            p, c = results[(split, k)]
+            probs[rows] = p
             for name in cols:
-                cols[name][rows] = getattr(r, name)
+                cols[name][rows] = c[name]
         df = pd.DataFrame(
             {
                 "split": split,
@@ -118,8 +150,63 @@ def score_dataset(
             df["path"] = list(s.paths)
         frames.append(df)
         all_probs.append(probs)
-    scores = pd.concat(frames, ignore_index=True)
-    return ScoreResult(scores, np.concatenate(all_probs), time.perf_counter() - t0, describe(dev))
+    return pd.concat(frames, ignore_index=True), np.concatenate(all_probs)
+
+
+# images per Dask piece, in batches: pieces start on batch boundaries, so every image is
+# scored in the same batch as in-process, and with the masks of its position
+PIECE_BATCHES = 8
+
+
+def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds: dict, config: "ScoreConfig",
+                     model_names: dict[int, str], progress: Progress) -> tuple[pd.DataFrame, np.ndarray]:
+    """:func:`score_dataset`'s work as Dask pieces: each worker loads the run's data and
+    model itself and scores a slice of a job's rows; the same numbers as in-process."""
+    from .cluster import run_pieces
+
+    step = PIECE_BATCHES * config.batch_size
+    pieces, where = [], []
+    for split, k, rows in jobs:
+        for a in range(0, len(rows), step):
+            pieces.append((str(store.path.resolve()), model_names[k], split, rows[a:a + step], a, config.samples,
+                           config.batch_size, stream_seed(config.seed, split, k)))
+            where.append((split, k, a))
+    out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
+                        {n: np.empty(len(rows), np.float32) for n in metrics.SCORE_NAMES}) for split, k, rows in jobs}
+    progress.start(f"score {sum(len(r) for *_, r in jobs):,} images x {config.samples} passes in {len(pieces)} pieces",
+                   len(pieces))
+
+    def done(i, result):
+        split, k, a = where[i]
+        probs, cols = result
+        p, c = out[(split, k)]
+        p[a:a + len(probs)] = probs
+        for name in c:
+            c[name][a:a + len(probs)] = cols[name]
+        progress.advance(1)
+
+    run_pieces(client, score_piece, pieces, on_done=done)
+    progress.close()
+    return assemble(dataset, jobs, folds, out)
+
+
+_CACHE: dict = {}  # on a worker: the run's dataset and models, loaded once per process
+
+
+def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset: int, samples: int,
+                batch_size: int, seed: int):
+    """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job)."""
+    store = runs.RunStore(run)
+    meta = store.meta()
+    key = (run, meta.fingerprint, model_name, meta.files.get(model_name, {}).get("sha256"))
+    if ("data", run, meta.fingerprint) not in _CACHE:
+        _CACHE[("data", run, meta.fingerprint)] = store.dataset()
+    if key not in _CACHE:
+        _CACHE[key] = store.load_model(model_name)
+    x = _CACHE[("data", run, meta.fingerprint)].split(split).x
+    r = mc_predict(_CACHE[key], x[rows], samples=samples, batch_size=batch_size, seed=seed, workers=1,
+                   offset=offset)
+    return r.probs, {name: getattr(r, name) for name in metrics.SCORE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -159,6 +246,7 @@ def fold_models(
     folds: int,
     *,
     device: str = "cpu",
+    client=None,
     progress: Progress | None = None,
 ) -> list[tuple[MCDropoutNet, np.ndarray]]:
     """K models, each trained without one fold of the run's training images.
@@ -166,7 +254,9 @@ def fold_models(
     The folds are a seeded permutation of the run's training indices cut into K
     parts; models are kept in RUN/folds/K-k/model.npz (each fold its own commit, so an
     interrupted run keeps the folds it finished) and reused while the run's data and
-    settings are unchanged. The caller holds the run's lock.
+    settings are unchanged. With a Dask ``client`` the trainings run as pieces on its
+    workers (each fold's weights come back and are committed here). The caller holds
+    the run's lock.
     """
     from .train import stored_train_config, train
 
@@ -177,28 +267,49 @@ def fold_models(
     base = np.arange(len(dataset.train)) if base is None else base
     if folds > len(base):
         raise bad_param("folds", f"{folds} folds but only {len(base)} training images")
-    parts = np.array_split(np.random.default_rng([config.seed, folds]).permutation(base), folds)
-    out = []
-    for k, held_out in enumerate(parts):
-        held_out = np.sort(held_out)
-        name = runs.fold_model(folds, k)
-        key = {"fingerprint": dataset.fingerprint, "config": meta.config, "n_held_out": int(len(held_out))}
-        if store.meta().folds.get(f"{folds}-{k}") == key and store.has(name):
-            model = store.load_model(name)
-        else:
-            fold_config = replace(config, seed=config.seed + 1 + k)  # each fold its own initialisation
-            result = train(dataset, fold_config, subset=np.setdiff1d(base, held_out), device=device, progress=progress)
-            model = result.model
-            meta = store.meta()
-            with store.transaction() as txn:
-                txn.write_model(name, model)
-                txn.commit(meta.evolve(folds={**meta.folds, f"{folds}-{k}": key}))
-            progress.close(
-                f"fold {k + 1}/{folds}: trained on {result.n_train:,} images in {result.seconds:.1f} s, "
-                f"{len(held_out):,} held out; validation accuracy {result.valid_accuracy:.4f}"
-            )
-        out.append((model, held_out))
-    return out
+    parts = [np.sort(p) for p in np.array_split(np.random.default_rng([config.seed, folds]).permutation(base), folds)]
+    keys = [{"fingerprint": dataset.fingerprint, "config": meta.config, "n_held_out": int(len(p))} for p in parts]
+    todo = [k for k in range(folds)
+            if not (store.meta().folds.get(f"{folds}-{k}") == keys[k] and store.has(runs.fold_model(folds, k)))]
+
+    def commit(k: int, weights: bytes, summary: str) -> None:
+        meta = store.meta()
+        with store.transaction() as txn:
+            txn.write_bytes(runs.fold_model(folds, k), weights)
+            txn.commit(meta.evolve(folds=dict(sorted({**meta.folds, f"{folds}-{k}": keys[k]}.items()))))
+        progress.close(summary)
+
+    def fold_config(k: int):
+        return replace(config, seed=config.seed + 1 + k)  # each fold its own initialisation
+
+    if client is not None and todo:
+        from .cluster import run_pieces
+
+        pieces = [(str(store.path.resolve()), asdict(fold_config(k)), np.setdiff1d(base, parts[k])) for k in todo]
+        run_pieces(client, train_piece, pieces, on_done=lambda i, r: commit(
+            todo[i], r[0], f"fold {todo[i] + 1}/{folds}: trained on {r[1]:,} images in {r[2]:.1f} s on a worker, "
+                           f"{len(parts[todo[i]]):,} held out; validation accuracy {r[3]:.4f}"))
+    else:
+        for k in todo:
+            result = train(dataset, fold_config(k), subset=np.setdiff1d(base, parts[k]), device=device,
+                           progress=progress)
+            commit(k, runs.model_bytes(result.model),
+                   f"fold {k + 1}/{folds}: trained on {result.n_train:,} images in {result.seconds:.1f} s, "
+                   f"{len(parts[k]):,} held out; validation accuracy {result.valid_accuracy:.4f}")
+    return [(store.load_model(runs.fold_model(folds, k)), parts[k]) for k in range(folds)]
+
+
+def train_piece(run: str, config: dict, subset: np.ndarray):
+    """On a worker: train a fold model on the run's data; (weights, n, seconds, accuracy)."""
+    from .config import TrainConfig
+    from .train import train
+
+    store = runs.RunStore(run)
+    meta = store.meta()
+    if ("data", run, meta.fingerprint) not in _CACHE:
+        _CACHE[("data", run, meta.fingerprint)] = store.dataset()
+    result = train(_CACHE[("data", run, meta.fingerprint)], TrainConfig(**config), subset=subset)
+    return runs.model_bytes(result.model), result.n_train, result.seconds, result.valid_accuracy
 
 
 def score_run(
@@ -209,6 +320,7 @@ def score_run(
     device: str = "cpu",
     data: str = "mnist",
     data_dir: str | None = None,
+    cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
 ) -> ScoreResult:
     """Score the run's data with its model; write scores.csv and mc_summary.npz (one commit).
@@ -216,13 +328,19 @@ def score_run(
     A run with no model is trained first with the default settings on ``data``. With
     ``config.folds`` K >= 2, training images are scored out of sample by K fold models.
     Flags (see :mod:`audit.flags`) are added with ``flags``. Returns the scores as a
-    DataFrame (see :class:`ScoreResult`).
+    DataFrame (see :class:`ScoreResult`). ``cluster``: fold trainings and scoring blocks
+    on Dask (:mod:`audit.cluster`), with the same bytes out as in-process.
     """
+    from .cluster import ClusterConfig, connect, n_workers
     from .train import TrainConfig, train_into
 
+    cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
     get_device(device)
-    with store.writing():
+    if not cluster.in_process and device != "cpu":
+        raise AuditError("--device: Dask workers score on their CPU here; leave out --device, or --workers and "
+                         "--scheduler", usage=True)
+    with store.writing(), connect(cluster) as client:
         if not store.exists() or not store.has(runs.MODEL):
             if store.exists() and store.meta().command == "acquire":
                 raise AuditError(f"--run: {store.path} is an `audit acquire` run (learning curves, no model to "
@@ -236,14 +354,24 @@ def score_run(
         dataset = store.dataset(data_dir=data_dir, progress=progress)
         t0 = time.perf_counter()
         train_folds = (
-            fold_models(store, dataset, config.folds, device=device, progress=progress)
+            fold_models(store, dataset, config.folds, device=device, client=client, progress=progress)
             if config.folds and "train" in config.splits else None
         )
         fold_seconds = time.perf_counter() - t0
-        result = score_dataset(
-            model, dataset, splits=config.splits, samples=config.samples, batch_size=config.batch_size,
-            seed=config.seed, device=device, train_folds=train_folds, progress=progress,
-        )
+        if client is None:
+            result = score_dataset(
+                model, dataset, splits=config.splits, samples=config.samples, batch_size=config.batch_size,
+                seed=config.seed, device=device, train_folds=train_folds, progress=progress,
+            )
+        else:
+            check_fits(model, dataset)
+            t1 = time.perf_counter()
+            jobs, folds = plan_jobs(dataset, config.splits, [rows for _, rows in train_folds or []])
+            names = {-1: runs.MODEL, **{k: runs.fold_model(config.folds, k) for k in range(config.folds)}}
+            scores, probs = score_on_cluster(client, store, dataset, jobs, folds, config, names,
+                                             progress or NullProgress())
+            result = ScoreResult(scores, probs, time.perf_counter() - t1, "cpu")
+        result = replace(result, workers=cluster.describe(n_workers(client)))
         scores = flag_issues(result.scores, result.probs, class_names=dataset.class_names, config=flags)
         result = replace(result, scores=order_columns(scores))
         meta = store.meta()
@@ -252,6 +380,7 @@ def score_run(
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
             "masks": "independent",
             "device": result.device,
+            "workers": result.workers,
             "seconds": round(result.seconds, 3),
             "fold_training_seconds": round(fold_seconds, 3) if config.folds else 0,
             "n_scored": int(len(result.scores)),

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import _compat  # noqa: F401
 import chainer
@@ -117,7 +118,10 @@ def train(
     order_rng = np.random.default_rng(config.seed)
     mask_rng = make_rng(dev, [config.seed, 1])
     t_start = time.perf_counter()
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a diverging run ends below with one line, not warnings
+    # single-threaded BLAS: OpenBLAS sums in another order with more threads, so this makes the
+    # weights the same on any number of cores and in a Dask worker; fastconv spreads the
+    # convolutions over the cores itself, and the small dense products lose nothing (bench)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), threadpool_limits(limits=1, user_api="blas"):
         return _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
                        validate)
 

@@ -14,7 +14,7 @@ LAYERS = [
     {"metrics", "config", "device", "fastconv"},
     {"data", "model", "acquire", "flags", "curves"},
     {"mc", "decisions"},
-    {"runs"},
+    {"runs", "cluster"},
     {"train"},
     {"score", "alstate"},
     {"curate", "active"},

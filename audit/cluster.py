@@ -1,0 +1,174 @@
+"""Work past one process, on Dask distributed.
+
+A command that does several independent pieces (fold trainings, scoring blocks,
+active-learning curves) runs them in-process by default. ``--workers N`` starts a local
+Dask cluster of N single-threaded worker processes for the command; ``--scheduler
+ADDRESS`` (or ``$AUDIT_SCHEDULER``, or a scheduler file) uses a running cluster. Every
+piece is fixed by its seed and inputs, so the result is the same, to the byte, however
+the pieces were spread.
+
+Workers read the data and the run's files themselves, from the same paths (a shared
+file system, or the same path on each machine); only small results (per-block scores,
+(N, C) means, fold weights, curves) come back through the scheduler. Dask's own
+messages between the processes of your cluster are pickled, as Dask always does: run
+workers only on machines and networks you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .errors import AuditError, bad_param
+
+ENV_SCHEDULER = "AUDIT_SCHEDULER"
+ENV_TIMEOUT = "AUDIT_DASK_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where a command's pieces run: in-process (both None), on ``workers`` local
+    processes, or on the cluster whose scheduler is ``scheduler`` (an address such as
+    ``tcp://10.0.0.5:8786``, or the path of a scheduler file)."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    timeout: float = 10.0  # seconds to wait for a scheduler and its workers
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise bad_param("workers", f"expected at least 1 worker process, got {self.workers!r}")
+        if self.workers is not None and self.scheduler:
+            raise AuditError("--workers and --scheduler: expected one of them, got both (--workers starts a local "
+                             "cluster; --scheduler uses a running one)", usage=True)
+
+    @property
+    def in_process(self) -> bool:
+        return self.workers is None and not self.scheduler
+
+    @classmethod
+    def from_options(cls, workers: int | None, scheduler: str | None) -> "ClusterConfig":
+        """The CLI's options, with ``$AUDIT_SCHEDULER`` where neither is given, and
+        ``$AUDIT_DASK_TIMEOUT`` (seconds) for how long to wait for a scheduler."""
+        if workers is None and not scheduler:
+            scheduler = os.environ.get(ENV_SCHEDULER) or None
+        timeout = os.environ.get(ENV_TIMEOUT)
+        try:
+            seconds = float(timeout) if timeout else cls.timeout
+        except ValueError:
+            raise AuditError(f"${ENV_TIMEOUT}: expected seconds, got {timeout!r}") from None
+        return cls(workers=workers, scheduler=scheduler, timeout=seconds)
+
+    def describe(self, n_workers: int) -> str:
+        if self.in_process:
+            return "in-process"
+        where = "a local Dask cluster" if self.workers else f"the Dask cluster at {self.scheduler}"
+        return f"{n_workers} worker{'s' if n_workers != 1 else ''} of {where}"
+
+
+@contextlib.contextmanager
+def connect(config: ClusterConfig) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``config`` (None in-process); the local cluster it
+    started is closed at the end. One line when a scheduler does not answer or its
+    workers run another audit."""
+    if config.in_process:
+        yield None
+        return
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if config.workers:
+            # one thread per worker; the nanny sets OMP/OPENBLAS_NUM_THREADS=1 in each process
+            cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster, timeout=config.timeout)
+        elif os.path.isfile(config.scheduler):
+            client = Client(scheduler_file=config.scheduler, timeout=config.timeout)
+        else:
+            client = Client(config.scheduler, timeout=config.timeout)
+    except (OSError, TimeoutError) as e:
+        if cluster is not None:
+            cluster.close()
+        where = "a local cluster" if config.workers else f"--scheduler {config.scheduler}"
+        raise AuditError(f"{where}: no Dask scheduler answered within {config.timeout:g} s ({type(e).__name__}); "
+                         "check the address and that `dask scheduler` runs there") from None
+    try:
+        if not config.workers:
+            try:
+                client.wait_for_workers(1, timeout=config.timeout)
+            except TimeoutError:
+                raise AuditError(f"--scheduler {config.scheduler}: the scheduler has no workers (waited "
+                                 f"{config.timeout:g} s); start some with `dask worker {config.scheduler}`") from None
+        check_versions(client)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    from . import __version__
+
+    out = {"audit": __version__}
+    for pkg in ("chainer", "numpy"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def check_versions(client) -> None:
+    """Every worker must run this audit (and chainer, NumPy): the same code gives the same bytes."""
+    mine = _versions()
+    theirs = client.run(_versions)
+    for address, v in sorted(theirs.items()):
+        if v != mine:
+            diff = ", ".join(f"{k} {v.get(k)} (here {mine.get(k)})" for k in mine if v.get(k) != mine.get(k))
+            raise AuditError(f"worker {address}: runs {diff}; install the same versions on every worker")
+
+
+def n_workers(client) -> int:
+    return 1 if client is None else len(client.scheduler_info()["workers"])
+
+
+def run_pieces(client, fn: Callable, pieces: list[tuple], *, on_done: Callable[[int, Any], None]) -> None:
+    """``fn(*piece)`` for every piece on the cluster; ``on_done(i, result)`` as each
+    finishes (in any order). An error on a worker is raised here, naming the worker;
+    Ctrl-C cancels what is left."""
+    from distributed import as_completed
+
+    futures = [client.submit(_on_worker, fn, *p, pure=False) for p in pieces]
+    index = {f.key: i for i, f in enumerate(futures)}
+    try:
+        for future in as_completed(futures):
+            on_done(index[future.key], future.result())
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def _on_worker(fn: Callable, *args):
+    """Run a piece; an error names the worker's host, and is one the client can show."""
+    try:
+        return fn(*args)
+    except AuditError as e:
+        raise AuditError(f"worker {_where()}: {e}", usage=e.usage) from None
+    except OSError as e:
+        raise AuditError(f"worker {_where()}: {e.filename or 'a file'}: {e.strerror or e}") from None
+
+
+def _where() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "?"
