@@ -1,0 +1,198 @@
+"""Dask: the same bytes from in-process, --workers 2 and a real `dask scheduler` with two
+`dask worker` processes; a worker killed mid-run; bad cluster options."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from audit import cluster
+from audit.cli import app
+from audit.errors import AuditError
+
+from conftest import assert_one_line_error, write_shapes_npz
+
+runner = CliRunner()
+FAST = ["--epochs", "2", "--batch-size", "32", "--lr", "1e-3"]
+ACQ = ["--strategy", "bald,random", "--initial", "6", "--step", "3", "--rounds", "2", "--samples", "4",
+       "--pool-subset", "30", "--epochs", "2", "--batch-size", "16", "--model", "origin", "--repeats", "2"]
+SCORED_FILES = ("scores.csv", "mc_summary.npz", "folds/2-0/model.npz", "folds/2-1/model.npz")
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_shapes_npz(tmp_path_factory.mktemp("cl") / "d.npz", 60, 20, seeds=(5, 6))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cl") / "run"
+    assert invoke("train", "--data", data, "--run", run, *FAST).exit_code == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def scored_in_process(trained, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cl") / "ref"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--batch-size", "16")
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def acquired_in_process(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cl") / "al"
+    assert invoke("acquire", "--data", data, "--run", run, *ACQ).exit_code == 0
+    return run
+
+
+def same_files(a: Path, b: Path, names) -> None:
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def same_curves(a: Path, b: Path) -> None:
+    assert (a / "acquired.csv").read_bytes() == (b / "acquired.csv").read_bytes()
+    ca, cb = (pd.read_csv(p / "al_curve.csv").drop(columns="seconds") for p in (a, b))
+    pd.testing.assert_frame_equal(ca, cb)
+
+
+def test_score_on_two_local_workers_is_byte_identical(trained, scored_in_process, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--batch-size", "16", "--workers", "2")
+    assert r.exit_code == 0, r.output
+    assert "2 workers of a local Dask cluster" in r.output
+    same_files(run, scored_in_process, SCORED_FILES)
+    assert json.loads((run / "run.json").read_text())["score"]["workers"] == "2 workers of a local Dask cluster"
+
+
+def test_acquire_on_two_local_workers_draws_the_same_curves(data, acquired_in_process, tmp_path):
+    run = tmp_path / "al"
+    r = invoke("acquire", "--data", data, "--run", run, *ACQ, "--workers", "2")
+    assert r.exit_code == 0, r.output
+    same_curves(run, acquired_in_process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def real_cluster(tmp_path):
+    """`dask scheduler` and two `dask worker` processes on localhost, as a user starts them."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    log = open(tmp_path / "cluster.log", "w")
+    procs = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
+                               "--scheduler-file", str(tmp_path / "scheduler.json")],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+    for _ in range(2):
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                       "--no-nanny", "--dashboard-address", ":0"],
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    from distributed import Client
+
+    with Client(address, timeout=30) as c:
+        c.wait_for_workers(2, timeout=60)
+    yield address, procs, tmp_path / "scheduler.json"
+    for p in procs:
+        with_kill(p)
+    log.close()
+
+
+def with_kill(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def test_real_scheduler_and_workers_give_the_same_bytes(real_cluster, trained, scored_in_process, data,
+                                                        acquired_in_process, tmp_path):
+    address, _, scheduler_file = real_cluster
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--batch-size", "16", "--scheduler", address)
+    assert r.exit_code == 0, r.output
+    assert f"2 workers of the Dask cluster at {address}" in r.output
+    same_files(run, scored_in_process, SCORED_FILES)
+    # $AUDIT_SCHEDULER, and a scheduler file, reach the same cluster
+    al = tmp_path / "al"
+    r = invoke("acquire", "--data", data, "--run", al, *ACQ, env={"AUDIT_SCHEDULER": str(scheduler_file)})
+    assert r.exit_code == 0, r.output
+    same_curves(al, acquired_in_process)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(real_cluster, data, acquired_in_process, tmp_path):
+    """Kill one of the two workers once the first curve is committed: Dask runs its
+    pieces again on the other, and the curves are the in-process ones."""
+    address, procs, _ = real_cluster
+    run = tmp_path / "al"
+    cmd = [sys.executable, "-c", "from audit.cli import main; main()", "acquire", "--data", str(data), "--run",
+           str(run), *ACQ, "--repeats", "3", "--scheduler", address]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "al_curve.csv").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    with_kill(procs[1])  # a worker dies while the others' pieces are still running
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0, out
+    ref = tmp_path / "ref"
+    assert invoke("acquire", "--data", data, "--run", ref, *ACQ, "--repeats", "3").exit_code == 0
+    same_curves(run, ref)
+
+
+@pytest.mark.parametrize("args, fragment, code", [
+    (["--workers", "0"], "--workers: expected at least 1 worker process, got 0", 2),
+    (["--workers", "-2"], "--workers: expected at least 1", 2),
+    (["--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"], "--workers and --scheduler: expected one of them", 2),
+    (["--scheduler", "tcp://127.0.0.1:9"], "--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 2 s", 1),
+])
+def test_bad_cluster_options(trained, tmp_path, args, fragment, code):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    r = invoke("score", "--run", run, "--samples", "2", *args, env={"AUDIT_DASK_TIMEOUT": "2"})
+    assert_one_line_error(r, fragment, code=code)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_workers_with_another_version_are_refused():
+    class Client:
+        def run(self, fn):
+            mine = fn()
+            return {"tcp://10.0.0.7:4000": mine, "tcp://10.0.0.8:4000": {**mine, "audit": "0.0.9"}}
+
+    with pytest.raises(AuditError, match=r"worker tcp://10.0.0.8:4000: runs audit 0.0.9 \(here 0.1.0\)"):
+        cluster.check_versions(Client())
+
+
+def test_a_worker_that_cannot_read_a_file_is_named(tmp_path):
+    """An error on a worker comes back as one line naming the worker and the file."""
+    with cluster.connect(cluster.ClusterConfig(workers=1)) as client:
+        with pytest.raises(AuditError, match=r"^worker tcp://127\.0\.0\.1:\d+: .*/missing.npz: No such file"):
+            cluster.run_pieces(client, _read, [(str(tmp_path / "missing.npz"),)], on_done=lambda i, r: None)
+
+
+def _read(path):
+    return open(path, "rb").read()
