@@ -176,6 +176,8 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
     progress.start(f"score {sum(len(r) for *_, r in jobs):,} images x {config.samples} passes in {len(pieces)} pieces",
                    len(pieces))
 
+    t0, scored = time.perf_counter(), [0]
+
     def done(i, result):
         split, k, a = where[i]
         probs, cols = result
@@ -183,7 +185,8 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
         p[a:a + len(probs)] = probs
         for name in c:
             c[name][a:a + len(probs)] = cols[name]
-        progress.advance(1)
+        scored[0] += len(probs)
+        progress.advance(1, ips=scored[0] / max(time.perf_counter() - t0, 1e-9))
 
     run_pieces(client, score_piece, pieces, on_done=done)
     progress.close()

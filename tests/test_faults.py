@@ -15,6 +15,7 @@ runs, not even ``finally`` blocks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -325,17 +326,23 @@ def test_disk_full_and_read_only_are_one_line(scored, monkeypatch, err, words):
     assert leftovers(scored) == []
 
 
-def test_disk_full_on_a_real_small_tmpfs(data, tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.system(f"mount -t tmpfs -o size=256k tmpfs {mnt} 2>/dev/null") != 0:
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` mounted at ``path`` (skips where this user cannot mount)."""
+    path.mkdir()
+    if os.system(f"mount -t tmpfs -o size={size} tmpfs {path} 2>/dev/null") != 0:
         pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
     try:
+        yield path
+    finally:
+        os.system(f"umount {path}")
+
+
+def test_disk_full_on_a_real_small_tmpfs(data, tmp_path):
+    with tmpfs(tmp_path / "small", "256k") as mnt:
         run = mnt / "runs" / "r"
         one_line_error(invoke("train", "--data", data, "--run", run, *FAST), "the disk is full", code=1)
         assert not run.exists() and leftovers(run) == []
-    finally:
-        os.system(f"umount {mnt}")
 
 
 def test_new_run_into_a_read_only_parent(data, tmp_path, monkeypatch):
@@ -722,11 +729,7 @@ def test_csv_neutralise_round_trips():
 def test_read_only_file_system_for_real(template, tmp_path):
     """A run on a file system mounted read-only (as root ignores permissions, a real
     read-only mount is the honest test): one line, nothing changed."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.system(f"mount -t tmpfs -o size=64m tmpfs {mnt} 2>/dev/null") != 0:
-        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
-    try:
+    with tmpfs(tmp_path / "ro", "64m") as mnt:
         run = mnt / "runs" / "r"
         shutil.copytree(template, run)
         assert os.system(f"mount -o remount,ro {mnt}") == 0
@@ -736,5 +739,3 @@ def test_read_only_file_system_for_real(template, tmp_path):
         assert snapshot(run) == before
         r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "2")  # reading works
         assert r.exit_code == 0, r.output
-    finally:
-        os.system(f"umount {mnt}")
