@@ -323,7 +323,9 @@ def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfi
     from .cluster import run_pieces
 
     last_rep = config.first_repeat + config.repeats
-    keys = [(s, rep) for rep in range(config.first_repeat, last_rep) for s in config.strategies]
+    # the longest pieces first (random scores nothing), so the last ones to finish are short
+    keys = sorted(((s, rep) for rep in range(config.first_repeat, last_rep) for s in config.strategies),
+                  key=lambda k: k[0] == "random")
 
     def rows(df: pd.DataFrame | None, s: str, rep: int) -> list[dict]:
         if df is None or df.empty:

@@ -78,7 +78,7 @@ def main() -> None:
             print(f"overhead: score 70,000 x {a.samples} on one core: in-process {t_in:.1f} s, --workers 1 "
                   f"{t_w1:.1f} s: Dask costs {t_w1 / t_in - 1:+.1%} ({same(r_in, r_w1, files)})", flush=True)
         if "score" in only:
-            t1, r1 = score("w1")
+            t1, r1 = score("w1", "--workers", "1")
             t2, r2 = score("w2", "--workers", "2")
             t0, r0 = score("in")
             print(f"scaling: score 70,000 x {a.samples}: --workers 1 {t1:.1f} s, --workers 2 {t2:.1f} s: "
