@@ -196,17 +196,23 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
 _CACHE: dict = {}  # on a worker: the run's dataset and models, loaded once per process
 
 
+def _worker_dataset(store: runs.RunStore) -> Dataset:
+    """The run's dataset on a worker, loaded (and checked) once per process."""
+    key = ("data", str(store.path), store.meta().fingerprint)
+    if key not in _CACHE:
+        _CACHE[key] = store.dataset()
+    return _CACHE[key]
+
+
 def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset: int, samples: int,
                 batch_size: int, seed: int):
     """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job)."""
     store = runs.RunStore(run)
     meta = store.meta()
     key = (run, meta.fingerprint, model_name, meta.files.get(model_name, {}).get("sha256"))
-    if ("data", run, meta.fingerprint) not in _CACHE:
-        _CACHE[("data", run, meta.fingerprint)] = store.dataset()
     if key not in _CACHE:
         _CACHE[key] = store.load_model(model_name)
-    x = _CACHE[("data", run, meta.fingerprint)].split(split).x
+    x = _worker_dataset(store).split(split).x
     r = mc_predict(_CACHE[key], x[rows], samples=samples, batch_size=batch_size, seed=seed, workers=1,
                    offset=offset)
     return r.probs, {name: getattr(r, name) for name in metrics.SCORE_NAMES}
@@ -307,11 +313,7 @@ def train_piece(run: str, config: dict, subset: np.ndarray):
     from .config import TrainConfig
     from .train import train
 
-    store = runs.RunStore(run)
-    meta = store.meta()
-    if ("data", run, meta.fingerprint) not in _CACHE:
-        _CACHE[("data", run, meta.fingerprint)] = store.dataset()
-    result = train(_CACHE[("data", run, meta.fingerprint)], TrainConfig(**config), subset=subset)
+    result = train(_worker_dataset(runs.RunStore(run)), TrainConfig(**config), subset=subset)
     return runs.model_bytes(result.model), result.n_train, result.seconds, result.valid_accuracy
 
 
