@@ -48,7 +48,7 @@ def main() -> None:
                 for even in (False, True):
                     cfg = dataclasses.replace(RECIPES[name].train_config(n, seed), even_batches=even)
                     acc[even].append(audit.train(ds, cfg, subset=subset, validate=False).valid_accuracy)
-            b = RECIPES[name].batch_size
+            b = RECIPES[name].train.batch_size
             split = f"{n // b} x {b} + {n % b}" if n > b and n % b else f"{-(-n // b)} batch(es), no remainder"
             print(f"{name:8s} n={n:4d} ({split}): remainder {np.mean(acc[False]):.4f} "
                   f"{np.round(acc[False], 3).tolist()} | even {np.mean(acc[True]):.4f} "
