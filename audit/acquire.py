@@ -10,6 +10,12 @@ scores, higher = more worth labelling. They never read files or print.
 - ``varratio``: variation ratio, top k.
 - ``meanstd``: mean standard deviation over classes, top k.
 - ``random``: k uniformly at random (scores 0).
+- ``powerbald``, ``softmaxbald``, ``powerentropy``, … (Kirsch et al. 2023, "Stochastic
+  Batch Acquisition"): any of the four scores above, but the k are *sampled* without
+  replacement with probability ∝ score^β (power) or ∝ exp(β·score) (softmax) instead of
+  taken from the top, so a big batch is not k near-copies of one hard image. Exact
+  (the Gumbel-top-k trick draws Plackett-Luce sequential sampling) and seeded; β = 1 is
+  the paper's default.
 - ``batchbald``: (Kirsch et al. 2019) greedily grows the batch that maximises the
   *joint* mutual information I(y_1..y_k; w). Needs the same T dropout masks for every
   pool image (``mc_predict(..., masks="consistent")``), so pass t is one network. The
@@ -32,7 +38,25 @@ import numpy as np
 from . import metrics
 from .errors import AuditError, bad_param
 
-STRATEGIES = ("bald", "batchbald", "entropy", "varratio", "meanstd", "random")
+# a top-k strategy's score, by name: mc_predict's field of that name
+SCORE_OF = {"bald": "mutual_info", "entropy": "entropy", "varratio": "variation_ratio", "meanstd": "mean_std"}
+SAMPLINGS = ("power", "softmax")
+STRATEGIES = ("bald", "batchbald", "entropy", "varratio", "meanstd", "random",
+              *(f"{m}{s}" for m in SAMPLINGS for s in SCORE_OF))
+BETA = 1.0  # Kirsch et al. 2023's default for power and softmax sampling
+
+
+def parse_strategy(strategy: str) -> tuple[str, str]:
+    """(sampling, score): "top"/"power"/"softmax" and the score's strategy name
+    ("powerbald" -> ("power", "bald")); random and batchbald are their own sampling."""
+    if strategy not in STRATEGIES:
+        raise bad_param("strategy", f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    for m in SAMPLINGS:
+        if strategy.startswith(m) and strategy[len(m):] in SCORE_OF:
+            return m, strategy[len(m):]
+    if strategy in SCORE_OF:
+        return "top", strategy
+    return strategy, strategy
 
 
 @dataclass(frozen=True)
@@ -77,16 +101,59 @@ def score_pool(mc_probs: np.ndarray, strategy: str) -> np.ndarray:
     return np.asarray(fn[strategy](mc_probs))
 
 
-def acquire(mc_probs: np.ndarray, strategy: str, k: int, *, seed: int = 0, num_samples: int = 10000) -> CandidateBatch:
+def stochastic_batch(scores_N: np.ndarray, k: int, sampling: str, *, beta: float = BETA,
+                     seed: int = 0) -> CandidateBatch:
+    """k positions drawn without replacement, each next one with probability ∝
+    score^β ("power") or exp(β·score) ("softmax") among those left, in draw order.
+
+    Exact: adding independent Gumbel noise to the log-weights and taking the top k is
+    the same distribution as drawing one at a time (Kool et al. 2019). Scores at or
+    below 0 (BALD's rounding) count as the smallest positive float under power.
+    """
+    if sampling not in SAMPLINGS:
+        raise bad_param("sampling", f"expected one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    if not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta > 0):
+        raise bad_param("beta", f"expected a positive number, got {beta!r}")
+    s = np.asarray(scores_N, np.float64)
+    if not 1 <= k <= len(s):
+        raise AuditError(f"k: expected 1..{len(s)} (the pool size), got {k}")
+    if sampling == "power":
+        logw = beta * np.log(np.maximum(s, np.finfo(np.float64).tiny))
+    else:
+        logw = beta * s
+    keys = logw + np.random.default_rng(seed).gumbel(size=len(s))
+    order = np.argsort(-keys, kind="stable")[:k]
+    return CandidateBatch(order, np.asarray(scores_N)[order].astype(np.float32))
+
+
+def from_scores(scores: dict[str, np.ndarray], strategy: str, k: int, *, seed: int = 0,
+                beta: float = BETA) -> CandidateBatch:
+    """k positions by a top-k or sampled strategy from per-image scores (mc_predict's
+    fields: mutual_info, entropy, …), so a pool is ranked without its (N, T, C) passes."""
+    sampling, name = parse_strategy(strategy)
+    if sampling not in ("top", *SAMPLINGS):
+        raise AuditError(f"strategy: {strategy!r} needs the pass-wise probabilities, not scores")
+    values = np.asarray(scores[SCORE_OF[name]])
+    if sampling == "top":
+        if not 1 <= k <= len(values):
+            raise AuditError(f"k: expected 1..{len(values)} (the pool size), got {k}")
+        return top_k(values, k)
+    return stochastic_batch(values, k, sampling, beta=beta, seed=seed)
+
+
+def acquire(mc_probs: np.ndarray, strategy: str, k: int, *, seed: int = 0, num_samples: int = 10000,
+            beta: float = BETA) -> CandidateBatch:
     """k pool positions to label next by ``strategy`` (one of STRATEGIES)."""
-    if strategy not in STRATEGIES:
-        raise bad_param("strategy", f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    sampling, name = parse_strategy(strategy)
     mc_probs = _check(mc_probs, k)
     if strategy == "random":
         return random_batch(np.random.default_rng(seed), mc_probs.shape[0], k)
     if strategy == "batchbald":
         return batchbald(mc_probs, k, num_samples=num_samples, seed=seed)
-    return top_k(score_pool(mc_probs, strategy), k)
+    values = score_pool(mc_probs, name)
+    if sampling == "top":
+        return top_k(values, k)
+    return stochastic_batch(values, k, sampling, beta=beta, seed=seed)
 
 
 def _entropy_rows(q: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .acquire import STRATEGIES, acquire, random_batch
-from .data import Dataset, load_dataset
+from .acquire import BETA, STRATEGIES, acquire, from_scores, parse_strategy, random_batch
+from .data import Dataset, Split, load_dataset
 from .device import get_device
 from .errors import AuditError, bad_param
 from .mc import mc_predict
@@ -71,6 +71,7 @@ class ALConfig:
     weight_decay: float | None = None  # None: the paper's 2 * 3.5 / n_labelled for gal, 0 for origin
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
     stop_error: float | None = None  # end a strategy's repeat once its validation error is at most this
+    beta: float = BETA  # power/softmax sampling's exponent (powerbald, softmaxentropy, ...)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES]
@@ -84,6 +85,8 @@ class ALConfig:
         if not isinstance(self.train, TrainConfig):
             raise bad_param("train", f"expected a TrainConfig, got {type(self.train).__name__}")
         self.train_config(self.initial, self.seed)
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < float("inf"):
+            raise bad_param("beta", f"expected a positive number, got {self.beta!r}")
         if self.stop_error is not None and not 0 < self.stop_error < 1:
             raise bad_param("stop_error", f"expected an error rate between 0 and 1, got {self.stop_error}")
         if self.pool_subset is not None and self.pool_subset < self.step:
@@ -156,11 +159,16 @@ def run_active_learning(
     the repeat and round alone, so the curves are those of one uninterrupted run)."""
     progress = progress or NullProgress()
     dev = get_device(device)
+    dataset, fixed_start = loop_dataset(dataset)
+    if fixed_start is not None and config.initial != len(fixed_start):
+        raise bad_param("initial", f"with a labelled pool the training split is the initial set ({len(fixed_start)} "
+                        f"images), got {config.initial}")
     n_train = len(dataset.train)
     if config.initial + config.rounds * config.step > n_train:
+        where = "pool" if fixed_start is not None else "training"
         raise AuditError(
             f"--rounds: {config.initial} + {config.rounds} x {config.step} images exceed the "
-            f"{n_train} training images"
+            f"{n_train - (config.initial if fixed_start is not None else 0)} {where} images"
         )
     curve, acquired = [], []
     last_rep = config.first_repeat + config.repeats
@@ -177,8 +185,8 @@ def run_active_learning(
         curve += old_curve
         acquired += old_acquired
     for rep in range(config.first_repeat, last_rep):
-        start = initial_set(dataset.train.y, config.initial, dataset.n_classes,
-                            np.random.default_rng(_seed(config.seed, rep, 0)))
+        start = fixed_start if fixed_start is not None else initial_set(
+            dataset.train.y, config.initial, dataset.n_classes, np.random.default_rng(_seed(config.seed, rep, 0)))
         for strategy in config.strategies:
             first_round, _, old_acquired = plans[(strategy, rep)]
             if old_acquired:
@@ -193,7 +201,8 @@ def run_active_learning(
                 model, acc = result.model, result.valid_accuracy
                 done = config.stop_error is not None and reached(acc, config.stop_error)
                 if rnd < config.rounds and not done:
-                    new, scores = _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev)
+                    candidates = np.setdiff1d(np.arange(n_train), labelled)
+                    new, scores, _ = choose_batch(model, dataset.train.x, candidates, strategy, config, rep, rnd, dev)
                     labelled = np.sort(np.concatenate([labelled, new]))
                     acquired += [dict(strategy=strategy, repeat=rep, round=rnd + 1, index=int(i), score=float(s))
                                  for i, s in zip(new, scores)]
@@ -227,20 +236,59 @@ def _in_order(curve: list[dict], acquired: list[dict], config: ALConfig) -> ALRe
     return ALResult(*out)
 
 
-def _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev):
-    """``step`` new training indices and their scores."""
-    pool = np.setdiff1d(np.arange(len(dataset.train)), labelled)
+def loop_dataset(dataset: Dataset) -> tuple[Dataset, np.ndarray | None]:
+    """The dataset the loop trains and acquires in: one whose ``train`` holds every image
+    that is or may become labelled, and the start (None: drawn by :func:`initial_set`).
+
+    Without a pool that is the dataset itself: the pool is the training images not yet
+    labelled. With one (an npz's ``x_pool``, a folder's ``pool/``) it is the training
+    images followed by the pool's, the training images are the start, and pool image j
+    is index ``n_train + j``; its labels are the pool's (-1 where nobody knows them).
+    ``audit acquire`` (the dataset's labels play the labeller) and ``audit next`` (a
+    person does) both go through here and :func:`choose_batch`."""
+    if dataset.pool is None:
+        return dataset, None
+    t, p = dataset.train, dataset.pool
+    paths = None if t.paths is None or p.paths is None else (*t.paths, *p.paths)
+    train = Split(np.concatenate([t.x, p.x]), np.concatenate([t.y, p.y]), paths)
+    merged = Dataset(train, dataset.valid, dataset.class_names, dataset.source, dataset.fingerprint)
+    return merged, np.arange(len(t))
+
+
+def choose_batch(model, images: np.ndarray, candidates: np.ndarray, strategy: str, config: ALConfig, rep: int,
+                 rnd: int, dev, *, k: int | None = None, progress: Progress | None = None):
+    """``k`` (default ``config.step``) of ``candidates`` (indices into ``images``) to label
+    next: (indices, scores, (k, C) mean probabilities or None for random). Seeded by
+    (``config.seed``, ``rep``, ``rnd``) alone. The pool is scored in bounded memory (the
+    (N, T, C) passes are kept only for BatchBALD)."""
+    k = config.step if k is None else k
+    pool = np.asarray(candidates)
+    if not 1 <= k <= len(pool):
+        raise bad_param("k", f"expected 1..{len(pool)} (the images left in the pool), got {k}")
     rng = np.random.default_rng(_seed(config.seed, rep, rnd, 2))
     if config.pool_subset is not None and config.pool_subset < len(pool):
-        pool = np.sort(rng.choice(pool, size=config.pool_subset, replace=False))
+        pool = np.sort(rng.choice(pool, size=max(config.pool_subset, k), replace=False))
     if strategy == "random":  # no scoring: the same draw Generator.choice(pool) makes
-        batch = random_batch(rng, len(pool), config.step)
-        return pool[batch.indices], batch.scores
-    r = mc_predict(model, dataset.train.x[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
-                   masks="consistent" if strategy == "batchbald" else "independent", device=dev, return_mc=True)
-    batch = acquire(r.mc_probs, strategy, config.step, seed=_seed(config.seed, rep, rnd, 4),
-                    num_samples=config.batchbald_samples)
-    return pool[batch.indices], batch.scores
+        batch = random_batch(rng, len(pool), k)
+        return pool[batch.indices], batch.scores, None
+    sampling, _ = parse_strategy(strategy)
+    r = mc_predict(model, images[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
+                   masks="consistent" if strategy == "batchbald" else "independent", device=dev,
+                   return_mc=strategy == "batchbald", progress=progress)
+    seed = _seed(config.seed, rep, rnd, 4)
+    if strategy == "batchbald":
+        batch = acquire(r.mc_probs, strategy, k, seed=seed, num_samples=config.batchbald_samples)
+    else:
+        batch = from_scores(r.scores(), strategy, k, seed=seed, beta=config.beta)
+    return pool[batch.indices], batch.scores, r.probs[batch.indices]
+
+
+def _acquire_step(model, dataset, labelled, strategy, config, rep, rnd, dev):
+    """``step`` new training indices and their scores (the pool: the training images
+    not in ``labelled``)."""
+    candidates = np.setdiff1d(np.arange(len(dataset.train)), labelled)
+    new, scores, _ = choose_batch(model, dataset.train.x, candidates, strategy, config, rep, rnd, dev)
+    return new, scores
 
 
 def acquire_run(
@@ -254,6 +302,7 @@ def acquire_run(
     resume: bool = False,
     cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
+    initial_from_data: bool = False,
 ) -> ALResult:
     """Run the loops and commit RUN/al_curve.csv, acquired.csv and run.json after every
     round (one commit each), so a long run shows its progress and an interrupted one
@@ -265,7 +314,10 @@ def acquire_run(
     first round of a resume ends, so a refused or failed resume leaves the run as it was.
 
     ``cluster``: each (strategy, repeat) curve is a Dask piece (:mod:`audit.cluster`),
-    committed as it finishes; the curves are those of one in-process run."""
+    committed as it finishes; the curves are those of one in-process run.
+
+    ``initial_from_data``: on data with a labelled pool (an npz's x_pool and y_pool),
+    take the training split as the initial set (``config.initial`` is set to its size)."""
     from .cluster import ClusterConfig, connect
 
     cluster = cluster or ClusterConfig()
@@ -285,6 +337,12 @@ def acquire_run(
         else:
             check_run_free(store, overwrite)
         dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+        if dataset.pool is not None:
+            if (dataset.pool.y < 0).any():
+                raise AuditError(f"--data: {data}'s pool has no labels (y_pool) to play the labeller with; "
+                                 "label it with `audit next` and `audit label`")
+            if initial_from_data:
+                config = replace(config, initial=len(dataset.train))
         prior = resumable(store, config, dataset.fingerprint) if resume else None
         meta = runs.RunMeta(
             command="acquire", created=runs.now(),

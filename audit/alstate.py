@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # settings that shape every curve: a run goes on (or pools with another) only where they agree
 CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", "batch_size", "lr",
-                  "schedule", "weight_decay", "batchbald_samples", "even_batches")
+                  "schedule", "weight_decay", "batchbald_samples", "even_batches", "beta")
 
 
 def _differing(a: dict, b: dict) -> list[str]:
@@ -41,6 +41,7 @@ def stored_config(meta: runs.RunMeta) -> dict:
     config = dict(meta.config)
     config.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
     config.setdefault("even_batches", False)  # and before --even-batches in full batches and the remainder
+    config.setdefault("beta", 1.0)  # and before power/softmax sampling, with the default it has
     return config
 
 

@@ -345,8 +345,12 @@ def report(
 @app.command()
 @handle_errors
 def acquire(
-    strategy: str = typer.Option("bald,random", "--strategy", help="Comma-separated: bald, batchbald, entropy, varratio, meanstd, random."),
-    initial: int = typer.Option(20, "--initial", help="Class-balanced initial labelled images."),
+    strategy: str = typer.Option("bald,random", "--strategy", help="Comma-separated: bald, batchbald, entropy, varratio, "
+                                 "meanstd, random, powerbald (or power/softmax before any score: softmaxentropy, ...)."),
+    initial: Optional[int] = typer.Option(None, "--initial", help="Class-balanced initial labelled images (default 20; "
+                                          "with a labelled pool, x_pool and y_pool, the training split is the start)."),
+    beta: float = typer.Option(1.0, "--beta", help="Exponent of power/softmax sampling (powerbald, ...): 1 is Kirsch "
+                               "et al. 2023's default."),
     step: int = typer.Option(10, "--step", help="Images acquired per round."),
     rounds: int = typer.Option(10, "--rounds", help="Acquisition rounds."),
     samples: int = typer.Option(100, "--samples", "-T", help="MC passes per pool image (Gal et al.'s code used 100)."),
@@ -383,9 +387,9 @@ def acquire(
     from .curves import last_accuracy
 
     config = ALConfig(
-        strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial, step=step,
+        strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial or 20, step=step,
         rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, first_repeat=first_repeat,
-        seed=seed, stop_error=stop_at_error,
+        seed=seed, stop_error=stop_at_error, beta=beta,
         train=TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                           even_batches=even_batches),
     )
@@ -393,10 +397,70 @@ def acquire(
 
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
-                         device=device, overwrite=overwrite, resume=resume, cluster=cluster, progress=BarProgress())
+                         device=device, overwrite=overwrite, resume=resume, cluster=cluster, progress=BarProgress(),
+                         initial_from_data=initial is None)
     final = last_accuracy(result.curve)
     err.print("last validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
     typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")
+
+
+@app.command("next")
+@handle_errors
+def next_(
+    run: Path = typer.Option(Path("runs/loop"), "--run", help="The loop's run folder (made by the first call)."),
+    data: Optional[str] = typer.Option(None, "--data", help="First call only: a folder with train/, valid/ and "
+                                       "pool/, or an .npz with x_pool."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    k: int = typer.Option(100, "--k", help="Images to pick."),
+    strategy: str = typer.Option("bald", "--strategy", help="bald, powerbald, batchbald, entropy, varratio, "
+                                 "meanstd, random, or power/softmax before any score (softmaxentropy, ...)."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-T", help="MC passes per pool image (default: the "
+                                          "run's; 100 on the first call)."),
+    pool_subset: Optional[int] = typer.Option(None, "--pool-subset", help="Score a random subset of this many pool "
+                                              "images (default: the whole pool)."),
+    seed: int = typer.Option(0, "--seed", help="First call only: seeds every round's training and choice."),
+    model: str = typer.Option("gal", "--model", help="First call only: gal (Gal et al. 2017's CNN) or origin."),
+    epochs: int = typer.Option(50, "--epochs", help="First call only: training epochs per round."),
+    partial: bool = typer.Option(False, "--partial", help="Go on although the last batch has images without a "
+                                 "decision; they go back to the pool."),
+    device: str = DeviceOpt,
+) -> None:
+    """Pick the next batch to label: train on what is labelled, score the pool, write RUN/rounds/R/."""
+    from .config import TrainConfig
+    from .loop import LOOP_TRAIN, next_batch, page_file
+    from dataclasses import replace
+
+    r = next_batch(run, data=data, data_dir=None if data_dir is None else str(data_dir), k=k, strategy=strategy,
+                   samples=samples, pool_subset=pool_subset, seed=seed,
+                   train_config=replace(LOOP_TRAIN, model=model, epochs=epochs), partial=partial, device=device,
+                   progress=BarProgress())
+    mean_p = float(r.batch["p_guess"].mean())
+    err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {strategy} in "
+              f"{r.seconds_choose:.1f} s on {r.device}; the model's guesses have mean probability {mean_p:.2f}",
+              markup=False)
+    typer.echo(f"batch written to {r.run}/rounds/{r.round}/ (batch.csv, label.html, tasks.json); label it in "
+               f"{r.run / page_file(r.round)}, then `audit label --run {r.run} labels.csv`")
+
+
+@app.command()
+@handle_errors
+def label(
+    file: Path = typer.Argument(..., help="labels.csv from the labelling page, a path,label or index,label CSV, "
+                                "or Label Studio's JSON export of the round's tasks."),
+    run: Path = typer.Option(Path("runs/loop"), "--run", help="The loop's run folder."),
+    relabel: bool = typer.Option(False, "--relabel", help="Record a new label for an image the ledger already "
+                                 "has labelled (else refused)."),
+) -> None:
+    """Bring labels back: check FILE and append it to RUN/labels.csv (all of it or none)."""
+    from .loop import import_labels
+
+    r = import_labels(run, file, relabel=relabel)
+    n = r.added["status"].value_counts().to_dict() if len(r.added) else {}
+    err.print(f"{file}: {n.get('labelled', 0):,} labelled, {n.get('skipped', 0):,} skipped, {n.get('unsure', 0):,} "
+              f"unsure (back in the pool){f'; {r.unchanged:,} already in the ledger' if r.unchanged else ''}; "
+              f"{r.n_labelled:,} pool images labelled in all; {r.open:,} of the last batch without a decision",
+              markup=False)
+    typer.echo(f"ledger written to {r.run}/labels.csv; next: `audit next --run {r.run}`")
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -2,7 +2,9 @@
 
 Every loader returns a :class:`Dataset` of two :class:`Split` s (``train`` and
 ``valid``) holding images as ``(N, C, H, W)`` uint8 or float32 arrays, ``(N,)`` int32
-labels, the class names, and, for folders, the path of each image.
+labels, the class names, and, for folders, the path of each image. An npz (``x_pool``)
+or a folder (``pool/``) may also hold an unlabelled ``pool``: images to label next
+(``audit next``), whose labels are -1 (or, for simulations, an npz's ``y_pool``).
 
 Glossary: N images, C channels, H x W pixels, ``n_classes`` classes.
 """
@@ -74,6 +76,8 @@ class Dataset:
     class_names: tuple[str, ...]
     source: str
     fingerprint: str = field(default="")
+    pool: Split | None = None  # unlabelled images (labels -1), or None
+
 
     @property
     def n_classes(self) -> int:
@@ -97,19 +101,28 @@ def to_float32(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def fingerprint(train: Split, valid: Split, class_names: tuple[str, ...]) -> str:
-    """sha256 over both splits' images, labels and the class names."""
+def fingerprint(train: Split, valid: Split, class_names: tuple[str, ...], pool: Split | None = None) -> str:
+    """sha256 over both splits' images, labels and the class names (and the pool's
+    images and paths where there is one; a dataset without a pool keeps the
+    fingerprint it always had)."""
     h = hashlib.sha256()
     for s in (train, valid):
         for a in (s.x, s.y):
             h.update(str((a.dtype.str, a.shape)).encode())
             h.update(np.ascontiguousarray(a).data)
     h.update("\0".join(class_names).encode())
+    if pool is not None:
+        h.update(b"\0pool")
+        h.update(str((pool.x.dtype.str, pool.x.shape)).encode())
+        h.update(np.ascontiguousarray(pool.x).data)
+        h.update(np.ascontiguousarray(pool.y).data)
+        h.update("\0".join(pool.paths or ()).encode())
     return h.hexdigest()
 
 
-def _finish(train: Split, valid: Split, class_names: tuple[str, ...], source: str) -> Dataset:
-    return Dataset(train, valid, class_names, source, fingerprint(train, valid, class_names))
+def _finish(train: Split, valid: Split, class_names: tuple[str, ...], source: str,
+            pool: Split | None = None) -> Dataset:
+    return Dataset(train, valid, class_names, source, fingerprint(train, valid, class_names, pool), pool)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -360,7 +373,35 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     if len(class_names) < 2:
         raise AuditError(f"{path}: found {len(class_names)} class(es); need at least 2")
     train, valid = (Split(xs[s], ys[s].astype(np.int32)) for s in SPLITS)  # narrowed after the range check
-    return _finish(train, valid, class_names, str(path))
+    return _finish(train, valid, class_names, str(path), _npz_pool(arrays, path, xs["train"], len(class_names)))
+
+
+def _npz_pool(arrays: dict, path: Path, x_train: np.ndarray, n_classes: int) -> Split | None:
+    """The npz's unlabelled pool ``x_pool`` (with ``y_pool``, the labels a simulated
+    labeller gives), or None."""
+    if "x_pool" not in arrays:
+        if "y_pool" in arrays:
+            raise AuditError(f"{path}: y_pool without x_pool; expected both, or x_pool alone")
+        return None
+    if not isinstance(arrays["x_pool"], np.ndarray):
+        raise AuditError(f"{path}: not a readable .npz file (x_pool is not a NumPy array)")
+    x = _check_images(arrays["x_pool"], f"{path}: x_pool")
+    if x.shape[1:] != x_train.shape[1:] or x.dtype != x_train.dtype:
+        raise AuditError(f"{path}: x_pool images are {x.dtype} {x.shape[1:]} but x_train images are "
+                         f"{x_train.dtype} {x_train.shape[1:]} (C, H, W); they must match")
+    y = np.full(len(x), -1, np.int32)
+    if "y_pool" in arrays:
+        if not isinstance(arrays["y_pool"], np.ndarray):
+            raise AuditError(f"{path}: not a readable .npz file (y_pool is not a NumPy array)")
+        yp = _check_labels(arrays["y_pool"], f"{path}: y_pool")
+        if len(yp) != len(x):
+            raise AuditError(f"{path}: x_pool has {len(x)} images but y_pool has {len(yp)} labels")
+        if len(yp) and int(yp.max()) >= n_classes:
+            i = int(np.argmax(yp >= n_classes))
+            raise AuditError(f"{path}: y_pool[{i}] = {int(yp[i])} is out of range; expected labels in "
+                             f"0..{n_classes - 1}")
+        y = yp.astype(np.int32)
+    return Split(x, y)
 
 
 def _check_images(x: np.ndarray, what: str) -> np.ndarray:
@@ -400,13 +441,15 @@ def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
 
 
 def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
-    """Images laid out as ``root/train/<class>/*.png`` and ``root/valid/<class>/*``.
+    """Images laid out as ``root/train/<class>/*.png`` and ``root/valid/<class>/*``, and
+    optionally unlabelled ones anywhere under ``root/pool/`` (subfolders allowed).
 
     Class names are the sorted folder names of ``train``. All images must share one
-    size; greyscale images stay one channel unless any image is colour (then RGB).
+    size; greyscale images stay one channel unless any train or valid image is colour
+    (then RGB). A pool image is made the training images' mode where no information is
+    lost (grey to RGB); a colour pool image beside greyscale training images, or one
+    of another size, is refused: the model could not take it as it is.
     """
-    from PIL import Image, UnidentifiedImageError
-
     progress = progress or NullProgress()
     root = Path(root)
     for s in SPLITS:
@@ -433,33 +476,52 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
             files[s] += [(p, class_names.index(d.name)) for p in images]
         if not files[s]:
             raise AuditError(f"{root / s}: no class folders with images")
+    pool_dir = root / "pool"
+    pool_files: list[Path] = []
+    if pool_dir.is_dir():
+        pool_files = sorted((p for p in pool_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                            key=lambda p: p.relative_to(root).as_posix())
+        if not pool_files:
+            raise AuditError(f"{pool_dir}: no images (expected {', '.join(IMAGE_SUFFIXES)} files, in subfolders "
+                             "or not); remove the folder if there is no pool")
 
-    total = sum(len(v) for v in files.values())
+    total = sum(len(v) for v in files.values()) + len(pool_files)
     progress.start(f"read {root}", total)
-    loaded: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    loaded: dict[str, list] = {s: [] for s in SPLITS}
     sizes: dict[tuple[int, int], list[Path]] = {}
     grey = True
     for s in SPLITS:
         for p, _ in files[s]:
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    grey_im = im.mode in _GREY_MODES
-                    arr = im.convert("L" if grey_im else "RGB")
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise AuditError(f"{p}: not a readable image ({e})") from None
+            arr, grey_im = _read_image(p)
             grey &= grey_im
             sizes.setdefault(arr.size, []).append(p)
             loaded[s].append(arr)
             progress.advance(1)
-    progress.close()
     if len(sizes) > 1:
+        progress.close()
         common = max(sizes, key=lambda k: len(sizes[k]))
         odd = [f"{p} ({k[0]}x{k[1]})" for k, ps in sizes.items() if k != common for p in ps]
         raise AuditError(
             f"{root}: images differ in size; most are {common[0]}x{common[1]} but "
             + (f"{odd[0]} is not" if len(odd) == 1 else f"{len(odd)} are not, e.g. {', '.join(odd[:3])}")
         )
+    size = next(iter(sizes))
+    pool_loaded, bad = [], []
+    for p in pool_files:
+        arr, grey_im = _read_image(p)
+        if arr.size != size:
+            bad.append(f"{p} is {arr.size[0]}x{arr.size[1]}")
+        elif grey and not grey_im:
+            bad.append(f"{p} is colour")
+        pool_loaded.append(arr)
+        progress.advance(1)
+    progress.close()
+    if bad:
+        raise AuditError(
+            f"{pool_dir}: pool images must be what the training images are ({size[0]}x{size[1]}, "
+            f"{'greyscale' if grey else 'RGB'}) so the model can score them unchanged, but "
+            + (bad[0] if len(bad) == 1 else f"{len(bad)} are not, e.g. {'; '.join(bad[:3])}")
+            + "; resize or convert them, or move them out of pool/")
     mode = "L" if grey else "RGB"
 
     def stack(ims: list) -> np.ndarray:
@@ -470,12 +532,28 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
         s: Split(
             stack(loaded[s]),
             np.array([c for _, c in files[s]], dtype=np.int32),
-            tuple(str(p.relative_to(root)) for p, _ in files[s]),
+            tuple(p.relative_to(root).as_posix() for p, _ in files[s]),
         )
         for s in SPLITS
     }
-    return _finish(splits["train"], splits["valid"], class_names, str(root))
+    pool = None
+    if pool_files:
+        pool = Split(stack(pool_loaded), np.full(len(pool_files), -1, np.int32),
+                     tuple(p.relative_to(root).as_posix() for p in pool_files))
+    return _finish(splits["train"], splits["valid"], class_names, str(root), pool)
 
+
+def _read_image(p: Path):
+    """(the decoded image as L or RGB, whether it was greyscale); one line if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im.load()
+            grey_im = im.mode in _GREY_MODES
+            return im.convert("L" if grey_im else "RGB"), grey_im
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise AuditError(f"{p}: not a readable image ({e})") from None
 
 
 def holdout(dataset: Dataset, n: int, *, seed: int = 0) -> Dataset:

@@ -154,7 +154,7 @@ _META_SCHEMA = {
     "resumed": ((list,), False),
     "files": ((dict,), False),
 }
-COMMANDS = ("train", "retrain", "acquire")
+COMMANDS = ("train", "retrain", "acquire", "loop")
 
 
 def _validate(d: Any, schema: dict, where: str, prefix: str = "") -> None:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from audit import metrics
-from audit.acquire import STRATEGIES, acquire, batchbald
+from audit.acquire import STRATEGIES, acquire, batchbald, stochastic_batch
+from audit.metrics import mutual_info
 from audit.errors import AuditError
 
 
@@ -98,4 +99,52 @@ def test_bad_input():
         acquire(p, "bald", 6)
     with pytest.raises(AuditError, match=r"mc_probs: expected \(N, T, C\)"):
         acquire(p[:, 0], "bald", 1)
-    assert set(STRATEGIES) == {"bald", "batchbald", "entropy", "varratio", "meanstd", "random"}
+    assert set(STRATEGIES) == {"bald", "batchbald", "entropy", "varratio", "meanstd", "random",
+                               *(m + s for m in ("power", "softmax") for s in ("bald", "entropy", "varratio", "meanstd"))}
+    with pytest.raises(AuditError, match="^beta: expected a positive number"):
+        acquire(p, "powerbald", 2, beta=0)
+    with pytest.raises(AuditError, match="^beta: "):
+        acquire(p, "softmaxentropy", 2, beta=float("nan"))
+
+
+def test_stochastic_batch_draws_the_stated_distribution():
+    """Power sampling, first pick: P(i) = s_i^beta / sum s^beta; the pair (first,
+    second) follows sequential sampling without replacement. 20,000 seeded draws."""
+    s = np.array([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    firsts, pairs = np.zeros(4), {}
+    for seed in range(n):
+        b = stochastic_batch(s, 2, "power", beta=2.0, seed=seed)
+        firsts[b.indices[0]] += 1
+        pairs[tuple(b.indices)] = pairs.get(tuple(b.indices), 0) + 1
+    w = s ** 2
+    expect = w / w.sum()
+    assert np.abs(firsts / n - expect).max() < 0.01  # 3 sigma at n=20000 is < 0.011
+    p01 = expect[0] * w[1] / (w.sum() - w[0])
+    assert abs(pairs[(0, 1)] / n - p01) < 0.01
+    # softmax: exp(beta * s); a huge beta is top-k, and no image twice
+    b = stochastic_batch(s, 4, "softmax", beta=1e4, seed=1)
+    assert list(b.indices) == [0, 1, 2, 3] and np.allclose(b.scores, s)
+    # zero and negative scores (BALD's rounding) can still be drawn under power, last
+    b = stochastic_batch(np.array([0.0, -1e-9, 1.0]), 3, "power", seed=0)
+    assert b.indices[0] == 2 and sorted(b.indices) == [0, 1, 2]
+
+
+def test_powerbald_spreads_a_batch_over_near_duplicates():
+    """Top-k BALD takes all copies of the most informative image; powerbald does not
+    (sampled), and is seeded."""
+    p = _pool(n=200, seed=3)
+    star = int(np.argmax(mutual_info(p)))
+    pool = np.concatenate([p, np.repeat(p[star: star + 1], 20, axis=0)])
+    copies = {star, *range(200, 220)}
+    top = acquire(pool, "bald", 20)
+    assert set(top.indices) <= copies
+    pb = acquire(pool, "powerbald", 20, seed=5)
+    assert len(set(pb.indices) & copies) < 15
+    assert np.array_equal(pb.indices, acquire(pool, "powerbald", 20, seed=5).indices)
+    assert not np.array_equal(pb.indices, acquire(pool, "powerbald", 20, seed=6).indices)
+    # from the scores alone: the same batch
+    from audit.acquire import from_scores
+
+    assert np.array_equal(from_scores({"mutual_info": mutual_info(pool)}, "powerbald", 20, seed=5).indices,
+                          pb.indices)

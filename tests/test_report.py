@@ -141,31 +141,6 @@ def test_templates_ship_in_the_wheel(tmp_path):
 # ------------------------------------------------------------------- headless Chromium
 
 
-def chromium_path() -> str | None:
-    for name in (os.environ.get("AUDIT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
-
-
-@pytest.fixture
-def browser():
-    path = chromium_path()
-    if path is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set AUDIT_CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.mark.browser
 def test_report_in_headless_chromium(scored_run, tmp_path, browser):
     res = write_report(scored_run, out=tmp_path / "rep", top=TOP)
