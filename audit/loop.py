@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
+from .acquire import parse_strategy
 from .active import AL_TRAIN, ALConfig, _seed, choose_batch, loop_dataset
 from .data import Dataset, Split, load_dataset
 from .device import describe, get_device
@@ -189,6 +190,7 @@ def next_batch(
     dev = get_device(device)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise bad_param("k", f"expected a positive number of images, got {k!r}")
+    parse_strategy(strategy)  # one strategy a round
     with store.writing():
         if store.exists():
             state = _read_state(store)
@@ -217,11 +219,11 @@ def next_batch(
                                                       n_pool=len(dataset.pool)),
                                 device=str(device), versions=runs.versions(), results={"rounds": []})
         # this round's settings: the run's, but for what may change per round
-        config = replace(config, strategies=(strategy,), step=k,
-                         samples=config.samples if samples is None else samples,
-                         pool_subset=pool_subset if pool_subset is not None else config.pool_subset)
-        if config.pool_subset is not None and config.pool_subset < k:
-            raise bad_param("pool_subset", f"expected at least --k ({k}), got {config.pool_subset}")
+        subset = pool_subset if pool_subset is not None else config.pool_subset
+        if subset is not None and subset < k:
+            raise bad_param("pool_subset", f"expected at least --k ({k}), got {subset}")
+        config = replace(config, strategies=(strategy,), step=k, pool_subset=subset,
+                         samples=config.samples if samples is None else samples)
         rnd = 0 if state is None else state.rounds  # 0-based: the simulation's round of this training
         labelled_pool: dict[int, str] = {}
         if state is not None:

@@ -173,3 +173,296 @@ def test_labelling_page_by_keyboard(tmp_path, browser):
     r = runner.invoke(app, ["next", "--run", str(run), "--k", "10"])
     assert r.exit_code == 0, r.output
     assert json.loads((run / "run.json").read_text())["results"]["rounds"][1]["n_labelled"] == 12 + 8
+
+
+# ------------------------------------------------------------- one loop, two labellers
+
+
+def pool_npz(path: Path, n_seed: int = 4, n_valid: int = 10, n_pool: int = 40) -> Path:
+    """An npz with a small seed set, a validation set and a pool whose true labels are
+    in y_pool (what `audit acquire` plays the labeller with)."""
+    xt, yt = make_shapes(n_seed, seed=5)
+    xv, yv = make_shapes(n_valid, seed=6)
+    xp, yp = make_shapes(n_pool, seed=7)
+    np.savez(path, x_train=xt, y_train=yt, x_valid=xv, y_valid=yv, x_pool=xp, y_pool=yp)
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["bald", "powerbald", "random"])
+def test_a_person_giving_the_true_labels_draws_the_simulation(tmp_path, strategy):
+    """`audit acquire` on an npz whose pool has labels (the dataset's labels play the
+    labeller) and `audit next` + `audit label` fed those labels each round go through
+    the same code: the same batches and the same validation accuracy per round."""
+    data = pool_npz(tmp_path / "pool.npz")
+    y_pool = np.load(data)["y_pool"]
+    n_seed = len(np.load(data)["y_train"])
+    common = ["--strategy", strategy, "--model", "origin", "--epochs", "3", "--samples", "8", "--pool-subset"]
+    sim = tmp_path / "sim"
+    r = runner.invoke(app, ["acquire", "--data", str(data), "--run", str(sim), "--step", "6", "--rounds", "3",
+                            *common, "0"])
+    assert r.exit_code == 0, r.output
+    curve = pd.read_csv(sim / "al_curve.csv")
+    acquired = pd.read_csv(sim / "acquired.csv")
+    assert json.loads((sim / "run.json").read_text())["config"]["initial"] == n_seed
+
+    run = tmp_path / "loop"
+    for rnd in range(1, 5):
+        args = ["next", "--run", str(run), "--k", "6", "--strategy", strategy, "--samples", "8"]
+        if rnd == 1:
+            args += ["--data", str(data), "--model", "origin", "--epochs", "3"]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        b = loop_state(run).batches[-1]
+        if rnd <= 3:
+            got = sorted(b["index"] + n_seed)
+            assert got == sorted(acquired[acquired["round"] == rnd]["index"]), f"round {rnd}"
+        f = tmp_path / f"labels{rnd}.csv"
+        pd.DataFrame({"index": b["index"], "label": [str(y_pool[i]) for i in b["index"]]}).to_csv(f, index=False)
+        assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    rounds = json.loads((run / "run.json").read_text())["results"]["rounds"]
+    assert [x["valid_accuracy"] for x in rounds] == pytest.approx(list(curve.valid_accuracy), abs=1e-6)  # al_curve.csv: 6 digits
+    assert [x["n_labelled"] for x in rounds] == list(curve.n_labelled)
+
+
+def test_acquire_refuses_a_pool_without_labels(tmp_path):
+    data = pool_npz(tmp_path / "pool.npz")
+    z = dict(np.load(data))
+    z.pop("y_pool")
+    np.savez(data, **z)
+    r = runner.invoke(app, ["acquire", "--data", str(data), "--run", str(tmp_path / "r"), "--rounds", "1"])
+    assert_one_line_error(r, "pool has no labels (y_pool)", "audit next")
+    r = runner.invoke(app, ["acquire", "--data", str(pool_npz(tmp_path / "p2.npz")), "--run", str(tmp_path / "r"),
+                            "--initial", "5", "--rounds", "1"])
+    assert_one_line_error(r, "--initial", "the training split is the initial set (12 images)")
+
+
+# ------------------------------------------------------------------------ Label Studio
+
+
+def ls_export(tasks: list[dict], answers: dict[int, list]) -> list[dict]:
+    """Label Studio's JSON export of ``tasks`` (its documented format: id, data,
+    annotations -> result -> value.choices, was_cancelled). ``answers``: task
+    position -> one entry per annotation, a class name or None for a skip."""
+    out = []
+    for n, t in enumerate(tasks):
+        anns = []
+        for a, ans in enumerate(answers.get(n, [])):
+            result = [] if ans is None else [{"id": f"r{n}{a}", "from_name": "label", "to_name": "image",
+                                              "type": "choices", "origin": "manual", "value": {"choices": [ans]}}]
+            anns.append({"id": 100 * n + a, "completed_by": a + 1, "result": result, "was_cancelled": ans is None,
+                         "ground_truth": False, "created_at": "2026-11-30T10:00:00Z",
+                         "updated_at": "2026-11-30T10:00:00Z", "lead_time": 2.5, "task": n + 1})
+        out.append({"id": n + 1, "data": t["data"], "annotations": anns, "predictions": t["predictions"],
+                    "meta": {}, "project": 7, "created_at": "2026-11-30T09:00:00Z",
+                    "updated_at": "2026-11-30T10:00:00Z"})
+    return out
+
+
+def test_label_studio_tasks_and_export(folder, tmp_path):
+    root, truth = folder
+    run = tmp_path / "loop"
+    assert runner.invoke(app, ["next", "--run", str(run), "--data", str(root), "--k", "6", *FAST]).exit_code == 0
+    tasks = json.loads((run / tasks_file(1)).read_text())
+    config = (run / "label_config.xml").read_text()
+    assert len(tasks) == 6 and all(t["data"]["image"].startswith("data:image/png;base64,") for t in tasks)
+    pred = tasks[0]["predictions"][0]["result"][0]
+    assert pred["from_name"] == "label" and pred["to_name"] == "image" and pred["type"] == "choices"
+    assert '<Choices name="label" toName="image"' in config and all(f'"{c}"' in config for c in NAMES)
+    # one skipped, one annotated twice (agreeing), one not annotated, three labelled once
+    lab = [truth[t["data"]["audit_path"]] for t in tasks]
+    answers = {0: [lab[0]], 1: [None], 2: [lab[2], lab[2]], 3: [lab[3]], 5: [lab[5]]}
+    f = tmp_path / "export.json"
+    f.write_text(json.dumps(ls_export(tasks, answers)))
+    r = runner.invoke(app, ["label", "--run", str(run), str(f)])
+    assert r.exit_code == 0, r.output
+    assert "4 labelled, 1 skipped, 0 unsure" in r.output and "1 of the last batch without a decision" in r.output
+    state = loop_state(run)
+    assert {state.batches[0].path[state.batches[0]["index"].tolist().index(i)]: v
+            for i, v in state.labelled().items()} == {tasks[n]["data"]["audit_path"]: lab[n] for n in (0, 2, 3, 5)}
+    # the same export again adds nothing
+    r = runner.invoke(app, ["label", "--run", str(run), str(f)])
+    assert r.exit_code == 0 and "0 labelled" in r.output and "5 already in the ledger" in r.output
+    # annotators who disagree: refused
+    other = next(c for c in NAMES if c != lab[4])
+    f.write_text(json.dumps(ls_export(tasks, {4: [lab[4], other]})))
+    assert_one_line_error(runner.invoke(app, ["label", "--run", str(run), str(f)]), "annotations that disagree")
+    # another project's export (tasks audit did not write, or another run's)
+    foreign = ls_export(tasks, {0: [lab[0]]})
+    for t in foreign:
+        t["data"] = {"image": "https://example.com/1.jpg"}
+    f.write_text(json.dumps(foreign))
+    assert_one_line_error(runner.invoke(app, ["label", "--run", str(run), str(f)]), "another Label Studio project")
+    foreign = ls_export(tasks, {0: [lab[0]]})
+    foreign[0]["data"]["audit_run"] = "0123456789abcdef"
+    f.write_text(json.dumps(foreign))
+    assert_one_line_error(runner.invoke(app, ["label", "--run", str(run), str(f)]), "from another run")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def picked(folder, tmp_path):
+    """A loop run with round 1's batch of 6 picked, nothing labelled."""
+    root, truth = folder
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(root), "--k", "6", *FAST])
+    assert r.exit_code == 0, r.output
+    return run, truth, loop_state(run).batches[0]
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("not_in_batch", "is not in any batch"),
+    ("unknown_path", "is not in any batch"),
+    ("unknown_class", "unknown class 'zebra'"),
+    ("twice", "appears twice"),
+    ("empty", "empty; expected labels.csv"),
+    ("header_only", "a header but no labels"),
+    ("other_run", "labels for another run"),
+    ("no_key", "expected a column 'index' or 'path'"),
+    ("bad_status", "status 'maybe'"),
+    ("bad_index", "index '-3'"),
+    ("no_label", "no label; give one"),
+    ("not_json", "not valid JSON"),
+])
+def test_label_refuses_bad_files(picked, tmp_path, case, fragment):
+    run, truth, b = picked
+    in_pool_not_batch = next(i for i in range(180) if i not in set(b["index"]))
+    p0, l0 = b.path[0], truth[b.path[0]]
+    text = {
+        "not_in_batch": f"index,label\n{in_pool_not_batch},hbar\n",
+        "unknown_path": "path,label\npool/elsewhere.png,hbar\n",
+        "unknown_class": f"path,label\n{p0},zebra\n",
+        "twice": f"path,label\n{p0},hbar\n{p0},vbar\n",
+        "empty": "",
+        "header_only": "path,label\n",
+        "other_run": f"run,round,index,path,label,status\nfeedfacefeedface,1,{b['index'][0]},{p0},{l0},labelled\n",
+        "no_key": f"file,label\n{p0},{l0}\n",
+        "bad_status": f"path,label,status\n{p0},{l0},maybe\n",
+        "bad_index": f"index,label\n-3,{l0}\n",
+        "no_label": f"path,label\n{p0},\n",
+        "not_json": "[{\"data\": ",
+    }[case]
+    f = tmp_path / ("x.json" if case == "not_json" else "labels.csv")
+    f.write_text(text)
+    before = _files(run)
+    assert_one_line_error(runner.invoke(app, ["label", "--run", str(run), str(f)]), fragment)
+    assert _files(run) == before
+
+
+def test_relabel_and_idempotence(picked, tmp_path):
+    run, truth, b = picked
+    p0, l0 = b.path[0], truth[b.path[0]]
+    other = next(c for c in NAMES if c != l0)
+    f = tmp_path / "a.csv"
+    f.write_text(f"path,label\n{p0},{l0}\n")
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    r = runner.invoke(app, ["label", "--run", str(run), str(f)])
+    assert r.exit_code == 0 and "1 already in the ledger" in r.output
+    g = tmp_path / "b.csv"
+    g.write_text(f"path,label\n{p0},{other}\n")
+    before = _files(run)
+    assert_one_line_error(runner.invoke(app, ["label", "--run", str(run), str(g)]), f"is labelled '{l0}'",
+                          "--relabel")
+    assert _files(run) == before
+    r = runner.invoke(app, ["label", "--run", str(run), str(g), "--relabel"])
+    assert r.exit_code == 0, r.output
+    state = loop_state(run)
+    assert list(state.labelled().values()) == [other] and len(state.ledger) == 2  # appended, never rewritten
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--k", "0"], "--k: expected a positive number"),
+    (["--k", "500"], "--k: expected 1..180"),
+    (["--strategy", "coreset"], "--strategy: expected one of"),
+    (["--pool-subset", "3"], "--pool-subset: expected at least --k"),
+])
+def test_next_bad_options(folder, tmp_path, args, fragment):
+    root, _ = folder
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(root), "--k", "10", *FAST, *args])
+    assert_one_line_error(r, fragment)
+    assert not run.exists()
+
+
+def test_next_bad_data(tmp_path):
+    root, _ = write_folder(tmp_path / "d1", n_pool=3)
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "2"])
+    assert_one_line_error(r, "--data", "is a new run")
+    # no pool
+    import shutil
+
+    shutil.rmtree(root / "pool")
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--data", str(root)]), "has no unlabelled pool")
+    # a pool image of another size, a colour one, an unreadable one
+    (root / "pool").mkdir()
+    Image.fromarray(np.zeros((20, 16), np.uint8)).save(root / "pool" / "big.png")
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--data", str(root)]),
+                          "pool/big.png is 16x20", "resize or convert them")
+    (root / "pool" / "big.png").unlink()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 40).save(root / "pool" / "rgb.png")
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--data", str(root)]), "rgb.png is colour")
+    (root / "pool" / "rgb.png").unlink()
+    (root / "pool" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--data", str(root)]),
+                          "cut.png: not a readable image")
+    assert not run.exists()
+    # an npz x_pool of another shape
+    data = pool_npz(tmp_path / "p.npz")
+    z = dict(np.load(data))
+    z["x_pool"] = z["x_pool"][:, :, :8]
+    np.savez(data, **z)
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--data", str(data)]),
+                          "x_pool images are", "they must match")
+
+
+def test_next_on_other_runs_and_data(picked, tmp_path):
+    run, _, _ = picked
+    other = write_folder(tmp_path / "other", seed=9)[0]
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(other), "--partial"])
+    assert_one_line_error(r, "--data", "leave out --data")
+    acq = tmp_path / "acq"
+    data = pool_npz(tmp_path / "p.npz")
+    assert runner.invoke(app, ["acquire", "--data", str(data), "--run", str(acq), "--rounds", "0",
+                               "--model", "origin", "--epochs", "1"]).exit_code == 0
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(acq)]), "is an `audit acquire` run")
+    assert_one_line_error(runner.invoke(app, ["label", "--run", str(acq), str(data)]), "is an `audit acquire` run")
+
+
+@pytest.mark.parametrize("step", ["staged", "journaled", "rename labels.csv", "published"])
+def test_kill_during_label_is_all_or_nothing(picked, tmp_path, step):
+    """Killed at each step of the ledger's commit: the ledger has none of the file's rows
+    or all of them, and the next command finds a whole run."""
+    from test_faults import killed_at
+
+    run, truth, b = picked
+    f = tmp_path / "labels.csv"
+    pd.DataFrame({"path": b.path, "label": [truth[p] for p in b.path]}).to_csv(f, index=False)
+    assert killed_at(step, "label", "--run", run, f) == 137
+    state = loop_state(run)  # a reader finishes a journaled commit
+    assert len(state.ledger) in (0, 6)
+    assert len(state.ledger) == (0 if step == "staged" else 6)
+    r = runner.invoke(app, ["label", "--run", str(run), str(f)])
+    assert r.exit_code == 0, r.output
+    assert len(loop_state(run).ledger) == 6 and not [p for p in run.rglob(".*")]
+
+
+@pytest.mark.parametrize("step", ["staged", "journaled", "published"])
+def test_kill_during_next_is_all_or_nothing(picked, tmp_path, step):
+    from test_faults import killed_at
+
+    run, truth, b = picked
+    f = tmp_path / "labels.csv"
+    pd.DataFrame({"path": b.path, "label": [truth[p] for p in b.path]}).to_csv(f, index=False)
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    assert killed_at(step, "next", "--run", run, "--k", "5") == 137
+    state = loop_state(run)
+    assert state.rounds == (1 if step == "staged" else 2)
+    assert (run / "rounds" / "2").is_dir() == (step != "staged")
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "5", "--partial"])
+    assert r.exit_code == 0, r.output
