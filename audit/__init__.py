@@ -6,7 +6,8 @@ The package imports its NumPy 2 compatibility fixes for Chainer 7.8.1 first, so
 Layers, bottom up (``tests/test_layers.py`` keeps imports pointing down):
 pure functions (``metrics``, ``acquire``, ``flags``, ``decisions``, ``curves``),
 data, model and the MC engine; the run store (``runs``); the workflows (``train``,
-``score``, ``curate``, ``alstate``, ``active``); ``report``; the CLI.
+``score``, ``curate``, ``alstate``, ``active``); the loop with a person labelling
+(``loop``); ``report``; the CLI.
 """
 
 from . import _compat  # noqa: F401  (must precede every chainer import)
@@ -18,6 +19,7 @@ from .curate import RetrainResult, retrain_run
 from .decisions import apply_decisions
 from .errors import AuditError
 from .flags import FlagConfig, flag_issues
+from .loop import LabelResult, LoopState, NextResult, import_labels, loop_state, next_batch
 from .mc import MCResult, mc_predict
 from .model import OriginCNN, build_model
 from .report import ReportResult, write_report
@@ -32,6 +34,9 @@ __all__ = [
     "ALResult",
     "AuditError",
     "CandidateBatch",
+    "LabelResult",
+    "LoopState",
+    "NextResult",
     "Dataset",
     "FlagConfig",
     "MCResult",
@@ -52,9 +57,12 @@ __all__ = [
     "evaluate",
     "flag_issues",
     "flag_run",
+    "import_labels",
     "load_dataset",
+    "loop_state",
     "mc_predict",
     "metrics",
+    "next_batch",
     "pool_runs",
     "retrain_run",
     "run_active_learning",

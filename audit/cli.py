@@ -418,6 +418,8 @@ def next_(
                                           "run's; 100 on the first call)."),
     pool_subset: Optional[int] = typer.Option(None, "--pool-subset", help="Score a random subset of this many pool "
                                               "images (default: the whole pool)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Exponent of power/softmax sampling (default: the "
+                                         "run's; 1, Kirsch et al. 2023's, on the first call)."),
     seed: int = typer.Option(0, "--seed", help="First call only: seeds every round's training and choice."),
     model: str = typer.Option("gal", "--model", help="First call only: gal (Gal et al. 2017's CNN) or origin."),
     epochs: int = typer.Option(50, "--epochs", help="First call only: training epochs per round."),
@@ -431,7 +433,7 @@ def next_(
     from dataclasses import replace
 
     r = next_batch(run, data=data, data_dir=None if data_dir is None else str(data_dir), k=k, strategy=strategy,
-                   samples=samples, pool_subset=pool_subset, seed=seed,
+                   samples=samples, pool_subset=pool_subset, beta=beta, seed=seed,
                    train_config=replace(LOOP_TRAIN, model=model, epochs=epochs), partial=partial, device=device,
                    progress=BarProgress())
     mean_p = float(r.batch["p_guess"].mean())
@@ -457,7 +459,7 @@ def label(
     r = import_labels(run, file, relabel=relabel)
     n = r.added["status"].value_counts().to_dict() if len(r.added) else {}
     err.print(f"{file}: {n.get('labelled', 0):,} labelled, {n.get('skipped', 0):,} skipped, {n.get('unsure', 0):,} "
-              f"unsure (back in the pool){f'; {r.unchanged:,} already in the ledger' if r.unchanged else ''}; "
+              f"unsure (those back to the pool){f'; {r.unchanged:,} already in the ledger' if r.unchanged else ''}; "
               f"{r.n_labelled:,} pool images labelled in all; {r.open:,} of the last batch without a decision",
               markup=False)
     typer.echo(f"ledger written to {r.run}/labels.csv; next: `audit next --run {r.run}`")

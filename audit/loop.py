@@ -172,6 +172,7 @@ def next_batch(
     strategy: str = "bald",
     samples: int | None = None,
     pool_subset: int | None = None,
+    beta: float | None = None,
     seed: int = 0,
     train_config: TrainConfig = LOOP_TRAIN,
     partial: bool = False,
@@ -223,7 +224,8 @@ def next_batch(
         if subset is not None and subset < k:
             raise bad_param("pool_subset", f"expected at least --k ({k}), got {subset}")
         config = replace(config, strategies=(strategy,), step=k, pool_subset=subset,
-                         samples=config.samples if samples is None else samples)
+                         samples=config.samples if samples is None else samples,
+                         beta=config.beta if beta is None else beta)
         rnd = 0 if state is None else state.rounds  # 0-based: the simulation's round of this training
         labelled_pool: dict[int, str] = {}
         if state is not None:
@@ -266,7 +268,7 @@ def next_batch(
             "round": rnd + 1, "rank": np.arange(1, len(new) + 1), "index": idx,
             "path": [paths[i] if paths else "" for i in idx], "score": np.round(scores.astype(np.float64), 6),
             "guess": [names[g] for g in guess], "p_guess": np.round(probs[np.arange(len(new)), guess], 4)})
-        info = {"round": rnd + 1, "strategy": strategy, "k": k, "samples": config.samples,
+        info = {"round": rnd + 1, "strategy": strategy, "k": k, "samples": config.samples, "beta": config.beta,
                 "pool_subset": config.pool_subset, "pool_size": int(len(candidates)),
                 "n_labelled": int(len(labelled)), "n_labelled_pool": len(labelled_pool),
                 "valid_accuracy": float(result.valid_accuracy), "seconds_train": round(t_train, 3),

@@ -288,6 +288,38 @@ def al_context(run: str | os.PathLike | list, *, first_rounds: int = 2, progress
     }
 
 
+def loop_context(run: str | os.PathLike, *, progress: Progress | None = None) -> dict:
+    """An `audit next` run per round: what was picked, labelled, skipped, how often the
+    model's guess was kept, and the validation accuracy of the round's model."""
+    from .loop import loop_state
+
+    store = runs.RunStore(run).require()
+    state = loop_state(store.path)
+    dataset = store.base_dataset(progress=progress)
+    info = (state.meta.results or {}).get("rounds", [])
+    uris: dict[int, str] = {}
+    out = []
+    for r, (batch, meta) in enumerate(zip(state.batches, info), 1):
+        # each image's decision made for this round's batch (the ledger's last row of that round)
+        decided = {int(row.index): (row.status, row.label) for row in state.ledger.itertuples(index=False)
+                   if int(row.round) == r}
+        cells, counts = [], {"labelled": 0, "skipped": 0, "unsure": 0, "open": 0}
+        kept = 0
+        for row in batch.itertuples(index=False):
+            i = int(row.index)
+            st, lab = decided.get(i, ("open", ""))
+            counts[st] += 1
+            kept += st == "labelled" and lab == row.guess
+            if i not in uris:
+                uris[i] = png_data_uri(dataset.pool.x[i])
+            cells.append({"src": uris[i], "index": i, "path": row.path, "guess": row.guess, "state": st,
+                          "text": lab if st == "labelled" else st, "changed": st == "labelled" and lab != row.guess})
+        out.append({**meta, **counts, "kept": int(kept), "cells": cells})
+    return {"title": f"audit loop: {store.path.name}", "rounds": out, "n_pool": int(state.meta.data.get("n_pool", 0)),
+            "n_labelled_pool": len(state.labelled()), "n_unique": len(uris),
+            "generated": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def write_report(
     run: str | os.PathLike | list = "runs/default",
     *,
@@ -314,7 +346,12 @@ def write_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AuditError(f"--out: {out} exists and is not a folder")
-    if any((r / runs.AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list):  # acquire runs
+    if len(run_list) == 1 and runs.RunStore(run_list[0]).meta().command == "loop":
+        ctx = loop_context(run_list[0], progress=progress)
+        html = render_report(ctx, "loop.html.j2")
+        n_cells = sum(len(r["cells"]) for r in ctx["rounds"])
+        n_unique = ctx["n_unique"]
+    elif any((r / runs.AL_CURVE).is_file() and not (r / runs.SCORES).is_file() for r in run_list):  # acquire runs
         ctx = al_context(run_list, progress=progress)
         html = render_report(ctx, "active.html.j2")
         n_cells = n_unique = sum(len(s["acquired"]) for s in ctx["strategies"])

@@ -18,6 +18,7 @@ LAYERS = [
     {"train"},
     {"score", "alstate"},
     {"curate", "active"},
+    {"loop"},
     {"report"},
     {"cli", "__init__"},
 ]

@@ -4,6 +4,7 @@ the labelling page and Label Studio; and that it is the simulation's code path."
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -466,3 +467,34 @@ def test_kill_during_next_is_all_or_nothing(picked, tmp_path, step):
     assert (run / "rounds" / "2").is_dir() == (step != "staged")
     r = runner.invoke(app, ["next", "--run", str(run), "--k", "5", "--partial"])
     assert r.exit_code == 0, r.output
+
+
+def test_report_of_a_loop_run(picked, tmp_path):
+    run, truth, b = picked
+    other = {p: next(c for c in NAMES if c != g) for p, g in zip(b.path, b.guess)}
+    rows = [(b.path[0], b.guess[0], "labelled"), (b.path[1], other[b.path[1]], "labelled"), (b.path[2], "", "skipped")]
+    f = tmp_path / "l.csv"
+    pd.DataFrame(rows, columns=["path", "label", "status"]).to_csv(f, index=False)
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    row = re.search(r"<tr><td>1</td>(.*?)</tr>", html, re.S).group(1)
+    cells = re.findall(r"<td>([^<]*)</td>", row)
+    # strategy, picked, from, trained on, accuracy, labelled, skipped, unsure, no decision, guess kept
+    assert cells[0] == "bald" and cells[1] == "6" and cells[5:9] == ["2", "1", "0", "3"]
+    assert cells[9] == "1 (50%)"
+    assert html.count("<figure") == 6 and "http" not in html.replace("http-equiv", "")
+
+
+def test_beta_is_a_round_setting(picked, tmp_path):
+    run, truth, b = picked
+    f = tmp_path / "l.csv"
+    pd.DataFrame({"path": b.path, "label": [truth[p] for p in b.path]}).to_csv(f, index=False)
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--strategy", "powerbald", "--beta", "-1"]),
+                          "--beta: expected a positive number")
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "5", "--strategy", "softmaxentropy", "--beta", "4"])
+    assert r.exit_code == 0, r.output
+    rounds = json.loads((run / "run.json").read_text())["results"]["rounds"]
+    assert [(x["strategy"], x["beta"]) for x in rounds] == [("bald", 1.0), ("softmaxentropy", 4.0)]
