@@ -295,7 +295,7 @@ def _batch_csv(batch: pd.DataFrame) -> bytes:
 
 def labelling_page(dataset: Dataset, batch: pd.DataFrame, run_id: str, rnd: int, run_name: str) -> str:
     """The self-contained page for labelling ``batch``: images inlined, keyboard first."""
-    from .report import environment, png_data_uri
+    from .report import environment, png_data_uri, script_json
 
     names = list(dataset.class_names)
     keys = _class_keys(names)
@@ -305,13 +305,9 @@ def labelling_page(dataset: Dataset, batch: pd.DataFrame, run_id: str, rnd: int,
     ctx = {"run": run_name, "run_id": run_id, "round": rnd, "classes": names,
            "keys": keys, "cells": cells, "columns": list(PAGE_COLUMNS),
            "storage_key": f"audit-label-{run_id}-{rnd}", "picker": len(names) > 10}
-    from markupsafe import Markup
-
-    blob = json.dumps({"classes": names, "keys": keys, "run_id": run_id, "round": rnd,
-                       "columns": list(PAGE_COLUMNS), "storage_key": ctx["storage_key"]})
-    # inside <script> nothing is unescaped: keep </script> and entities out of the JSON instead
-    blob = blob.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-    return environment().get_template("label.html.j2").render(**ctx, data_json=Markup(blob))
+    blob = script_json({"classes": names, "keys": keys, "run_id": run_id, "round": rnd,
+                        "columns": list(PAGE_COLUMNS), "storage_key": ctx["storage_key"]})
+    return environment().get_template("label.html.j2").render(**ctx, data_json=blob)
 
 
 def _class_keys(names: list[str]) -> dict[str, str]:

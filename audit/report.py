@@ -9,6 +9,7 @@ file names from users' folders are always text.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -33,15 +34,18 @@ METRICS = {
 }
 HIST_BINS = 20
 TEMPLATE = "report.html.j2"
+# past this many classes the report is an index page plus one page per class
+SPLIT_CLASSES = 50
 
 
 @dataclass(frozen=True)
 class ReportResult:
     path: Path
-    n_images: int  # image cells on the page
+    n_images: int  # image cells on the page(s)
     n_unique: int  # distinct images encoded
-    bytes: int
+    bytes: int  # of every page written
     seconds: float
+    pages: tuple[Path, ...] = ()  # every page written (index.html first)
 
 
 def template_dirs() -> list[Path]:
@@ -51,7 +55,9 @@ def template_dirs() -> list[Path]:
     return [d for d in (here / "templates", here.parent / "templates") if (d / TEMPLATE).is_file()]
 
 
+@functools.lru_cache(maxsize=None)
 def environment():
+    """The jinja environment (one per process: it caches the compiled templates)."""
     import jinja2
 
     dirs = template_dirs()
@@ -115,13 +121,15 @@ def report_context(
     df = scores[scores["split"] == split]
 
     uris: dict[int, str] = {}
+    cells: dict[int, dict] = {}  # an image shown in several grids is one cell, made once
+    info: dict[int, str] = {}  # its tooltip
 
     def cell(row) -> dict:
         i = int(row["index"])
-        if i not in uris:
-            uris[i] = png_data_uri(images[i])
-        return {
-            "src": uris[i],
+        if i in cells:
+            return cells[i]
+        uris[i] = png_data_uri(images[i])
+        cells[i] = {
             "index": i,
             "label": names[int(row["label"])],
             "pred": names[int(row["pred"])],
@@ -129,16 +137,26 @@ def report_context(
             "path": str(row["path"]) if "path" in row and isinstance(row["path"], str) else "",
             "v": {m: float(row[m]) for m in METRICS},
         }
+        x = cells[i]
+        info[i] = (f"{split} #{i}{' · ' + x['path'] if x['path'] else ''}\nlabel {x['label']} · predicted {x['pred']}\n"
+                   f"p(label) {x['v']['p_label']:.4f} · entropy {x['v']['entropy']:.4f}\n"
+                   f"mutual information {x['v']['mutual_info']:.4f} · variation ratio {x['v']['variation_ratio']:.3f}")
+        return x
 
     has_flags = "flag" in df.columns
     flagged = df[df["flag"] != ""] if has_flags else df.iloc[:0]
 
     def review_cell(row) -> dict:
-        x = cell(row)
+        x = dict(cell(row))
         s = int(row["suggested_label"])
-        x.update(flag=row["flag"], reason=row["reason"], suggested=names[s] if s >= 0 else "",
+        x.update(flag=row["flag"], reason=row["reason"], suggested=names[s] if s >= 0 else "", suggested_id=s,
                  score=float(row["mislabel_score"]))
         return x
+
+    def used(c: dict) -> list[int]:
+        ids = {x["index"] for x in c["review"]}
+        ids.update(x["index"] for g in c["grids"].values() for side in g.values() for x in side)
+        return sorted(ids)
 
     ranges = {m: (float(df[m].min()), float(df[m].max())) for m in METRICS}  # one x-axis per metric
     classes = []
@@ -151,8 +169,8 @@ def report_context(
         for m in METRICS:
             ranked = dc.sort_values([m, "index"], kind="stable")
             grids[m] = {
-                "low": [cell(r) for _, r in ranked.head(top).iterrows()],
-                "high": [cell(r) for _, r in ranked.tail(top).iloc[::-1].iterrows()],
+                "low": [cell(r) for r in ranked.head(top).to_dict("records")],
+                "high": [cell(r) for r in ranked.tail(top).iloc[::-1].to_dict("records")],
             }
             lo, hi = ranges[m]
             hists[m] = {"bins": _histogram(dc[m].to_numpy(), lo, hi), "lo": lo, "hi": hi}
@@ -165,9 +183,11 @@ def report_context(
                 "mean": {m: float(dc[m].mean()) if len(dc) else float("nan") for m in METRICS},
                 "grids": grids,
                 "hists": hists,
-                "review": [review_cell(r) for _, r in review.iterrows()],
+                "review": [review_cell(r) for r in review.to_dict("records")],
+                "href": f"#class-{c}" if len(names) <= SPLIT_CLASSES else f"class-{c}.html",
             }
         )
+        classes[-1]["images"] = used(classes[-1])
         progress.advance(1)
     progress.close()
 
@@ -207,7 +227,46 @@ def report_context(
             "score": json.dumps(meta.score or {}, sort_keys=True),
         },
         "n_unique": len(uris),
+        "uris": uris,
+        "info": info,
+        "class_keys": review_keys(names),
+        "storage_key": f"audit-review-{meta.fingerprint[:16]}-{split}",
+        "split_pages": len(names) > SPLIT_CLASSES,
     }
+
+
+def review_keys(names: list[str]) -> dict[str, str]:
+    """Keys that relabel to a class in the review: the class names themselves where each
+    is one letter or digit other than the review's own keys (k, d, s, u), else 1-9 and
+    0 for the first ten classes."""
+    reserved = {"k", "d", "s", "u"}
+    if all(len(n) == 1 and n.isalnum() for n in names) and len({n.lower() for n in names}) == len(names) \
+            and not reserved & {n.lower() for n in names}:
+        return {n.lower(): n for n in names}
+    return {str((i + 1) % 10): n for i, n in enumerate(names[:10])}
+
+
+def render_pages(ctx: dict) -> dict[str, str]:
+    """The report's pages, {file name: html}: one page, or past SPLIT_CLASSES classes an
+    index page and one page per class. Each page inlines each image it shows once."""
+    pair_ids = {n: i for i, n in enumerate(ctx["class_names"])}
+    for p in ctx["pairs"]:
+        p["href"] = (f"class-{pair_ids[p['given']]}.html" if ctx["split_pages"] else "") + \
+            f"#pair={pair_ids[p['given']]}-{pair_ids[p['suggested']]}"
+    base = {k: v for k, v in ctx.items() if k not in ("uris", "info")}
+
+    def page(classes: list[dict], kind: str) -> str:
+        ids = sorted({i for c in classes for i in c["images"]})
+        return render_report({**base, "page_classes": classes, "page": kind,
+                              "images": [(i, ctx["uris"][i]) for i in ids],
+                              "info_json": script_json({str(i): ctx["info"][i] for i in ids})})
+
+    if not ctx["split_pages"]:
+        return {"index.html": page(ctx["classes"], "all")}
+    pages = {"index.html": page([], "index")}
+    for c in ctx["classes"]:
+        pages[f"class-{c['id']}.html"] = page([c], "class")
+    return pages
 
 
 def check_options(top: int, metric: str) -> None:
@@ -218,7 +277,20 @@ def check_options(top: int, metric: str) -> None:
 
 
 def render_report(context: dict, template: str = TEMPLATE) -> str:
+    if template == TEMPLATE:
+        context = {**context, "review_json": script_json({
+            "storage_key": context["storage_key"], "keys": context["class_keys"], "split": context["split"],
+            "names": context["class_names"]})}
     return environment().get_template(template).render(**context)
+
+
+def script_json(obj) -> "Markup":
+    """JSON for a ``<script type="application/json">`` block: nothing inside a script is
+    unescaped, so ``<``, ``>`` and ``&`` are written as JSON escapes instead."""
+    from markupsafe import Markup
+
+    text = json.dumps(obj).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    return Markup(text)
 
 
 # Plot area of the learning-curve chart, in SVG user units.
@@ -360,9 +432,19 @@ def write_report(
                          "`audit acquire` runs (a scored run's report shows that run)", usage=True)
     else:
         ctx = report_context(run_list[0], top=top, metric=metric, split=split, progress=progress)
-        html = render_report(ctx)
+        pages = render_pages(ctx)
         n_cells = sum(len(g["low"]) + len(g["high"]) for c in ctx["classes"] for g in c["grids"].values())
-        n_unique = ctx["n_unique"]
+        # index.html last: a reader who opens it finds the class pages it links to
+        written = []
+        for name in sorted(pages, key=lambda n: n == "index.html"):
+            runs.write_atomic(out / name, pages[name].encode())
+            written.append(out / name)
+        stale = [p for p in out.glob("class-*.html") if p not in written]
+        for p in stale:  # class pages of an earlier report of more classes
+            p.unlink()
+        size = sum(len(h.encode()) for h in pages.values())
+        return ReportResult(out / "index.html", n_cells, ctx["n_unique"], size, time.perf_counter() - t0,
+                            tuple([written[-1], *written[:-1]]))
     path = out / "index.html"
     runs.write_atomic(path, html.encode())
-    return ReportResult(path, n_cells, n_unique, len(html.encode()), time.perf_counter() - t0)
+    return ReportResult(path, n_cells, n_unique, len(html.encode()), time.perf_counter() - t0, (path,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -59,10 +60,14 @@ def test_report_command_writes_one_file(scored_run, tmp_path):
 def test_report_is_self_contained_and_escaped(scored_run, tmp_path):
     res = write_report(scored_run, out=tmp_path / "rep", top=TOP)
     html = res.path.read_text()
-    # every src is an inline PNG; no external script, stylesheet, font or link
-    srcs = re.findall(r'\ssrc="([^"]*)"', html)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r"<link\b|@import|url\(|https?://", html)
+    # every image is an inline PNG, once, in the page's style sheet; cells refer to it by class;
+    # no external script, stylesheet, font or link
+    urls = re.findall(r"url\(([^)]*)\)", html)
+    assert urls and all(u.startswith("data:image/png;base64,") for u in urls)
+    assert len(urls) == len(set(urls)) == res.n_unique
+    refs = set(re.findall(r'class="im p(\d+)"', html))
+    assert refs == set(re.findall(r"\.p(\d+)\{background-image", html))
+    assert not re.search(r"<link\b|@import|https?://|\ssrc=", html)
     assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "O&#39;Brien &amp; &#34;co&#34;" in html
     # 3 classes x 4 metrics x (TOP lowest + TOP highest)
@@ -141,6 +146,20 @@ def test_templates_ship_in_the_wheel(tmp_path):
 # ------------------------------------------------------------------- headless Chromium
 
 
+# every image cell's picture: (cells, cells whose picture is not an inline PNG, the decoded
+# width of each distinct picture)
+IMAGES_JS = """async () => {
+  const els = Array.from(document.querySelectorAll('.im'));
+  const urls = els.map(e => getComputedStyle(e).backgroundImage);
+  const uniq = [...new Set(urls)];
+  const widths = await Promise.all(uniq.map(u => new Promise(done => {
+    const im = new Image(); im.onload = () => done(im.naturalWidth); im.onerror = () => done(0);
+    im.src = u.slice(5, -2);
+  })));
+  return [els.length, urls.filter(u => !u.startsWith('url("data:image/png;base64,')).length, widths];
+}"""
+
+
 @pytest.mark.browser
 def test_report_in_headless_chromium(scored_run, tmp_path, browser):
     res = write_report(scored_run, out=tmp_path / "rep", top=TOP)
@@ -153,10 +172,10 @@ def test_report_in_headless_chromium(scored_run, tmp_path, browser):
     page.goto(res.path.as_uri())
     page.wait_for_load_state("load")
 
-    images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+    n_cells, not_inline, widths = page.evaluate(IMAGES_JS)
     n_review = page.locator("figure.rcell").count()
-    assert n_review >= len(VALID_FLIPS) and len(images) == res.n_images + n_review
-    assert all(done and width > 0 for done, width in images), "an image did not decode"
+    assert n_review >= len(VALID_FLIPS) and n_cells == res.n_images + n_review and not_inline == 0
+    assert len(widths) == res.n_unique and all(w > 0 for w in widths), "an image did not decode"
 
     def visible_cells():
         return page.evaluate(
@@ -234,3 +253,159 @@ def test_review_decisions_export_and_retrain(scored_run, tmp_path, browser):
 
     cur = json.loads((out / "run.json").read_text())["data"]["curation"]
     assert (cur["dropped"], cur["relabelled"], cur["kept"]) == (1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory) -> Path:
+    """A scored 3-class run with many planted flips: dozens of flags, pairs of several."""
+    d = tmp_path_factory.mktemp("noisy")
+    x_train, y_train = make_shapes(80, seed=3)
+    x_valid, y_valid = make_shapes(10, seed=4)
+    flips = np.arange(0, 240, 6)  # 40 of 240
+    y_train[flips] = (y_train[flips] + 1) % 3
+    data = d / "noisy.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid)
+    run = d / "runs" / "noisy"
+    for args in (
+        ["train", "--data", str(data), "--run", str(run), "--epochs", "6", "--batch-size", "32", "--lr", "1e-3"],
+        ["score", "--run", str(run), "--samples", "8", "--folds", "3", "--flag-top", "0"],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.mark.browser
+def test_review_by_keyboard_and_in_bulk(noisy_run, tmp_path, browser):
+    """20 flags decided with the keyboard, one given -> suggested pair accepted in bulk,
+    the page reloaded (decisions kept), exported; retrain applies exactly those."""
+    import pandas as pd
+
+    res = write_report(noisy_run, out=tmp_path / "rep", top=TOP, split="train")
+    page = browser.new_page(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(res.path.as_uri())
+    cells = page.locator("figure.rcell")
+    n = cells.count()
+    assert n >= 25, n
+    order = [(int(cells.nth(i).get_attribute("data-index")), cells.nth(i).get_attribute("data-suggested"))
+             for i in range(n)]
+    keys = ["k", "d", "Enter", "0", "2"] * 4  # the classes are named 0, 1, 2: their names are their keys
+    want = {}
+    for (i, suggested), key in zip(order, keys):
+        if key == "Enter" and not suggested:  # an ambiguous flag suggests nothing: Enter does nothing there
+            key = "k"
+        page.keyboard.press(key)
+        want[i] = {"k": ("keep", ""), "d": ("drop", ""), "Enter": ("relabel", suggested),
+                   "0": ("relabel", "0"), "2": ("relabel", "2")}[key]
+    assert page.inner_text("#decided") == "20"
+    assert page.locator("figure.rcell.focus").get_attribute("data-index") == str(order[20][0])
+    # one pair, in bulk: the most frequent given -> suggested
+    pair = page.locator("table.pairs a.pair").first
+    pair.click()
+    shown = page.locator("figure.rcell.match")
+    n_pair = shown.count()
+    assert n_pair >= 2 and page.locator("#filterbar").is_visible()
+    assert page.evaluate("Array.from(document.querySelectorAll('figure.rcell')).filter(c => c.offsetParent !== null).length") == n_pair
+    for j in range(n_pair):
+        want[int(shown.nth(j).get_attribute("data-index"))] = ("relabel", shown.nth(j).get_attribute("data-suggested"))
+    page.click("#accept-all")
+    page.click("#clear-filter")
+    assert page.locator("figure.rcell").first.is_visible()
+    page.reload()
+    assert page.inner_text("#decided") == str(len(want))
+    assert page.locator(f"figure.rcell[data-index='{order[0][0]}']").get_attribute("data-action") == "keep"
+    with page.expect_download() as info:
+        page.click("#export")
+    target = tmp_path / "decisions.csv"
+    info.value.save_as(target)
+    rows = pd.read_csv(target, dtype=str, keep_default_na=False)
+    assert {int(r.index): (r.action, r.new_label) for r in rows.itertuples()} == want
+    assert errors == []
+    out = tmp_path / "curated"
+    r = runner.invoke(app, ["retrain", "--run", str(noisy_run), "--decisions", str(target), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    counts = pd.Series([a for a, _ in want.values()]).value_counts().to_dict()
+    assert (f"applied: {counts.get('drop', 0)} dropped, {counts.get('relabel', 0)} relabelled, "
+            f"{counts.get('keep', 0)} kept as they are") in r.output
+
+
+def many_classes_npz(path: Path, n_classes: int = 100, n_train: int = 4, n_valid: int = 50, seed: int = 0) -> Path:
+    """32x32 RGB noise around a per-class colour: n_classes classes."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n_classes, 3, 1, 1))
+
+    def make(n):
+        y = np.repeat(np.arange(n_classes), n)
+        x = np.clip(base[y] + rng.normal(0, 60, (len(y), 3, 32, 32)), 0, 255).astype(np.uint8)
+        return x, y
+
+    (xt, yt), (xv, yv) = make(n_train), make(n_valid)
+    np.savez(path, x_train=xt, y_train=yt, x_valid=xv, y_valid=yv,
+             class_names=np.array([f"class <{i:03d}>" for i in range(n_classes)]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hundred_classes(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hundred")
+    data = many_classes_npz(d / "c100.npz")
+    run = d / "runs" / "c100"
+    for args in (["train", "--data", str(data), "--run", str(run), "--epochs", "1", "--batch-size", "100"],
+                 ["score", "--run", str(run), "--samples", "2", "--splits", "valid"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+    return run
+
+
+def test_report_of_100_classes_is_pages_and_inlines_each_image_once(hundred_classes, tmp_path):
+    """Past 50 classes: an index page and a page per class, openable from disk; each page
+    inlines each image it shows once. The report before wrote in every cell a copy of the
+    image and its details as a tooltip, and each flag's relabel menu with every class
+    (171 MB for this data; 5.1 times these pages: bench/report_size.py). Estimated from
+    the pages themselves, that is a lower bound of the old size: at least 4.5 times."""
+    out = tmp_path / "rep"
+    r = runner.invoke(app, ["report", "--run", str(hundred_classes), "--top", "30", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["index.html", *(f"class-{c}.html" for c in range(100))])
+    index = (out / "index.html").read_text()
+    assert index.count('href="class-') >= 100 and "url(data:" not in index
+    assert "class &lt;007&gt;" in index and "class <007>" not in index
+    total, per_cell = 0, 0
+    for c in range(100):
+        html = (out / f"class-{c}.html").read_text()
+        total += len(html.encode())
+        uris = dict(re.findall(r"\.p(\d+)\{background-image:url\(([^)]*)\)\}", html))
+        refs = re.findall(r'class="im p(\d+)"', html)
+        assert html.count('<figure class="cell') == 4 * 2 * 30  # 30 lowest and highest of 4 metrics
+        assert set(refs) == set(uris)  # grid and review cells
+        per_cell += sum(len(uris[i]) for i in refs) - sum(len(u) for u in uris.values())
+        info = json.loads(re.search(r'<script type="application/json" id="image-info">(.*?)</script>', html).group(1))
+        grid = re.findall(r'<figure class="cell[^"]*"><span class="im p(\d+)"', html)
+        per_cell += sum(len(info[i]) for i in grid) - sum(len(t) for t in info.values())
+        menu = sum(len(f'<option value="class &lt;{k:03d}&gt;">class &lt;{k:03d}&gt;</option>\n') for k in range(100))
+        per_cell += html.count('class="rcell"') * menu
+    total += len(index.encode())
+    before = total + per_cell  # the same pages with one inlined copy per cell
+    assert total * 4.5 <= before, (total, before)
+
+
+@pytest.mark.browser
+def test_report_pages_in_chromium(hundred_classes, tmp_path, browser):
+    res = write_report(hundred_classes, out=tmp_path / "rep", top=30)
+    page = browser.new_page()
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda q: requests.append(q.url))
+    page.goto(res.path.as_uri())
+    page.click("table.classes a >> nth=7")
+    assert page.url.endswith("class-7.html")
+    n_cells, not_inline, widths = page.evaluate(IMAGES_JS)
+    assert n_cells >= 4 * 2 * 30 and not_inline == 0 and widths and all(w == 32 for w in widths)
+    page.click("text=← all classes")
+    assert page.url.endswith("index.html")
+    assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests)
