@@ -179,7 +179,7 @@ EvenBatchesOpt = typer.Option(True, "--even-batches/--no-even-batches", help="Ne
 @app.command()
 @handle_errors
 def train(
-    data: str = typer.Option("mnist", "--data", help="mnist, an .npz file, or a folder DIR/{train,valid}/<class>/*.png."),
+    data: str = typer.Option("mnist", "--data", help="mnist, an .npz file, a folder DIR/{train,valid}/<class>/*.png, or a CSV manifest path,label,split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
     run: Path = RunOpt,
     epochs: int = typer.Option(10, "--epochs"),
@@ -409,7 +409,7 @@ def acquire(
 def next_(
     run: Path = typer.Option(Path("runs/loop"), "--run", help="The loop's run folder (made by the first call)."),
     data: Optional[str] = typer.Option(None, "--data", help="First call only: a folder with train/, valid/ and "
-                                       "pool/, or an .npz with x_pool."),
+                                       "pool/, a manifest .csv with pool rows, or an .npz with x_pool."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     k: int = typer.Option(100, "--k", help="Images to pick."),
     strategy: str = typer.Option("bald", "--strategy", help="bald, powerbald, batchbald, entropy, varratio, "

@@ -149,15 +149,17 @@ def load_dataset(
     path = Path(data)
     if not path.exists():
         raise AuditError(
-            f"--data: {path} does not exist; expected 'mnist', an .npz file or a folder "
+            f"--data: {path} does not exist; expected 'mnist', an .npz file, a .csv manifest or a folder "
             "with train/ and valid/"
         )
     if path.is_dir():
         return load_image_folder(path, progress=progress)
+    if path.suffix.lower() == ".csv":
+        return load_manifest(path, progress=progress)
     if path.suffix.lower() == ".npz":
         return load_npz(path)
     raise AuditError(
-        f"--data: {path} is neither 'mnist', an .npz file nor a folder (suffix {path.suffix!r})"
+        f"--data: {path} is neither 'mnist', an .npz file, a .csv manifest nor a folder (suffix {path.suffix!r})"
     )
 
 
@@ -541,6 +543,121 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
         pool = Split(stack(pool_loaded), np.full(len(pool_files), -1, np.int32),
                      tuple(p.relative_to(root).as_posix() for p in pool_files))
     return _finish(splits["train"], splits["valid"], class_names, str(root), pool)
+
+
+MANIFEST_SPLITS = ("train", "valid", "pool")
+
+
+def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
+    """A CSV manifest ``path,label,split``: one image a row, its path relative to the CSV
+    (or absolute), its class, and train, valid or pool. A row whose label is empty is a
+    pool image (its split may be left empty too); a pool row with a label keeps it as the
+    answer `audit acquire` simulates a labeller with (an npz's ``y_pool``). The classes are those of
+    ``classes.txt`` beside the CSV (one a line, in that order) where there is one, else
+    the sorted labels of the train and valid rows. Images follow the folder's rules: one
+    size; greyscale unless a train or valid image is colour; pool images as the
+    training images are (:func:`load_image_folder`)."""
+    import pandas as pd
+
+    from .tables import parse_table, restore
+
+    progress = progress or NullProgress()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise AuditError(f"--data: {path}: {e.strerror}") from None
+    df = parse_table(raw, path, ("path", "label", "split"), dtype=str, keep_default_na=False,
+                     hint="; expected a manifest with the columns path,label,split")
+    if df.empty:
+        raise AuditError(f"{path}: a header but no images")
+    df["path"] = [restore(v.strip()) for v in df["path"]]
+    df["label"] = [restore(v.strip()) for v in df["label"]]
+    df["split"] = [v.strip().lower() or ("pool" if not lab else "") for v, lab in zip(df["split"], df["label"])]
+    lines = np.arange(len(df)) + 2
+
+    def listed(mask, what: str) -> str:
+        rows = [f"line {n} ({p!r})" for n, p in zip(lines[mask], df["path"][mask])]
+        return f"{int(mask.sum())} {what}: " + ", ".join(rows[:3]) + (", ..." if len(rows) > 3 else "")
+
+    bad = ~df["split"].isin(MANIFEST_SPLITS).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise AuditError(f"{path}: line {lines[i]}: split {df['split'][i]!r}; expected train, valid or pool")
+    nolabel = ((df["split"] != "pool") & (df["label"] == "")).to_numpy()
+    if nolabel.any():
+        raise AuditError(f"{path}: {listed(nolabel, 'train or valid rows without a label')}")
+    empty = (df["path"] == "").to_numpy()
+    if empty.any():
+        raise AuditError(f"{path}: {listed(empty, 'rows without a path')}")
+    dup = df["path"].duplicated(keep=False).to_numpy()
+    if dup.any():
+        raise AuditError(f"{path}: {listed(dup, 'rows name an image already listed')}")
+    classes_txt = path.parent / "classes.txt"
+    if classes_txt.is_file():
+        class_names = tuple(ln.strip() for ln in classes_txt.read_text(errors="replace").splitlines() if ln.strip())
+        if len(set(class_names)) != len(class_names):
+            raise AuditError(f"{classes_txt}: a class is listed twice")
+        unknown = (~df["label"].isin(class_names) & (df["label"] != "")).to_numpy()
+        if unknown.any():
+            raise AuditError(f"{path}: {listed(unknown, f'rows have a label not in {classes_txt}')}")
+    else:
+        class_names = tuple(sorted(set(df["label"][df["split"] != "pool"])))
+        unknown = ((df["split"] == "pool") & (df["label"] != "") & ~df["label"].isin(class_names)).to_numpy()
+        if unknown.any():
+            raise AuditError(f"{path}: {listed(unknown, 'pool rows have a label no train or valid row has')}")
+    if len(class_names) < 2:
+        raise AuditError(f"{path}: found {len(class_names)} class(es); need at least 2 (or a classes.txt)")
+    for s in SPLITS:
+        if not (df["split"] == s).any():
+            raise AuditError(f"{path}: no {s} rows; a manifest needs labelled train and valid images")
+    files = [Path(p) if Path(p).is_absolute() else path.parent / p for p in df["path"]]
+    missing = np.array([not f.is_file() for f in files])
+    if missing.any():
+        raise AuditError(f"{path}: {listed(missing, 'images do not exist')}")
+    progress.start(f"read {path}", len(files))
+    images, grey_of, unreadable = [], [], []
+    for n, f in enumerate(files):
+        try:
+            im, g = _read_image(f)
+        except AuditError:
+            unreadable.append(n)
+            im, g = None, True
+        images.append(im)
+        grey_of.append(g)
+        progress.advance(1)
+    progress.close()
+    if unreadable:
+        mask = np.zeros(len(files), bool)
+        mask[unreadable] = True
+        raise AuditError(f"{path}: {listed(mask, 'images are not readable')}")
+    split = df["split"].to_numpy()
+    labelled = split != "pool"
+    sizes = pd.Series([im.size for im in images])
+    common = sizes[labelled].mode().iloc[0]
+    odd = (sizes != common).to_numpy()
+    if odd.any():
+        raise AuditError(f"{path}: images differ in size; most are {common[0]}x{common[1]}, but "
+                         f"{listed(odd, 'are not')}")
+    grey = all(g for g, lab in zip(grey_of, labelled) if lab)
+    colour_pool = np.array([not g and not lab for g, lab in zip(grey_of, labelled)]) & grey
+    if colour_pool.any():
+        raise AuditError(f"{path}: the training images are greyscale but {listed(colour_pool, 'pool images are colour')}"
+                         "; convert them, or leave them out")
+    mode = "L" if grey else "RGB"
+
+    def stack(idx) -> np.ndarray:
+        a = np.stack([np.asarray(images[i].convert(mode), dtype=np.uint8) for i in idx])
+        return a[:, None] if mode == "L" else a.transpose(0, 3, 1, 2).copy()
+
+    def take(name: str) -> Split | None:
+        idx = np.flatnonzero(split == name)
+        if not len(idx):
+            return None
+        y = np.array([class_names.index(df["label"][i]) if df["label"][i] else -1 for i in idx], np.int32)
+        return Split(stack(idx), y, tuple(df["path"][i] for i in idx))
+
+    return _finish(take("train"), take("valid"), class_names, str(path), take("pool"))
 
 
 def _read_image(p: Path):

@@ -205,11 +205,11 @@ def next_batch(
             check_run_free(store, overwrite=False)
             if data is None:
                 raise AuditError(f"--data: {store.path} is a new run; name its data (a folder with train/, valid/ "
-                                 "and pool/, or an .npz with x_pool)", usage=True)
+                                 "and pool/, a manifest with pool rows, or an .npz with x_pool)", usage=True)
             dataset = load_dataset(data, data_dir=data_dir, progress=progress)
             if dataset.pool is None:
                 raise AuditError(f"--data: {data} has no unlabelled pool; expected a folder with pool/ beside "
-                                 "train/ and valid/, or an .npz with x_pool")
+                                 "train/ and valid/, a manifest with pool rows, or an .npz with x_pool")
             config = ALConfig(strategies=(strategy,), initial=len(dataset.train), step=1, rounds=0,
                               samples=100 if samples is None else samples, pool_subset=pool_subset, seed=seed,
                               train=train_config)

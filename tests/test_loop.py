@@ -498,3 +498,83 @@ def test_beta_is_a_round_setting(picked, tmp_path):
     assert r.exit_code == 0, r.output
     rounds = json.loads((run / "run.json").read_text())["results"]["rounds"]
     assert [(x["strategy"], x["beta"]) for x in rounds] == [("bald", 1.0), ("softmaxentropy", 4.0)]
+
+
+# ------------------------------------------------------------------------ CSV manifest
+
+
+def write_manifest(root: Path, truth: dict[str, str], *, extra: str = "", pool_labels: bool = False) -> Path:
+    """A manifest of write_folder's images: train and valid with labels, the pool without."""
+    lines = ["path,label,split"]
+    for split in ("train", "valid"):
+        for p in sorted((root / split).rglob("*.png")):
+            lines.append(f"{p.relative_to(root).as_posix()},{p.parent.name},{split}")
+    for p, lab in sorted(truth.items()):
+        lines.append(f"{p},{lab if pool_labels else ''},{'pool' if pool_labels else ''}")
+    m = root / "manifest.csv"
+    m.write_text("\n".join(lines) + "\n" + extra)
+    return m
+
+
+def test_manifest_is_the_folder(folder, tmp_path):
+    root, truth = folder
+    m = write_manifest(root, truth)
+    a, b = load_dataset(m), load_dataset(root)
+    assert a.class_names == b.class_names
+    for s in ("train", "valid", "pool"):
+        sa, sb = getattr(a, s), getattr(b, s)
+        order = np.argsort(sa.paths)
+        assert list(np.array(sa.paths)[order]) == sorted(sb.paths)
+        assert np.array_equal(sa.x[order], sb.x[np.argsort(sb.paths)])
+    # it drives the loop as any data does
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "5", *FAST])
+    assert r.exit_code == 0, r.output
+    # with the pool's labels, audit acquire simulates on it
+    m2 = write_manifest(root, truth, pool_labels=True)
+    r = runner.invoke(app, ["acquire", "--data", str(m2), "--run", str(tmp_path / "sim"), "--rounds", "1",
+                            "--step", "5", "--model", "origin", "--epochs", "1", "--samples", "4"])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "1 images do not exist: line"),
+    ("duplicate", "rows name an image already listed"),
+    ("unreadable", "images are not readable"),
+    ("bad_split", "split 'test'; expected train, valid or pool"),
+    ("no_label", "train or valid rows without a label"),
+    ("no_valid", "no valid rows"),
+    ("columns", "missing column(s) split"),
+    ("classes_txt", "have a label not in"),
+    ("size", "images differ in size"),
+])
+def test_manifest_refusals(folder, case, fragment):
+    root, truth = folder
+    m = write_manifest(root, truth)
+    text = m.read_text()
+    first_train = text.splitlines()[1]
+    if case == "missing":
+        text += "pool/nowhere.png,,pool\n"
+    elif case == "duplicate":
+        text += first_train + "\n"
+    elif case == "unreadable":
+        (root / "pool" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+        text += "pool/cut.png,,pool\n"
+    elif case == "bad_split":
+        text = text.replace(",valid\n", ",test\n", 1)
+    elif case == "no_label":
+        text += first_train.split(",")[0].replace(".png", "") + ".png,,train\n"
+        text = text.replace(first_train + "\n", "", 1)
+    elif case == "no_valid":
+        text = "\n".join(ln for ln in text.splitlines() if not ln.endswith(",valid")) + "\n"
+    elif case == "columns":
+        text = "path,label\n" + "\n".join(ln.rsplit(",", 1)[0] for ln in text.splitlines()[1:]) + "\n"
+    elif case == "classes_txt":
+        (root / "classes.txt").write_text("hbar\nvbar\n")
+    elif case == "size":
+        Image.fromarray(np.zeros((20, 16), np.uint8)).save(root / "pool" / "big.png")
+        text += "pool/big.png,,\n"
+    m.write_text(text)
+    r = runner.invoke(app, ["next", "--run", str(root.parent / "loop"), "--data", str(m)])
+    assert_one_line_error(r, fragment)
+    assert not (root.parent / "loop").exists()
