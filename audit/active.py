@@ -256,11 +256,15 @@ def loop_dataset(dataset: Dataset) -> tuple[Dataset, np.ndarray | None]:
 
 
 def choose_batch(model, images: np.ndarray, candidates: np.ndarray, strategy: str, config: ALConfig, rep: int,
-                 rnd: int, dev, *, k: int | None = None, progress: Progress | None = None):
+                 rnd: int, dev, *, k: int | None = None, progress: Progress | None = None, scorer=None):
     """``k`` (default ``config.step``) of ``candidates`` (indices into ``images``) to label
     next: (indices, scores, (k, C) mean probabilities or None for random). Seeded by
     (``config.seed``, ``rep``, ``rnd``) alone. The pool is scored in bounded memory (the
-    (N, T, C) passes are kept only for BatchBALD)."""
+    (N, T, C) passes are kept only for BatchBALD).
+
+    ``scorer(pool, samples, seed, masks, return_mc)``: scores ``images[pool]`` as
+    :func:`audit.mc.mc_predict` does (an :class:`MCResult`), e.g. on a Dask cluster;
+    default in this process."""
     k = config.step if k is None else k
     pool = np.asarray(candidates)
     if not 1 <= k <= len(pool):
@@ -272,9 +276,12 @@ def choose_batch(model, images: np.ndarray, candidates: np.ndarray, strategy: st
         batch = random_batch(rng, len(pool), k)
         return pool[batch.indices], batch.scores, None
     sampling, _ = parse_strategy(strategy)
-    r = mc_predict(model, images[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
-                   masks="consistent" if strategy == "batchbald" else "independent", device=dev,
-                   return_mc=strategy == "batchbald", progress=progress)
+    masks = "consistent" if strategy == "batchbald" else "independent"
+    if scorer is None:
+        r = mc_predict(model, images[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
+                       masks=masks, device=dev, return_mc=strategy == "batchbald", progress=progress)
+    else:
+        r = scorer(pool, config.samples, _seed(config.seed, rep, rnd, 3), masks, strategy == "batchbald")
     seed = _seed(config.seed, rep, rnd, 4)
     if strategy == "batchbald":
         batch = acquire(r.mc_probs, strategy, k, seed=seed, num_samples=config.batchbald_samples)

@@ -426,16 +426,19 @@ def next_(
     partial: bool = typer.Option(False, "--partial", help="Go on although the last batch has images without a "
                                  "decision; they go back to the pool."),
     device: str = DeviceOpt,
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
 ) -> None:
     """Pick the next batch to label: train on what is labelled, score the pool, write RUN/rounds/R/."""
-    from .config import TrainConfig
+    from .cluster import ClusterConfig
     from .loop import LOOP_TRAIN, next_batch, page_file
     from dataclasses import replace
 
+    cluster = ClusterConfig.from_options(workers, scheduler)
     r = next_batch(run, data=data, data_dir=None if data_dir is None else str(data_dir), k=k, strategy=strategy,
                    samples=samples, pool_subset=pool_subset, beta=beta, seed=seed,
                    train_config=replace(LOOP_TRAIN, model=model, epochs=epochs), partial=partial, device=device,
-                   progress=BarProgress())
+                   cluster=cluster, progress=BarProgress())
     mean_p = float(r.batch["p_guess"].mean())
     err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {strategy} in "
               f"{r.seconds_choose:.1f} s on {r.device}; the model's guesses have mean probability {mean_p:.2f}",

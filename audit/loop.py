@@ -28,6 +28,7 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,9 @@ from .mc import mc_predict
 from .progress import NullProgress, Progress
 from .tables import parse_table, restore
 from .train import TrainConfig, check_run_free, train
+
+if TYPE_CHECKING:
+    from .cluster import ClusterConfig
 
 LEDGER = "labels.csv"
 LEDGER_COLUMNS = ("round", "index", "path", "label", "status", "source", "source_sha256", "time")
@@ -155,6 +159,26 @@ def _read_state(store: runs.RunStore) -> LoopState:
     return LoopState(meta, config, run_id, batches, ledger)
 
 
+def labelled_dataset(run: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
+    """The data of an `audit next` run as labelled so far: train = its training images
+    followed by every pool image the ledger labels (in pool order), valid as it was, no
+    pool; so ``audit train --data runs/loop`` trains a model on the final labelled set."""
+    store = runs.RunStore(run).require()
+    state = _read_state(store)
+    dataset = store.base_dataset(progress=progress)
+    names = list(dataset.class_names)
+    labelled = state.labelled()
+    idx = np.array(sorted(labelled), np.int64)
+    p, t = dataset.pool, dataset.train
+    x = np.concatenate([t.x, p.x[idx]])
+    y = np.concatenate([t.y, np.array([names.index(labelled[i]) for i in idx], np.int32)])
+    paths = None if t.paths is None or p.paths is None else (*t.paths, *(p.paths[i] for i in idx))
+    from .data import _finish
+
+    return _finish(Split(x, y, paths), dataset.valid, dataset.class_names,
+                   f"{store.path} ({len(t)} training + {len(idx)} labelled pool images)")
+
+
 def loop_state(run: str | os.PathLike) -> LoopState:
     """The state of the loop run in ``run`` (for reports and scripts)."""
     return _read_state(runs.RunStore(run).require())
@@ -177,6 +201,7 @@ def next_batch(
     train_config: TrainConfig = LOOP_TRAIN,
     partial: bool = False,
     device: str = "cpu",
+    cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
 ) -> NextResult:
     """Train on everything labelled so far, score the pool by MC dropout and commit the
@@ -185,14 +210,23 @@ def next_batch(
     The first call makes the run from ``data`` (which needs a pool); later calls take
     the run's data and training settings, and may change ``k``, ``strategy``,
     ``samples`` and ``pool_subset`` from round to round. Refused while the last batch
-    has images with no decision yet, unless ``partial`` (they go back to the pool)."""
+    has images with no decision yet, unless ``partial`` (they go back to the pool).
+
+    ``cluster``: the pool is scored in pieces on Dask workers (:mod:`audit.cluster`),
+    each loading the data itself; the batch is the one this process would pick."""
+    from .cluster import ClusterConfig, connect
+
     progress = progress or NullProgress()
+    cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
     dev = get_device(device)
+    if not cluster.in_process and device != "cpu":
+        raise AuditError("--device: Dask workers score on their CPU here; leave out --device, or --workers and "
+                         "--scheduler", usage=True)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise bad_param("k", f"expected a positive number of images, got {k!r}")
     parse_strategy(strategy)  # one strategy a round
-    with store.writing():
+    with store.writing(), connect(cluster) as client:
         if store.exists():
             state = _read_state(store)
             meta = state.meta
@@ -255,8 +289,11 @@ def next_batch(
                        f"{result.valid_accuracy:.4f} ({time.perf_counter() - t0:.1f} s)")
         t_train = time.perf_counter() - t0
         t1 = time.perf_counter()
+        scorer = None
+        if client is not None:
+            scorer = _cluster_scorer(client, meta.data, result.model, progress)
         new, scores, probs = choose_batch(result.model, full.train.x, candidates, strategy, config, 0, rnd, dev,
-                                          progress=progress)
+                                          progress=progress, scorer=scorer)
         if probs is None:  # random: the guesses shown on the page
             probs = mc_predict(result.model, full.train.x[new], samples=config.samples,
                                seed=_seed(config.seed, 0, rnd, 5), device=dev).probs
@@ -284,6 +321,61 @@ def next_batch(
             txn.commit(meta.evolve(results={**(meta.results or {}), "rounds": rounds}))
     return NextResult(store.path, rnd + 1, batch, int(len(labelled)), float(result.valid_accuracy),
                       int(len(candidates)), t_train, t_choose, describe(dev))
+
+
+# images per Dask piece of a pool's scoring: 8 of mc_predict's batches
+POOL_PIECE = 8 * 128
+
+
+def _cluster_scorer(client, data: dict, model, progress: Progress):
+    """A ``scorer`` for :func:`choose_batch` that scores the pool in pieces on ``client``'s
+    workers: each loads the data from ``data`` (the run's data block) and gets the
+    round's weights (sent to the cluster once); ``offset`` gives each piece the masks
+    its images get in one in-process call, so the result is the same."""
+    from .cluster import run_pieces
+    from .mc import MCResult
+
+    weights = client.scatter(runs.model_bytes(model), broadcast=True)
+    spec = model.spec.to_json()
+
+    def score(pool, samples, seed, masks, return_mc):
+        pieces = [(data["data"], data.get("data_dir"), data["fingerprint"], spec, weights, pool[a:a + POOL_PIECE], a,
+                   samples, seed, masks, return_mc) for a in range(0, len(pool), POOL_PIECE)]
+        parts: list = [None] * len(pieces)
+        progress.start(f"score {len(pool):,} pool images x {samples} passes in {len(pieces)} pieces", len(pool))
+
+        def done(i, r):
+            parts[i] = r
+            progress.advance(len(r["probs"]))
+
+        run_pieces(client, pool_piece, pieces, on_done=done)
+        progress.close()
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if parts[0][k] is not None}
+        return MCResult(**out)
+
+    return score
+
+
+_WORKER_DATA: dict = {}  # on a worker: loop datasets by (path, fingerprint), loaded once per process
+
+
+def pool_piece(data: str, data_dir: str | None, fingerprint: str, spec: dict, weights: bytes, idx: np.ndarray,
+               offset: int, samples: int, seed: int, masks: str, return_mc: bool) -> dict:
+    """On a worker: MC-score images ``idx`` of the loop's image array (training images,
+    then the pool) at positions ``offset``.. of the round's scoring."""
+    from .model import ModelSpec, model_from_spec
+
+    key = (data, data_dir, fingerprint)
+    if key not in _WORKER_DATA:
+        ds = load_dataset(data, data_dir=data_dir)
+        if ds.fingerprint != fingerprint:
+            raise AuditError(f"{data}: not the data of the run on this worker (fingerprint {ds.fingerprint[:12]}, "
+                             f"the run's {fingerprint[:12]}): the workers must see the same files")
+        _WORKER_DATA[key] = loop_dataset(ds)[0].train.x
+    model = runs.load_weights(model_from_spec(ModelSpec.from_json(spec)), weights, "the round's model")
+    r = mc_predict(model, _WORKER_DATA[key][idx], samples=samples, seed=seed, masks=masks, return_mc=return_mc,
+                   workers=1, offset=offset)
+    return {"probs": r.probs, "mc_probs": r.mc_probs, **r.scores()}
 
 
 def _batch_csv(batch: pd.DataFrame) -> bytes:
@@ -369,7 +461,7 @@ def import_labels(run: str | os.PathLike, file: str | os.PathLike, *, relabel: b
     store = runs.RunStore(run)
     path = Path(file)
     if not path.is_file():
-        raise AuditError(f"FILE: {path} does not exist")
+        raise AuditError(f"FILE: {path} {'is a folder, not a labels file' if path.is_dir() else 'does not exist'}")
     raw = path.read_bytes()
     with store.writing():
         state = _read_state(store.require())

@@ -578,3 +578,45 @@ def test_manifest_refusals(folder, case, fragment):
     r = runner.invoke(app, ["next", "--run", str(root.parent / "loop"), "--data", str(m)])
     assert_one_line_error(r, fragment)
     assert not (root.parent / "loop").exists()
+
+
+def test_train_on_what_the_loop_labelled(picked, tmp_path):
+    """`audit train --data RUN` on a loop run trains on its training images plus the pool
+    images labelled so far; the run it makes checks that data by fingerprint."""
+    run, truth, b = picked
+    f = tmp_path / "l.csv"
+    pd.DataFrame({"path": b.path[:4], "label": [truth[p] for p in b.path[:4]]}).to_csv(f, index=False)
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    ds = load_dataset(run)
+    assert len(ds.train) == 12 + 4 and ds.pool is None
+    assert sorted(ds.train.paths[12:]) == sorted(b.path[:4])
+    assert [ds.class_names[c] for c in ds.train.y[12:]] == [truth[p] for p in ds.train.paths[12:]]
+    final = tmp_path / "final"
+    r = runner.invoke(app, ["train", "--data", str(run), "--run", str(final), "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((final / "run.json").read_text())["data"]["n_train"] == 16
+    r = runner.invoke(app, ["score", "--run", str(final), "--samples", "2"])
+    assert r.exit_code == 0, r.output
+    # more labels later: the final run's data has changed, and says so
+    g = tmp_path / "m.csv"
+    pd.DataFrame({"path": b.path[4:], "label": [truth[p] for p in b.path[4:]]}).to_csv(g, index=False)
+    assert runner.invoke(app, ["label", "--run", str(run), str(g)]).exit_code == 0
+    r = runner.invoke(app, ["score", "--run", str(final), "--samples", "2"])
+    assert_one_line_error(r, "is not the data this run was trained on")
+
+
+@pytest.mark.parametrize("strategy", ["bald", "batchbald"])
+def test_pool_scored_on_dask_picks_the_same_batch(folder, tmp_path, strategy):
+    """`audit next --workers 2` scores the pool in pieces on a local Dask cluster: the
+    same batch.csv, to the byte, as in this process."""
+    root, truth = folder
+    out = {}
+    for name, extra in (("here", []), ("dask", ["--workers", "2"])):
+        run = tmp_path / name
+        r = runner.invoke(app, ["next", "--run", str(run), "--data", str(root), "--k", "6", "--strategy", strategy,
+                                *FAST, *extra])
+        assert r.exit_code == 0, r.output
+        out[name] = (run / batch_file(1)).read_bytes()
+    assert out["here"] == out["dask"]
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(tmp_path / "x"), "--data", str(root),
+                                              "--workers", "0"]), "--workers: expected at least 1")
