@@ -439,9 +439,10 @@ def next_(
                    samples=samples, pool_subset=pool_subset, beta=beta, seed=seed,
                    train_config=replace(LOOP_TRAIN, model=model, epochs=epochs), partial=partial, device=device,
                    cluster=cluster, progress=BarProgress())
-    mean_p = float(r.batch["p_guess"].mean())
-    err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {strategy} in "
-              f"{r.seconds_choose:.1f} s on {r.device}; the model's guesses have mean probability {mean_p:.2f}",
+    guessed = r.batch["guess"].astype(bool).any()
+    err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {r.strategy} in "
+              f"{r.seconds_choose:.1f} s on {r.device}" + (f"; the model's guesses have mean probability "
+                                                             f"{float(r.batch['p_guess'].mean()):.2f}" if guessed else ""),
               markup=False)
     typer.echo(f"batch written to {r.run}/rounds/{r.round}/ (batch.csv, label.html, tasks.json); label it in "
                f"{r.run / page_file(r.round)}, then `audit label --run {r.run} labels.csv`")

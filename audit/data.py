@@ -554,7 +554,8 @@ MANIFEST_SPLITS = ("train", "valid", "pool")
 
 def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
     """A CSV manifest ``path,label,split``: one image a row, its path relative to the CSV
-    (or absolute), its class, and train, valid or pool. A row whose label is empty is a
+    (or absolute), its class, and train, valid or pool. With ``classes.txt`` it may hold
+    pool rows only (train and valid then empty): the loop starts from no labels. A row whose label is empty is a
     pool image (its split may be left empty too); a pool row with a label keeps it as the
     answer `audit acquire` simulates a labeller with (an npz's ``y_pool``). The classes are those of
     ``classes.txt`` beside the CSV (one a line, in that order) where there is one, else
@@ -598,6 +599,10 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) 
     if dup.any():
         raise AuditError(f"{path}: {listed(dup, 'rows name an image already listed')}")
     classes_txt = path.parent / "classes.txt"
+    pool_only = not (df["split"] != "pool").any()
+    if pool_only and not classes_txt.is_file():
+        raise AuditError(f"{path}: only pool rows; to start from no labels, list the classes in {classes_txt} "
+                         "(one a line)")
     if classes_txt.is_file():
         class_names = tuple(ln.strip() for ln in classes_txt.read_text(errors="replace").splitlines() if ln.strip())
         if len(set(class_names)) != len(class_names):
@@ -613,8 +618,9 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) 
     if len(class_names) < 2:
         raise AuditError(f"{path}: found {len(class_names)} class(es); need at least 2 (or a classes.txt)")
     for s in SPLITS:
-        if not (df["split"] == s).any():
-            raise AuditError(f"{path}: no {s} rows; a manifest needs labelled train and valid images")
+        if not pool_only and not (df["split"] == s).any():
+            raise AuditError(f"{path}: no {s} rows; a manifest needs labelled train and valid images (or none of "
+                             "either, with a classes.txt, to start from no labels)")
     files = [Path(p) if Path(p).is_absolute() else path.parent / p for p in df["path"]]
     missing = np.array([not f.is_file() for f in files])
     if missing.any():
@@ -637,6 +643,8 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) 
         raise AuditError(f"{path}: {listed(mask, 'images are not readable')}")
     split = df["split"].to_numpy()
     labelled = split != "pool"
+    if pool_only:  # no training images to take the size and mode from: the pool's
+        labelled = np.ones(len(split), bool)
     sizes = pd.Series([im.size for im in images])
     common = sizes[labelled].mode().iloc[0]
     odd = (sizes != common).to_numpy()
@@ -657,7 +665,10 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) 
     def take(name: str) -> Split | None:
         idx = np.flatnonzero(split == name)
         if not len(idx):
-            return None
+            if name == "pool":
+                return None
+            c = 1 if mode == "L" else 3
+            return Split(np.empty((0, c, common[1], common[0]), np.uint8), np.empty(0, np.int32), ())
         y = np.array([class_names.index(df["label"][i]) if df["label"][i] else -1 for i in idx], np.int32)
         return Split(stack(idx), y, tuple(df["path"][i] for i in idx))
 

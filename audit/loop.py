@@ -119,11 +119,12 @@ class NextResult:
     round: int
     batch: pd.DataFrame
     n_labelled: int  # images the round's model trained on
-    valid_accuracy: float
+    valid_accuracy: float | None  # None without validation images
     pool_size: int  # images it chose from
     seconds_train: float
     seconds_choose: float  # scoring the pool and picking
     device: str
+    strategy: str = ""  # what chose the batch: the one asked for, or random before any label
 
 
 def _read_state(store: runs.RunStore) -> LoopState:
@@ -244,7 +245,7 @@ def next_batch(
             if dataset.pool is None:
                 raise AuditError(f"--data: {data} has no unlabelled pool; expected a folder with pool/ beside "
                                  "train/ and valid/, a manifest with pool rows, or an .npz with x_pool")
-            config = ALConfig(strategies=(strategy,), initial=len(dataset.train), step=1, rounds=0,
+            config = ALConfig(strategies=(strategy,), initial=max(len(dataset.train), 1), step=1, rounds=0,
                               samples=100 if samples is None else samples, pool_subset=pool_subset, seed=seed,
                               train=train_config)
             state = None
@@ -283,32 +284,45 @@ def next_batch(
             raise bad_param("k", f"expected 1..{len(candidates)} (the images left in the pool), got {k}")
 
         t0 = time.perf_counter()
-        result = train(full, config.train_config(len(labelled), _seed(config.seed, 0, rnd, 1)), subset=labelled,
-                       device=device, validate=False)
-        progress.close(f"round {rnd + 1}: trained on {len(labelled):,} labelled images, validation accuracy "
-                       f"{result.valid_accuracy:.4f} ({time.perf_counter() - t0:.1f} s)")
+        result = None
+        chosen_by = strategy
+        if len(labelled):
+            result = train(full, config.train_config(len(labelled), _seed(config.seed, 0, rnd, 1)),
+                           subset=labelled, device=device, validate=False)
+            accuracy = float(result.valid_accuracy) if len(dataset.valid) else None
+            progress.close(f"round {rnd + 1}: trained on {len(labelled):,} labelled images, " + (
+                f"validation accuracy {accuracy:.4f}" if accuracy is not None else "no validation images")
+                + f" ({time.perf_counter() - t0:.1f} s)")
+        else:  # nothing labelled yet: no model to ask; the first batch is a random one
+            accuracy = None
+            chosen_by = "random"
+            progress.close(f"round {rnd + 1}: no labelled images yet, so no model: {k} chosen at random")
         t_train = time.perf_counter() - t0
         t1 = time.perf_counter()
         scorer = None
-        if client is not None:
+        if client is not None and result is not None:
             scorer = _cluster_scorer(client, meta.data, result.model, progress)
-        new, scores, probs = choose_batch(result.model, full.train.x, candidates, strategy, config, 0, rnd, dev,
-                                          progress=progress, scorer=scorer)
-        if probs is None:  # random: the guesses shown on the page
+        new, scores, probs = choose_batch(result and result.model, full.train.x, candidates, chosen_by, config, 0,
+                                          rnd, dev, progress=progress, scorer=scorer)
+        if probs is None and result is not None:  # random: the guesses shown on the page
             probs = mc_predict(result.model, full.train.x[new], samples=config.samples,
                                seed=_seed(config.seed, 0, rnd, 5), device=dev).probs
         t_choose = time.perf_counter() - t1
         idx = new - n_train
         paths = dataset.pool.paths
-        guess = probs.argmax(axis=1)
+        if probs is not None:
+            guess = probs.argmax(axis=1)
+            guesses, p_guess = [names[g] for g in guess], np.round(probs[np.arange(len(new)), guess], 4)
+        else:
+            guesses, p_guess = [""] * len(new), np.full(len(new), np.nan)
         batch = pd.DataFrame({
             "round": rnd + 1, "rank": np.arange(1, len(new) + 1), "index": idx,
             "path": [paths[i] if paths else "" for i in idx], "score": np.round(scores.astype(np.float64), 6),
-            "guess": [names[g] for g in guess], "p_guess": np.round(probs[np.arange(len(new)), guess], 4)})
-        info = {"round": rnd + 1, "strategy": strategy, "k": k, "samples": config.samples, "beta": config.beta,
+            "guess": guesses, "p_guess": p_guess})
+        info = {"round": rnd + 1, "strategy": chosen_by, "k": k, "samples": config.samples, "beta": config.beta,
                 "pool_subset": config.pool_subset, "pool_size": int(len(candidates)),
                 "n_labelled": int(len(labelled)), "n_labelled_pool": len(labelled_pool),
-                "valid_accuracy": float(result.valid_accuracy), "seconds_train": round(t_train, 3),
+                "valid_accuracy": accuracy, "seconds_train": round(t_train, 3),
                 "seconds_choose": round(t_choose, 3), "created": runs.now()}
         rounds = [*((meta.results or {}).get("rounds", [])), info]
         run_id = meta.config["run_id"]
@@ -319,8 +333,8 @@ def next_batch(
             if rnd == 0:
                 txn.write_text(LS_CONFIG, ls_config(dataset.class_names))
             txn.commit(meta.evolve(results={**(meta.results or {}), "rounds": rounds}))
-    return NextResult(store.path, rnd + 1, batch, int(len(labelled)), float(result.valid_accuracy),
-                      int(len(candidates)), t_train, t_choose, describe(dev))
+    return NextResult(store.path, rnd + 1, batch, int(len(labelled)), accuracy, int(len(candidates)), t_train,
+                      t_choose, describe(dev), chosen_by)
 
 
 # images per Dask piece of a pool's scoring: 8 of mc_predict's batches
@@ -392,7 +406,8 @@ def labelling_page(dataset: Dataset, batch: pd.DataFrame, run_id: str, rnd: int,
     names = list(dataset.class_names)
     keys = _class_keys(names)
     cells = [{"index": int(r.index), "path": r.path, "src": png_data_uri(dataset.pool.x[int(r.index)]),
-              "guess": r.guess, "p": float(r.p_guess), "score": float(r.score), "rank": int(r.rank)}
+              "guess": r.guess, "p": None if r.guess == "" else float(r.p_guess), "score": float(r.score),
+              "rank": int(r.rank)}
              for r in batch.itertuples(index=False)]
     ctx = {"run": run_name, "run_id": run_id, "round": rnd, "classes": names,
            "keys": keys, "cells": cells, "columns": list(PAGE_COLUMNS),
@@ -437,7 +452,7 @@ def ls_tasks(dataset: Dataset, batch: pd.DataFrame, run_id: str, rnd: int) -> li
                      "audit_round": rnd, "audit_index": int(r.index), "audit_path": r.path},
             "predictions": [{"model_version": f"audit round {rnd}", "score": float(r.p_guess), "result": [
                 {"from_name": LS_CHOICES, "to_name": LS_IMAGE, "type": "choices",
-                 "value": {"choices": [r.guess]}}]}],
+                 "value": {"choices": [r.guess]}}]}] if r.guess else [],
         })
     return tasks
 

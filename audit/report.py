@@ -381,11 +381,12 @@ def loop_context(run: str | os.PathLike, *, progress: Progress | None = None) ->
             i = int(row.index)
             st, lab = decided.get(i, ("open", ""))
             counts[st] += 1
-            kept += st == "labelled" and lab == row.guess
+            kept += st == "labelled" and bool(row.guess) and lab == row.guess
             if i not in uris:
                 uris[i] = png_data_uri(dataset.pool.x[i])
             cells.append({"src": uris[i], "index": i, "path": row.path, "guess": row.guess, "state": st,
-                          "text": lab if st == "labelled" else st, "changed": st == "labelled" and lab != row.guess})
+                          "text": lab if st == "labelled" else st,
+                          "changed": st == "labelled" and bool(row.guess) and lab != row.guess})
         out.append({**meta, **counts, "kept": int(kept), "cells": cells})
     return {"title": f"audit loop: {store.path.name}", "rounds": out, "n_pool": int(state.meta.data.get("n_pool", 0)),
             "n_labelled_pool": len(state.labelled()), "n_unique": len(uris),

@@ -115,6 +115,8 @@ def train(
         model.head_layers().first.W.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
 
     idx_all = np.arange(len(dataset.train)) if subset is None else np.asarray(subset)
+    if len(idx_all) == 0:
+        raise AuditError(f"--data: {dataset.source} has no labelled training images to train on")
     order_rng = np.random.default_rng(config.seed)
     mask_rng = make_rng(dev, [config.seed, 1])
     t_start = time.perf_counter()

@@ -620,3 +620,59 @@ def test_pool_scored_on_dask_picks_the_same_batch(folder, tmp_path, strategy):
     assert out["here"] == out["dask"]
     assert_one_line_error(runner.invoke(app, ["next", "--run", str(tmp_path / "x"), "--data", str(root),
                                               "--workers", "0"]), "--workers: expected at least 1")
+
+
+def test_start_from_no_labels(folder, tmp_path):
+    """A manifest of pool rows only and a classes.txt: the first batch is random (no model,
+    no guesses); the next trains on what was labelled; no validation images, no accuracy."""
+    root, truth = folder
+    (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    m = root / "pool-only.csv"
+    m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
+    ds = load_dataset(m)
+    assert len(ds.train) == len(ds.valid) == 0 and len(ds.pool) == 180 and ds.class_names == NAMES
+    assert ds.image_shape == (1, 16, 16)
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "9", *FAST])
+    assert r.exit_code == 0, r.output
+    assert "no labelled images yet, so no model: 9 chosen at random" in r.output
+    assert "chose 9 of 180 pool images by random" in r.output
+    b = loop_state(run).batches[0]
+    assert (b.guess == "").all() and b.p_guess.isna().all()
+    tasks = json.loads((run / tasks_file(1)).read_text())
+    assert all(t["predictions"] == [] for t in tasks)
+    f = labeller(run, truth, tmp_path / "l1.csv")
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "9"])
+    assert r.exit_code == 0, r.output
+    assert "trained on 9 labelled images, no validation images" in r.output and "by bald" in r.output
+    rounds = json.loads((run / "run.json").read_text())["results"]["rounds"]
+    assert [x["valid_accuracy"] for x in rounds] == [None, None] and rounds[0]["strategy"] == "random"
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    # nothing to train on in an `audit train` of the same data
+    r = runner.invoke(app, ["train", "--data", str(m), "--run", str(tmp_path / "t")])
+    assert_one_line_error(r, "has no labelled training images")
+    # pool rows only and no classes.txt: refused, saying what to add
+    (root / "classes.txt").unlink()
+    assert_one_line_error(runner.invoke(app, ["next", "--run", str(tmp_path / "l2"), "--data", str(m)]),
+                          "only pool rows", "classes.txt")
+
+
+@pytest.mark.browser
+def test_page_without_guesses(tmp_path, browser, folder):
+    root, truth = folder
+    (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    m = root / "pool-only.csv"
+    m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
+    run = tmp_path / "loop"
+    assert runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "4", *FAST]).exit_code == 0
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((run / page_file(1)).as_uri())
+    assert "at random" in page.inner_text("header")
+    page.keyboard.press("Enter")  # no guess to accept: nothing happens
+    assert page.inner_text("#done") == "0"
+    page.keyboard.press("2")
+    assert page.inner_text("#done") == "1" and errors == []
