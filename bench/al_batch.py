@@ -1,8 +1,8 @@
 """Big acquisition batches on MNIST: top-k BALD against powerbald, batchbald and random.
 
     python bench/al_batch.py curves [--strategies random,bald,powerbald,batchbald] [--step 100]
-                                    [--rounds 9] [--repeats 3] [--pool-subset 2000] [--samples 100]
-                                    [--epochs 50] [--out bench-out/al_batch.json]
+                                    [--rounds 9] [--repeats 3] [--first-repeat 0] [--pool-subset 2000]
+                                    [--samples 100] [--epochs 50] [--out bench-out/al_batch.json]
     python bench/al_batch.py pick [--pool 100000] [--k 100] [--samples 100] [--batchbald-pool 2000]
     python bench/al_batch.py table bench-out/a.json bench-out/b.json ...
 
@@ -58,7 +58,7 @@ def curves(a) -> None:
     rows = []
     for s in a.strategies.split(","):
         cfg = ALConfig(strategies=(s,), initial=20, step=a.step, rounds=a.rounds, samples=a.samples,
-                       pool_subset=a.pool_subset or None, repeats=a.repeats, seed=a.seed,
+                       pool_subset=a.pool_subset or None, repeats=a.repeats, first_repeat=a.first_repeat, seed=a.seed,
                        train=replace(AL_TRAIN, epochs=a.epochs))
         t0 = time.perf_counter()
         res = run_active_learning(ds, cfg)
@@ -78,7 +78,7 @@ def table(a) -> None:
     for f in a.files:
         d = json.loads(Path(f).read_text())
         rows += d["rows"]
-        settings.append({k: v for k, v in d["settings"].items() if k != "strategies"})
+        settings.append({k: v for k, v in d["settings"].items() if k not in ("strategies", "repeats", "first_repeat")})
     if any(s != settings[0] for s in settings[1:]):
         sys.exit(f"error: the files were made with other settings: {settings}")
     df = pd.DataFrame(rows)
@@ -141,6 +141,8 @@ def main() -> None:
     c.add_argument("--samples", type=int, default=100)
     c.add_argument("--epochs", type=int, default=50)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--first-repeat", type=int, default=0, help="number the repeats from here (their starts and "
+                   "seeds follow from --seed and the number), so runs side by side add repeats to a table")
     c.add_argument("--out", type=Path, default=Path("bench-out/al_batch.json"))
     c.set_defaults(fn=curves)
     t = sub.add_parser("table")

@@ -132,7 +132,9 @@ def test_templates_ship_in_the_wheel(tmp_path):
         check=True, capture_output=True,
     )
     (wheel,) = wheels.glob("audit-*.whl")
-    assert "audit/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    for t in ("report.html.j2", "active.html.j2", "label.html.j2", "loop.html.j2", "_csv.js.j2"):
+        assert f"audit/templates/{t}" in names, t
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
