@@ -676,3 +676,34 @@ def test_page_without_guesses(tmp_path, browser, folder):
     assert page.inner_text("#done") == "0"
     page.keyboard.press("2")
     assert page.inner_text("#done") == "1" and errors == []
+
+
+@pytest.mark.browser
+def test_page_past_ten_classes_has_a_picker(tmp_path, browser, folder):
+    """Twelve classes: keys 1-9 and 0 set the first ten, `/` opens a type-to-filter picker
+    for any of them."""
+    root, truth = folder
+    names = [f"kind {c}" for c in "abcdefghijkl"]
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    m = root / "pool-only.csv"
+    m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
+    run = tmp_path / "loop"
+    assert runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "3", *FAST]).exit_code == 0
+    page = browser.new_page(accept_downloads=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((run / page_file(1)).as_uri())
+    assert page.locator("datalist#classes option").count() == 12
+    page.keyboard.press("0")  # the tenth class
+    page.keyboard.press("/")
+    page.keyboard.type("kind l")
+    page.keyboard.press("Enter")
+    assert page.inner_text("#n-labelled") == "2"
+    with page.expect_download() as info:
+        page.click("#export")
+    target = tmp_path / "labels.csv"
+    info.value.save_as(target)
+    rows = pd.read_csv(target, dtype=str, keep_default_na=False)
+    assert list(rows.label) == ["kind j", "kind l"] and errors == []
+    r = runner.invoke(app, ["label", "--run", str(run), str(target)])
+    assert r.exit_code == 0 and "2 labelled" in r.output, r.output

@@ -398,7 +398,7 @@ def test_report_of_100_classes_is_pages_and_inlines_each_image_once(hundred_clas
 @pytest.mark.browser
 def test_report_pages_in_chromium(hundred_classes, tmp_path, browser):
     res = write_report(hundred_classes, out=tmp_path / "rep", top=30)
-    page = browser.new_page()
+    page = browser.new_page(accept_downloads=True)
     errors, requests = [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -408,6 +408,21 @@ def test_report_pages_in_chromium(hundred_classes, tmp_path, browser):
     assert page.url.endswith("class-7.html")
     n_cells, not_inline, widths = page.evaluate(IMAGES_JS)
     assert n_cells >= 4 * 2 * 30 and not_inline == 0 and widths and all(w == 32 for w in widths)
+    # a decision on this page and one on another: one export, from the index, holds both
+    first = page.locator("figure.rcell").first
+    kept = first.get_attribute("data-index")
+    page.keyboard.press("k")
     page.click("text=← all classes")
-    assert page.url.endswith("index.html")
-    assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests)
+    assert page.url.endswith("index.html") and page.inner_text("#decided") == "1"
+    page.click("table.classes a >> nth=8")
+    dropped = page.locator("figure.rcell").first.get_attribute("data-index")
+    page.keyboard.press("d")
+    page.click("text=← all classes")
+    with page.expect_download() as info:
+        page.click("#export")
+    target = tmp_path / "decisions.csv"
+    info.value.save_as(target)
+    rows = target.read_text().splitlines()
+    assert rows[0] == "split,index,path,action,new_label"
+    assert sorted(rows[1:]) == sorted([f"valid,{kept},,keep,", f"valid,{dropped},,drop,"])
+    assert errors == [] and all(u.startswith(("file:", "data:", "blob:")) for u in requests)
