@@ -310,6 +310,7 @@ def acquire_run(
     cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
     initial_from_data: bool = False,
+    image_size: tuple[int, int] | None = None,
 ) -> ALResult:
     """Run the loops and commit RUN/al_curve.csv, acquired.csv and run.json after every
     round (one commit each), so a long run shows its progress and an interrupted one
@@ -343,7 +344,7 @@ def acquire_run(
             old = store.require().meta()
         else:
             check_run_free(store, overwrite)
-        dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+        dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
         if dataset.pool is not None:
             if (dataset.pool.y < 0).any():
                 raise AuditError(f"--data: {data}'s pool has no labels (y_pool) to play the labeller with; "
@@ -354,7 +355,8 @@ def acquire_run(
         meta = runs.RunMeta(
             command="acquire", created=runs.now(),
             config=config.to_json(),
-            seed=config.seed, data=runs.data_source(data, data_dir, dataset, run=store.path), device=str(device),
+            seed=config.seed, data=runs.data_source(data, data_dir, dataset, run=store.path, image_size=image_size),
+            device=str(device),
             versions=runs.versions(), complete=False,
         )
         if resume:
@@ -406,7 +408,7 @@ def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfi
                 out += df[~mine].to_dict("records")
     for s, rep in keys:
         done[(s, rep)] = (rows(prior and prior.curve, s, rep), rows(prior and prior.acquired, s, rep))
-    pieces = [(data["data"], data_dir or data.get("data_dir"),
+    pieces = [({**data, "data_dir": data_dir or data.get("data_dir")},
                replace(config, strategies=(s,), first_repeat=rep, repeats=1).to_json(), *done[(s, rep)])
               for s, rep in keys]
     progress.start(f"{len(pieces)} curves (strategy x repeat)", len(pieces))
@@ -431,11 +433,12 @@ def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfi
 _DATA: dict = {}  # on a worker: datasets by path, loaded once per process
 
 
-def curve_piece(data: str, data_dir: str | None, config: dict, curve: list[dict], acquired: list[dict]):
-    """On a worker: one (strategy, repeat) curve, going on from its earlier rows."""
-    key = (data, data_dir)
+def curve_piece(data: dict, config: dict, curve: list[dict], acquired: list[dict]):
+    """On a worker: one (strategy, repeat) curve, going on from its earlier rows; ``data``
+    is the run's data block (path, data_dir, image size)."""
+    key = (data["data"], data.get("data_dir"), str(data.get("image_size")))
     if key not in _DATA:
-        _DATA[key] = load_dataset(data, data_dir=data_dir)
+        _DATA[key] = runs.load_source(data)
     prior = ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)) if curve else None
     res = run_active_learning(_DATA[key], ALConfig.from_json(config), prior=prior)
     return res.curve.to_dict("records"), res.acquired.to_dict("records")

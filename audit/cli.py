@@ -172,6 +172,9 @@ WorkersOpt = typer.Option(None, "--workers", help="Run the independent pieces on
                           "single-threaded worker processes (default: in this process).")
 SchedulerOpt = typer.Option(None, "--scheduler", metavar="ADDRESS", help="Run the pieces on a running Dask cluster: "
                             "its scheduler's address (tcp://host:8786) or scheduler file; default $AUDIT_SCHEDULER.")
+ImageSizeOpt = typer.Option(None, "--image-size", metavar="HxW", help="Resize folder and manifest images to this "
+                            "size with Pillow's Lanczos filter (default: the most common size of the train and valid "
+                            "images).")
 EvenBatchesOpt = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 "
                               "images at 128: 65 + 65); --no-even-batches: full batches and the remainder.")
 
@@ -192,8 +195,10 @@ def train(
     device: str = DeviceOpt,
     subset: Optional[Path] = typer.Option(None, "--subset", help="Train only on these training indices (one per line, or .npy)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    image_size: Optional[str] = ImageSizeOpt,
 ) -> None:
     """Train the origin CNN and write RUN/model.npz, train_log.csv and run.json."""
+    from .data import parse_image_size
     from .train import TrainConfig, train_run
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
@@ -207,6 +212,7 @@ def train(
         device=device,
         overwrite=overwrite,
         progress=BarProgress(),
+        image_size=parse_image_size(image_size),
     )
     err.print(
         f"trained on {result.n_train:,} images in {result.seconds:.1f} s on {result.device}; "
@@ -232,9 +238,11 @@ def score(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    image_size: Optional[str] = ImageSizeOpt,
 ) -> None:
     """Score every image by MC dropout into RUN/scores.csv and mc_summary.npz (trains first if needed)."""
     from .cluster import ClusterConfig
+    from .data import parse_image_size
     from .flags import FlagConfig
     from .score import ScoreConfig, score_run
 
@@ -249,6 +257,7 @@ def score(
         data_dir=None if data_dir is None else str(data_dir),
         cluster=cluster,
         progress=BarProgress(),
+        image_size=parse_image_size(image_size),
     )
     df = result.scores
     per_split = ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts(sort=False).items())
@@ -380,10 +389,12 @@ def acquire(
                                 "must be the run's."),
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    image_size: Optional[str] = ImageSizeOpt,
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
     from .active import ALConfig, acquire_run
     from .config import TrainConfig
+    from .data import parse_image_size
     from .curves import last_accuracy
 
     config = ALConfig(
@@ -398,7 +409,7 @@ def acquire(
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = acquire_run(run, data=data, data_dir=None if data_dir is None else str(data_dir), config=config,
                          device=device, overwrite=overwrite, resume=resume, cluster=cluster, progress=BarProgress(),
-                         initial_from_data=initial is None)
+                         initial_from_data=initial is None, image_size=parse_image_size(image_size))
     final = last_accuracy(result.curve)
     err.print("last validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), markup=False)
     typer.echo(f"active learning written to {run}/ (al_curve.csv, acquired.csv, run.json)")
@@ -428,9 +439,11 @@ def next_(
     device: str = DeviceOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    image_size: Optional[str] = ImageSizeOpt,
 ) -> None:
     """Pick the next batch to label: train on what is labelled, score the pool, write RUN/rounds/R/."""
     from .cluster import ClusterConfig
+    from .data import parse_image_size
     from .loop import LOOP_TRAIN, next_batch, page_file
     from dataclasses import replace
 
@@ -438,7 +451,7 @@ def next_(
     r = next_batch(run, data=data, data_dir=None if data_dir is None else str(data_dir), k=k, strategy=strategy,
                    samples=samples, pool_subset=pool_subset, beta=beta, seed=seed,
                    train_config=replace(LOOP_TRAIN, model=model, epochs=epochs), partial=partial, device=device,
-                   cluster=cluster, progress=BarProgress())
+                   cluster=cluster, progress=BarProgress(), image_size=parse_image_size(image_size))
     guessed = r.batch["guess"].astype(bool).any()
     err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {r.strategy} in "
               f"{r.seconds_choose:.1f} s on {r.device}" + (f"; the model's guesses have mean probability "

@@ -90,7 +90,8 @@ def retrain_run(
         source = {k: v for k, v in meta.data.items() if k in ("data", "data_dir")}
         if meta.data.get("data_rel"):  # the data inside the source run: keep the path that finds it
             source["data"] = str(Path(source_store.data_path()).resolve())
-        source = {**runs.data_source(source["data"], source.get("data_dir"), curated.dataset, run=out_store.path),
+        source = {**runs.data_source(source["data"], source.get("data_dir"), curated.dataset, run=out_store.path,
+                                     image_size=runs.image_size_of(meta.data)),
                   "curation": {
                       "source_run": str(source_store.path.resolve()),
                       "base_fingerprint": base.fingerprint,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 import tempfile
 import urllib.error
@@ -48,6 +49,20 @@ MAX_CLASSES = 100_000
 # float pixels past this magnitude are not an image scale anyone trains on; they overflow float32 sums
 FLOAT_LIMIT = 1e3
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
+# how folder and manifest images of another size are brought to the size: Pillow's Lanczos
+# (a windowed sinc), which keeps detail when enlarging and does not alias when shrinking
+RESIZE_FILTER = "Lanczos"
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """``"HxW"`` (e.g. ``28x28``) as (H, W); None stays None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m or not 1 <= int(m[1]) <= 4096 or not 1 <= int(m[2]) <= 4096:
+        raise AuditError(f"image_size: expected HxW in pixels, each 1..4096 (e.g. 28x28), got {text!r}", usage=True,
+                         param="image_size")
+    return int(m[1]), int(m[2])
 
 
 @dataclass(frozen=True)
@@ -134,17 +149,23 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
     progress: Progress | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Dataset:
-    """Load ``data``: ``"mnist"``, an ``.npz`` file or an image folder.
+    """Load ``data``: ``"mnist"``, an ``.npz`` file, an image folder or a CSV manifest.
 
     ``data_dir`` is where MNIST's IDX files are looked for first (then
     ``$AUDIT_DATA_DIR``, then the user cache, downloading there when missing).
+    ``image_size`` (H, W): the size folder and manifest images are resized to (default:
+    the most common size of their train and valid images); not for arrays (npz, MNIST).
 
     >>> ds = load_dataset("mnist")                      # doctest: +SKIP
     >>> ds.train.x.shape, ds.valid.x.shape, ds.n_classes  # doctest: +SKIP
     ((60000, 1, 28, 28), (10000, 1, 28, 28), 10)
     """
     if str(data) == "mnist":
+        if image_size is not None:
+            raise AuditError("--image-size: MNIST's images are 28x28 as they are; --image-size resizes folder and "
+                             "manifest images", usage=True)
         return load_mnist(data_dir, download=download, progress=progress)
     path = Path(data)
     if not path.exists():
@@ -157,10 +178,13 @@ def load_dataset(
 
         return labelled_dataset(path, progress=progress)
     if path.is_dir():
-        return load_image_folder(path, progress=progress)
+        return load_image_folder(path, progress=progress, image_size=image_size)
     if path.suffix.lower() == ".csv":
-        return load_manifest(path, progress=progress)
+        return load_manifest(path, progress=progress, image_size=image_size)
     if path.suffix.lower() == ".npz":
+        if image_size is not None:
+            raise AuditError("--image-size: an .npz holds arrays of one size already; --image-size resizes folder "
+                             "and manifest images", usage=True)
         return load_npz(path)
     raise AuditError(
         f"--data: {path} is neither 'mnist', an .npz file, a .csv manifest nor a folder (suffix {path.suffix!r})"
@@ -446,15 +470,17 @@ def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- folder
 
 
-def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
+def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = None,
+                      image_size: tuple[int, int] | None = None) -> Dataset:
     """Images laid out as ``root/train/<class>/*.png`` and ``root/valid/<class>/*``, and
     optionally unlabelled ones anywhere under ``root/pool/`` (subfolders allowed).
 
-    Class names are the sorted folder names of ``train``. All images must share one
-    size; greyscale images stay one channel unless any train or valid image is colour
-    (then RGB). A pool image is made the training images' mode where no information is
-    lost (grey to RGB); a colour pool image beside greyscale training images, or one
-    of another size, is refused: the model could not take it as it is.
+    Class names are the sorted folder names of ``train``. Images of another size than
+    ``image_size`` (H, W; default the most common size of the train and valid images)
+    are resized to it with Pillow's Lanczos filter, and a progress line says how many;
+    greyscale images stay one channel unless any train or valid image is colour (then
+    RGB). A pool image is made the training images' mode where no information is lost
+    (grey to RGB); a colour pool image beside greyscale training images is refused.
     """
     progress = progress or NullProgress()
     root = Path(root)
@@ -494,40 +520,33 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
     total = sum(len(v) for v in files.values()) + len(pool_files)
     progress.start(f"read {root}", total)
     loaded: dict[str, list] = {s: [] for s in SPLITS}
-    sizes: dict[tuple[int, int], list[Path]] = {}
     grey = True
     for s in SPLITS:
         for p, _ in files[s]:
             arr, grey_im = _read_image(p)
             grey &= grey_im
-            sizes.setdefault(arr.size, []).append(p)
             loaded[s].append(arr)
             progress.advance(1)
-    if len(sizes) > 1:
-        progress.close()
-        common = max(sizes, key=lambda k: len(sizes[k]))
-        odd = [f"{p} ({k[0]}x{k[1]})" for k, ps in sizes.items() if k != common for p in ps]
-        raise AuditError(
-            f"{root}: images differ in size; most are {common[0]}x{common[1]} but "
-            + (f"{odd[0]} is not" if len(odd) == 1 else f"{len(odd)} are not, e.g. {', '.join(odd[:3])}")
-        )
-    size = next(iter(sizes))
-    pool_loaded, bad = [], []
+    pool_loaded, colour = [], []
     for p in pool_files:
         arr, grey_im = _read_image(p)
-        if arr.size != size:
-            bad.append(f"{p} is {arr.size[0]}x{arr.size[1]}")
-        elif grey and not grey_im:
-            bad.append(f"{p} is colour")
+        if grey and not grey_im:
+            colour.append(str(p))
         pool_loaded.append(arr)
         progress.advance(1)
     progress.close()
-    if bad:
+    if colour:
         raise AuditError(
-            f"{pool_dir}: pool images must be what the training images are ({size[0]}x{size[1]}, "
-            f"{'greyscale' if grey else 'RGB'}) so the model can score them unchanged, but "
-            + (bad[0] if len(bad) == 1 else f"{len(bad)} are not, e.g. {'; '.join(bad[:3])}")
-            + "; resize or convert them, or move them out of pool/")
+            f"{pool_dir}: the training images are greyscale, so the model takes one channel, but "
+            + (f"{colour[0]} is colour" if len(colour) == 1 else f"{len(colour)} pool images are colour, e.g. "
+               f"{'; '.join(colour[:3])}") + "; convert them, or move them out of pool/")
+    labelled = [im for s in SPLITS for im in loaded[s]]
+    originals = [*labelled, *pool_loaded]
+    size, resized = _resize_all(originals, labelled, image_size)
+    _say_resized(progress, root, resized, originals, size, image_size)
+    loaded = {"train": resized[:len(loaded["train"])],
+              "valid": resized[len(loaded["train"]):len(labelled)]}
+    pool_loaded = resized[len(labelled):]
     mode = "L" if grey else "RGB"
 
     def stack(ims: list) -> np.ndarray:
@@ -552,18 +571,17 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
 MANIFEST_SPLITS = ("train", "valid", "pool")
 
 
-def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) -> Dataset:
+def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None,
+                  image_size: tuple[int, int] | None = None) -> Dataset:
     """A CSV manifest ``path,label,split``: one image a row, its path relative to the CSV
     (or absolute), its class, and train, valid or pool. With ``classes.txt`` it may hold
     pool rows only (train and valid then empty): the loop starts from no labels. A row whose label is empty is a
     pool image (its split may be left empty too); a pool row with a label keeps it as the
     answer `audit acquire` simulates a labeller with (an npz's ``y_pool``). The classes are those of
     ``classes.txt`` beside the CSV (one a line, in that order) where there is one, else
-    the sorted labels of the train and valid rows. Images follow the folder's rules: one
-    size; greyscale unless a train or valid image is colour; pool images as the
-    training images are (:func:`load_image_folder`)."""
-    import pandas as pd
-
+    the sorted labels of the train and valid rows. Images follow the folder's rules:
+    resized to ``image_size`` or the most common size; greyscale unless a train or valid
+    image is colour; pool images as the training images are (:func:`load_image_folder`)."""
     from .tables import parse_table, restore
 
     progress = progress or NullProgress()
@@ -645,12 +663,9 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) 
     labelled = split != "pool"
     if pool_only:  # no training images to take the size and mode from: the pool's
         labelled = np.ones(len(split), bool)
-    sizes = pd.Series([im.size for im in images])
-    common = sizes[labelled].mode().iloc[0]
-    odd = (sizes != common).to_numpy()
-    if odd.any():
-        raise AuditError(f"{path}: images differ in size; most are {common[0]}x{common[1]}, but "
-                         f"{listed(odd, 'are not')}")
+    originals = images
+    common, images = _resize_all(images, [im for im, lab in zip(images, labelled) if lab], image_size)
+    _say_resized(progress, path, images, originals, common, image_size)
     grey = all(g for g, lab in zip(grey_of, labelled) if lab)
     colour_pool = np.array([not g and not lab for g, lab in zip(grey_of, labelled)]) & grey
     if colour_pool.any():
@@ -673,6 +688,29 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None) 
         return Split(stack(idx), y, tuple(df["path"][i] for i in idx))
 
     return _finish(take("train"), take("valid"), class_names, str(path), take("pool"))
+
+
+def _resize_all(images: list, labelled: list, image_size: tuple[int, int] | None):
+    """((W, H) every image gets, the images at that size): ``image_size`` (H, W), or the
+    most common size among ``labelled`` (among all where nothing is labelled)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    if image_size is not None:
+        size = (image_size[1], image_size[0])
+    else:
+        counts = Counter(im.size for im in (labelled or images))
+        size = max(counts, key=lambda k: (counts[k], k))  # ties: the larger size, so the choice is stable
+    return size, [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
+
+
+def _say_resized(progress: Progress, where, after: list, before_all: list, size, image_size) -> None:
+    n = sum(a is not b for a, b in zip(after, before_all))
+    if n:
+        why = "--image-size" if image_size is not None else "the most common size; --image-size HxW sets another"
+        progress.close(f"{where}: resized {n:,} of {len(after):,} images to {size[1]}x{size[0]} (HxW; {why}) "
+                       f"with Pillow's {RESIZE_FILTER} filter")
 
 
 def _read_image(p: Path):

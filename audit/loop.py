@@ -204,6 +204,7 @@ def next_batch(
     device: str = "cpu",
     cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> NextResult:
     """Train on everything labelled so far, score the pool by MC dropout and commit the
     next batch of ``k`` (batch.csv, the labelling page, Label Studio tasks).
@@ -231,6 +232,10 @@ def next_batch(
         if store.exists():
             state = _read_state(store)
             meta = state.meta
+            if image_size is not None and list(image_size) != meta.data.get("image_size"):
+                raise AuditError(f"--image-size: {store.path} was made at "
+                                 f"{'x'.join(map(str, meta.data.get('image_size') or ())) or 'the data size'}; "
+                                 "leave out --image-size to go on with the run", usage=True)
             if data is not None and (data if data == "mnist" else str(Path(data).resolve())) != meta.data["data"]:
                 raise AuditError(f"--data: {store.path} was made on {meta.data['data']}, not {data}; leave out "
                                  "--data to go on with the run, or choose another --run")
@@ -241,7 +246,7 @@ def next_batch(
             if data is None:
                 raise AuditError(f"--data: {store.path} is a new run; name its data (a folder with train/, valid/ "
                                  "and pool/, a manifest with pool rows, or an .npz with x_pool)", usage=True)
-            dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+            dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
             if dataset.pool is None:
                 raise AuditError(f"--data: {data} has no unlabelled pool; expected a folder with pool/ beside "
                                  "train/ and valid/, a manifest with pool rows, or an .npz with x_pool")
@@ -252,7 +257,7 @@ def next_batch(
             meta = runs.RunMeta(command="loop", created=runs.now(),
                                 config={**config.to_json(), "run_id": secrets.token_hex(8)}, seed=seed,
                                 data=runs.data_source(data, data_dir, dataset, run=store.path,
-                                                      n_pool=len(dataset.pool)),
+                                                      image_size=image_size, n_pool=len(dataset.pool)),
                                 device=str(device), versions=runs.versions(), results={"rounds": []})
         # this round's settings: the run's, but for what may change per round
         subset = pool_subset if pool_subset is not None else config.pool_subset
@@ -353,8 +358,8 @@ def _cluster_scorer(client, data: dict, model, progress: Progress):
     spec = model.spec.to_json()
 
     def score(pool, samples, seed, masks, return_mc):
-        pieces = [(data["data"], data.get("data_dir"), data["fingerprint"], spec, weights, pool[a:a + POOL_PIECE], a,
-                   samples, seed, masks, return_mc) for a in range(0, len(pool), POOL_PIECE)]
+        pieces = [(data, spec, weights, pool[a:a + POOL_PIECE], a, samples, seed, masks, return_mc)
+                  for a in range(0, len(pool), POOL_PIECE)]
         parts: list = [None] * len(pieces)
         progress.start(f"score {len(pool):,} pool images x {samples} passes in {len(pieces)} pieces", len(pool))
 
@@ -373,18 +378,20 @@ def _cluster_scorer(client, data: dict, model, progress: Progress):
 _WORKER_DATA: dict = {}  # on a worker: loop datasets by (path, fingerprint), loaded once per process
 
 
-def pool_piece(data: str, data_dir: str | None, fingerprint: str, spec: dict, weights: bytes, idx: np.ndarray,
-               offset: int, samples: int, seed: int, masks: str, return_mc: bool) -> dict:
+def pool_piece(data: dict, spec: dict, weights: bytes, idx: np.ndarray, offset: int, samples: int, seed: int,
+               masks: str, return_mc: bool) -> dict:
     """On a worker: MC-score images ``idx`` of the loop's image array (training images,
-    then the pool) at positions ``offset``.. of the round's scoring."""
+    then the pool) at positions ``offset``.. of the round's scoring; ``data`` is the
+    run's data block."""
     from .model import ModelSpec, model_from_spec
 
-    key = (data, data_dir, fingerprint)
+    key = (data["data"], data.get("data_dir"), data["fingerprint"])
     if key not in _WORKER_DATA:
-        ds = load_dataset(data, data_dir=data_dir)
-        if ds.fingerprint != fingerprint:
-            raise AuditError(f"{data}: not the data of the run on this worker (fingerprint {ds.fingerprint[:12]}, "
-                             f"the run's {fingerprint[:12]}): the workers must see the same files")
+        ds = runs.load_source(data)
+        if ds.fingerprint != data["fingerprint"]:
+            raise AuditError(f"{data['data']}: not the data of the run on this worker (fingerprint "
+                             f"{ds.fingerprint[:12]}, the run's {data['fingerprint'][:12]}): the workers must see "
+                             "the same files")
         _WORKER_DATA[key] = loop_dataset(ds)[0].train.x
     model = runs.load_weights(model_from_spec(ModelSpec.from_json(spec)), weights, "the round's model")
     r = mc_predict(model, _WORKER_DATA[key][idx], samples=samples, seed=seed, masks=masks, return_mc=return_mc,

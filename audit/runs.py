@@ -132,6 +132,7 @@ _DATA_SCHEMA = {
     "image_shape": ((list,), True),
     "subset": ((dict,), False),
     "subset_file": ((str,), False),
+    "image_size": ((list,), False),
     "curation": ((dict,), False),
 }
 _META_SCHEMA = {
@@ -259,7 +260,7 @@ class RunMeta:
 
 
 def data_source(data: str | os.PathLike, data_dir: str | os.PathLike | None, dataset, *,
-                run: Path | None = None, **extra) -> dict:
+                run: Path | None = None, image_size: tuple[int, int] | None = None, **extra) -> dict:
     """The ``data`` block of run.json for ``dataset`` loaded from ``data``: paths absolute
     (so a run is scored the same from any working folder), with a relative form where the
     data lies inside the run."""
@@ -270,8 +271,28 @@ def data_source(data: str | os.PathLike, data_dir: str | os.PathLike | None, dat
             block["data_rel"] = Path(block["data"]).relative_to(Path(run).resolve()).as_posix()
     block.update(source=dataset.source, fingerprint=dataset.fingerprint, class_names=list(dataset.class_names),
                  n_train=len(dataset.train), n_valid=len(dataset.valid), image_shape=list(dataset.image_shape))
+    if image_size is not None:  # what --image-size resized to; loaded again at that size
+        block["image_size"] = [int(image_size[0]), int(image_size[1])]
     block.update(extra)
     return block
+
+
+def image_size_of(block: dict) -> tuple[int, int] | None:
+    """The ``--image-size`` (H, W) a data block records, or None."""
+    size = block.get("image_size")
+    if size is None:
+        return None
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise AuditError(f"{RUN_JSON}: field 'data.image_size': expected [H, W], found {json.dumps(size)[:40]}")
+    return int(size[0]), int(size[1])
+
+
+def load_source(block: dict, *, progress=None):
+    """The dataset a run's data block names (on a Dask worker: the same files, the same size)."""
+    from .data import load_dataset
+
+    return load_dataset(block["data"], data_dir=block.get("data_dir"), progress=progress,
+                        image_size=image_size_of(block))
 
 
 def now() -> str:
@@ -640,7 +661,8 @@ class RunStore:
         from .data import load_dataset
 
         d = self.meta().data
-        dataset = load_dataset(self.data_path(), data_dir=data_dir or d.get("data_dir"), progress=progress)
+        dataset = load_dataset(self.data_path(), data_dir=data_dir or d.get("data_dir"), progress=progress,
+                               image_size=image_size_of(d))
         curation = d.get("curation")
         expected = curation["base_fingerprint"] if curation else d["fingerprint"]
         if dataset.fingerprint != expected:

@@ -327,6 +327,7 @@ def score_run(
     data_dir: str | None = None,
     cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> ScoreResult:
     """Score the run's data with its model; write scores.csv and mc_summary.npz (one commit).
 
@@ -354,7 +355,11 @@ def score_run(
                 have = f"{runs.RUN_JSON} but no {runs.MODEL}" if store.exists() else \
                     f"files but no {runs.MODEL} and {runs.RUN_JSON}"
                 raise AuditError(f"--run: {store.path} has {have}; not a trained run folder")
-            train_into(store, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress)
+            train_into(store, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress,
+                       image_size=image_size)
+        elif image_size is not None and list(image_size) != store.meta().data.get("image_size"):
+            raise AuditError(f"--image-size: {store.path} is trained already, on its data at the size it records; "
+                             "--image-size applies when `audit score` trains a new run", usage=True)
         model = store.load_model()
         dataset = store.dataset(data_dir=data_dir, progress=progress)
         t0 = time.perf_counter()

@@ -203,24 +203,25 @@ def train_run(
     device: str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Load ``data``, train, and write the run folder ``run`` in one commit."""
     store = runs.RunStore(run)
     get_device(device)  # fail on a bad --device before loading anything
     with store.writing():
         return train_into(store, data=data, data_dir=data_dir, config=config, subset=subset, device=device,
-                          overwrite=overwrite, progress=progress)
+                          overwrite=overwrite, progress=progress, image_size=image_size)
 
 
 def train_into(store: runs.RunStore, *, data: str, data_dir: str | None, config: TrainConfig,
                subset: str | os.PathLike | None = None, device: str = "cpu", overwrite: bool = False,
-               progress: Progress | None = None) -> TrainResult:
+               progress: Progress | None = None, image_size: tuple[int, int] | None = None) -> TrainResult:
     """:func:`train_run` on a store whose lock the caller holds."""
     check_run_free(store, overwrite)
-    dataset = load_dataset(data, data_dir=data_dir, progress=progress)
+    dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
     idx = read_subset(subset, len(dataset.train)) if subset is not None else None
     extra = {"subset_file": str(Path(subset).resolve())} if subset is not None else {}
-    source = runs.data_source(data, data_dir, dataset, run=store.path, **extra)
+    source = runs.data_source(data, data_dir, dataset, run=store.path, image_size=image_size, **extra)
     return fit_and_write(store, dataset, source, config=config, subset=idx, device=device, progress=progress)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import functools
 import gzip
 import http.server
@@ -227,11 +229,71 @@ def test_folder_unreadable_image_is_named(tmp_path):
         D.load_dataset(root)
 
 
-def test_folder_mixed_sizes_names_the_odd_ones(tmp_path):
+class Lines:
+    """A progress that keeps its summary lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def start(self, *a, **k):
+        pass
+
+    def advance(self, *a, **k):
+        pass
+
+    def close(self, summary=None):
+        if summary:
+            self.lines.append(summary)
+
+
+def test_folder_of_mixed_sizes_is_resized_and_says_so(tmp_path):
+    """Images of another size are resized to the most common size (or --image-size) with
+    Lanczos, and a line says how many; the size is part of the data (fingerprint)."""
     root = _folder(tmp_path)
+    big = np.zeros((20, 20), np.uint8)
+    big[:, 10:] = 255
+    Image.fromarray(big).save(root / "valid/cat/big.png")
+    lines = Lines()
+    ds = D.load_dataset(root, progress=lines)
+    assert ds.image_shape == (1, 12, 12)
+    assert lines.lines == [f"{root}: resized 1 of 13 images to 12x12 (HxW; the most common size; --image-size HxW "
+                           "sets another) with Pillow's Lanczos filter"]
+    i = ds.valid.paths.index("valid/cat/big.png")
+    want = np.asarray(Image.fromarray(big).resize((12, 12), Image.Resampling.LANCZOS))
+    assert np.array_equal(ds.valid.x[i, 0], want)
+    lines = Lines()
+    ds2 = D.load_dataset(root, image_size=(16, 8), progress=lines)
+    assert ds2.image_shape == (1, 16, 8) and "resized 13 of 13 images to 16x8 (HxW; --image-size)" in lines.lines[0]
+    assert ds2.fingerprint != ds.fingerprint
+    for bad in ("12", "0x4", "12x", "ax3", "5000x5000"):
+        with pytest.raises(AuditError, match="^image_size: expected HxW"):
+            D.parse_image_size(bad)
+    (tmp_path / "x.npz").touch()
+    with pytest.raises(AuditError, match="--image-size: an .npz"):
+        D.load_dataset(tmp_path / "x.npz", image_size=(8, 8))
+
+
+def test_image_size_is_the_runs(tmp_path):
+    """--image-size is recorded in run.json; the run's data is loaded again at that size."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    root = _folder(tmp_path, n=6)
     Image.new("L", (20, 20)).save(root / "valid/cat/big.png")
-    with pytest.raises(AuditError, match=r"most are 12x12 but .*valid/cat/big.png \(20x20\) is not$"):
-        D.load_dataset(root)
+    runner = CliRunner()
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", str(root), "--run", str(run), "--epochs", "1", "--image-size", "10x10"])
+    assert r.exit_code == 0, r.output
+    assert "resized 25 of 25 images to 10x10 (HxW; --image-size)" in r.output
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"]["image_size"] == [10, 10] and meta["data"]["image_shape"] == [1, 10, 10]
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "2", "--image-size", "12x12"])
+    assert r.exit_code == 2 and "--image-size: " in r.output and "trained already" in r.output
+    r = runner.invoke(app, ["train", "--data", str(root), "--run", str(tmp_path / "r2"), "--image-size", "tall"])
+    assert r.exit_code == 2 and "error: --image-size: expected HxW" in r.output
 
 
 def test_folder_without_splits(tmp_path):
