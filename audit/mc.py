@@ -60,7 +60,8 @@ class MCResult:
 
     probs: (N, C) mean of the T softmax outputs.
     entropy, expected_entropy, mutual_info, variation_ratio, mean_std: (N,) each,
-    higher = more uncertain (see :mod:`audit.metrics`).
+    higher = more uncertain (see :mod:`audit.metrics`); each with ``<name>_se``, its
+    Monte-Carlo standard error over the T passes (jackknife).
     mc_probs: (N, T, C) every pass's softmax, only when asked for.
     """
 
@@ -71,9 +72,19 @@ class MCResult:
     variation_ratio: np.ndarray
     mean_std: np.ndarray
     mc_probs: np.ndarray | None = None
+    # each score's Monte-Carlo standard error (metrics.jackknife_se), (N,) each
+    entropy_se: np.ndarray | None = None
+    expected_entropy_se: np.ndarray | None = None
+    mutual_info_se: np.ndarray | None = None
+    variation_ratio_se: np.ndarray | None = None
+    mean_std_se: np.ndarray | None = None
 
     def scores(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in metrics.SCORE_NAMES}
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The scores and their standard errors, as scores.csv has them."""
+        return {name: getattr(self, name) for name in metrics.SCORE_COLUMNS}
 
 
 class MaskSampler:
@@ -244,7 +255,7 @@ def mc_predict(
     model.to_device(dev)
     n, c = x.shape[0], model.spec.n_classes
     out = {"probs": np.empty((n, c), np.float32)}
-    out.update({k: np.empty(n, np.float32) for k in metrics.SCORE_NAMES})
+    out.update({k: np.empty(n, np.float32) for k in metrics.SCORE_COLUMNS})
     mc = np.empty((n, samples, c), np.float32) if return_mc else None
 
     def make_worker():

@@ -102,10 +102,51 @@ def pred(probs):
 
 # The label-free scores of an MC prediction, in scores.csv's column order.
 SCORE_NAMES = ("entropy", "expected_entropy", "mutual_info", "variation_ratio", "mean_std")
+# each one's Monte-Carlo standard error (jackknife over the T passes), scores.csv's columns after them
+SE_NAMES = tuple(f"{n}_se" for n in SCORE_NAMES)
+SCORE_COLUMNS = (*SCORE_NAMES, *SE_NAMES)
+
+
+def jackknife_se(mc_probs) -> dict:
+    """The Monte-Carlo standard error of each score from the T passes it was computed
+    from, (N, T, C) -> {"entropy_se": (N,), ...}: the delete-one jackknife,
+
+        se = sqrt((T - 1) / T * sum_t (s_(-t) - mean_t s_(-t))^2),
+
+    where s_(-t) is the score computed without pass t. It says how much the score would
+    move with another draw of T passes (its spread, not the model's uncertainty), and
+    shrinks as 1/sqrt(T). Every leave-one-out score comes from running sums, so the cost
+    is a few (N, T, C) operations. NaN with a single pass."""
+    xp = get_array_module(mc_probs)
+    n, t, c = mc_probs.shape
+    if t < 2:
+        nan = xp.full(n, xp.nan, dtype=mc_probs.dtype)
+        return {name: nan.copy() for name in SE_NAMES}
+    p = mc_probs
+    s1 = p.sum(axis=1, keepdims=True)  # (N, 1, C)
+    loo_mean = (s1 - p) / (t - 1)  # (N, T, C): p̄ without pass t
+    h_loo = -_xlogx_sum(loo_mean)  # (N, T)
+    h_t = -_xlogx_sum(p)  # (N, T): each pass's entropy
+    eh_loo = (h_t.sum(axis=1, keepdims=True) - h_t) / (t - 1)
+    mi_loo = xp.maximum(h_loo - eh_loo, 0)
+    votes = p.argmax(axis=2)  # (N, T)
+    onehot = (votes[:, :, None] == xp.arange(c)[None, None, :])
+    counts = onehot.sum(axis=1, keepdims=True)  # (N, 1, C)
+    vr_loo = 1 - (counts - onehot).max(axis=2).astype(p.dtype) / (t - 1)
+    s2 = (p * p).sum(axis=1, keepdims=True)
+    var_loo = (s2 - p * p) / (t - 1) - loo_mean * loo_mean  # population variance without pass t
+    ms_loo = xp.sqrt(xp.maximum(var_loo, 0)).mean(axis=2)
+
+    def se(loo):
+        dev = loo - loo.mean(axis=1, keepdims=True)
+        return xp.sqrt((t - 1) / t * (dev * dev).sum(axis=1)).astype(p.dtype)
+
+    return dict(zip(SE_NAMES, (se(h_loo), se(eh_loo), se(mi_loo), se(vr_loo), se(ms_loo))))
 
 
 def all_scores(mc_probs) -> dict:
-    """Every label-free score of ``mc_probs`` (N, T, C), plus ``probs`` (N, C).
+    """Every label-free score of ``mc_probs`` (N, T, C), with its standard error
+    (:func:`jackknife_se`), plus ``probs`` (N, C).
 
     Shares the mean and the per-pass entropies between the scores.
     """
@@ -120,4 +161,5 @@ def all_scores(mc_probs) -> dict:
         "mutual_info": xp.maximum(h - eh, 0),
         "variation_ratio": variation_ratio(mc_probs),
         "mean_std": mean_std(mc_probs),
+        **jackknife_se(mc_probs),
     }

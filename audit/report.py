@@ -138,9 +138,11 @@ def report_context(
             "v": {m: float(row[m]) for m in METRICS},
         }
         x = cells[i]
+        pm = {m: (f" ± {float(row[m + '_se']):.4f}" if f"{m}_se" in row else "") for m in METRICS}
         info[i] = (f"{split} #{i}{' · ' + x['path'] if x['path'] else ''}\nlabel {x['label']} · predicted {x['pred']}\n"
-                   f"p(label) {x['v']['p_label']:.4f} · entropy {x['v']['entropy']:.4f}\n"
-                   f"mutual information {x['v']['mutual_info']:.4f} · variation ratio {x['v']['variation_ratio']:.3f}")
+                   f"p(label) {x['v']['p_label']:.4f} · entropy {x['v']['entropy']:.4f}{pm['entropy']}\n"
+                   f"mutual information {x['v']['mutual_info']:.4f}{pm['mutual_info']} · variation ratio "
+                   f"{x['v']['variation_ratio']:.3f}{pm['variation_ratio']}")
         return x
 
     has_flags = "flag" in df.columns
@@ -166,12 +168,16 @@ def report_context(
         review = flagged[flagged["label"] == c].sort_values(["mislabel_score", "index"], ascending=[False, True])
         grids = {}
         hists = {}
+        stable = {}
         for m in METRICS:
             ranked = dc.sort_values([m, "index"], kind="stable")
             grids[m] = {
                 "low": [cell(r) for r in ranked.head(top).to_dict("records")],
                 "high": [cell(r) for r in ranked.tail(top).iloc[::-1].to_dict("records")],
             }
+            if f"{m}_se" in dc.columns:
+                v, e = dc[m].to_numpy(np.float64), dc[f"{m}_se"].to_numpy(np.float64)
+                stable[m] = {"low": top_stability(-v, e, top), "high": top_stability(v, e, top)}
             lo, hi = ranges[m]
             hists[m] = {"bins": _histogram(dc[m].to_numpy(), lo, hi), "lo": lo, "hi": hi}
         classes.append(
@@ -183,6 +189,7 @@ def report_context(
                 "mean": {m: float(dc[m].mean()) if len(dc) else float("nan") for m in METRICS},
                 "grids": grids,
                 "hists": hists,
+                "stable": stable,
                 "review": [review_cell(r) for r in review.to_dict("records")],
                 "href": f"#class-{c}" if len(names) <= SPLIT_CLASSES else f"class-{c}.html",
             }
@@ -233,6 +240,25 @@ def report_context(
         "storage_key": f"audit-review-{meta.fingerprint[:16]}-{split}",
         "split_pages": len(names) > SPLIT_CLASSES,
     }
+
+
+STABILITY_DRAWS = 200
+
+
+def top_stability(values: np.ndarray, se: np.ndarray, top: int, *, seed: int = 0) -> float | None:
+    """The share of the ``top`` highest ``values`` that stay among the ``top`` highest when
+    the passes are drawn again, estimated by drawing each score from a normal with its
+    standard error (``se``, the jackknife's) STABILITY_DRAWS times; None where every
+    image is in the list anyway, or the errors are unknown."""
+    n = len(values)
+    if n <= top or not np.isfinite(se).all():
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(n, bool)
+    chosen[np.argsort(-values, kind="stable")[:top]] = True
+    sims = values[None, :] + se[None, :] * rng.standard_normal((STABILITY_DRAWS, n))
+    again = np.argpartition(-sims, top - 1, axis=1)[:, :top]  # each draw's top
+    return float(chosen[again].mean())
 
 
 def review_keys(names: list[str]) -> dict[str, str]:

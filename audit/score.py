@@ -89,7 +89,7 @@ def score_dataset(
         whole = len(rows) == len(s)  # skip the gather (a copy of the images) when scoring all
         r = mc_predict(models[k], s.x if whole else s.x[rows], samples=samples, batch_size=batch_size,
                        seed=stream_seed(seed, split, k), masks=masks, device=dev, progress=progress)
-        results[(split, k)] = (r.probs, {name: getattr(r, name) for name in metrics.SCORE_NAMES})
+        results[(split, k)] = (r.probs, r.columns())
     scores, probs = assemble(dataset, jobs, folds, results)
     return ScoreResult(scores, probs, time.perf_counter() - t0, describe(dev))
 
@@ -126,7 +126,7 @@ def assemble(dataset: Dataset, jobs, folds: dict, results: dict) -> tuple[pd.Dat
     for split, fold in folds.items():
         s = dataset.split(split)
         probs = np.empty((len(s), dataset.n_classes), np.float32)
-        cols = {k: np.empty(len(s), np.float32) for k in metrics.SCORE_NAMES}
+        cols = {k: np.empty(len(s), np.float32) for k in metrics.SCORE_COLUMNS}
         for js, k, rows in jobs:
             if js != split:
                 continue
@@ -172,7 +172,7 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
                            config.batch_size, stream_seed(config.seed, split, k)))
             where.append((split, k, a))
     out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
-                        {n: np.empty(len(rows), np.float32) for n in metrics.SCORE_NAMES}) for split, k, rows in jobs}
+                        {n: np.empty(len(rows), np.float32) for n in metrics.SCORE_COLUMNS}) for split, k, rows in jobs}
     progress.start(f"score {sum(len(r) for *_, r in jobs):,} images x {config.samples} passes in {len(pieces)} pieces",
                    len(pieces))
 
@@ -215,7 +215,7 @@ def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset:
     x = _worker_dataset(store).split(split).x
     r = mc_predict(_CACHE[key], x[rows], samples=samples, batch_size=batch_size, seed=seed, workers=1,
                    offset=offset)
-    return r.probs, {name: getattr(r, name) for name in metrics.SCORE_NAMES}
+    return r.probs, r.columns()
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,60 @@ def test_label_scores():
     np.testing.assert_allclose(M.margin(probs, labels), [0.5, -0.3], rtol=1e-6)
     assert M.pred(probs).tolist() == [0, 2]
     assert probs[1, 1] == np.float32(0.3)  # margin does not modify its input
+
+
+# ------------------------------------------------------------------ standard errors
+
+
+def _loo_brute(p):
+    """Each score without pass t, by recomputing it: (N, T, C) -> {name: (N, T)}."""
+    from audit import metrics as M
+
+    n, t, c = p.shape
+    out = {name: np.empty((n, t)) for name in M.SCORE_NAMES}
+    for j in range(t):
+        q = np.delete(p, j, axis=1)
+        s = M.all_scores(q)
+        for name in M.SCORE_NAMES:
+            out[name][:, j] = s[name]
+    return out
+
+
+def test_jackknife_se_is_the_leave_one_out_formula():
+    from audit import metrics as M
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(4, 0.7), size=(6, 9)).astype(np.float64)  # N=6, T=9, C=4
+    se = M.jackknife_se(p)
+    loo = _loo_brute(p)
+    t = p.shape[1]
+    for name in M.SCORE_NAMES:
+        d = loo[name] - loo[name].mean(axis=1, keepdims=True)
+        want = np.sqrt((t - 1) / t * (d * d).sum(axis=1))
+        np.testing.assert_allclose(se[f"{name}_se"], want, rtol=1e-6, atol=1e-9, err_msg=name)
+    one = M.jackknife_se(p[:, :1])
+    assert all(np.isnan(v).all() for v in one.values())
+
+
+def test_jackknife_se_measures_the_spread_over_draws_of_passes():
+    """The standard error predicts how much a score moves when its T passes are drawn
+    again: the mean SE is within 25% of the spread over 400 independent draws, and it
+    halves when T quadruples."""
+    from audit import metrics as M
+
+    rng = np.random.default_rng(1)
+    alpha = np.array([2.0, 1.0, 0.5])
+
+    def draw(t, reps):
+        return rng.dirichlet(alpha, size=(reps, t))  # each rep an image's T passes from one posterior
+
+    for t in (25, 100):
+        p = draw(t, 400)
+        scores = M.all_scores(p)
+        for name in ("entropy", "mutual_info", "mean_std", "expected_entropy"):
+            spread = scores[name].std()
+            mean_se = scores[f"{name}_se"].mean()
+            assert 0.75 < mean_se / spread < 1.25, (t, name, mean_se, spread)
+    se25 = M.all_scores(draw(25, 400))["entropy_se"].mean()
+    se100 = M.all_scores(draw(100, 400))["entropy_se"].mean()
+    assert 1.7 < se25 / se100 < 2.3

@@ -426,3 +426,28 @@ def test_report_pages_in_chromium(hundred_classes, tmp_path, browser):
     assert rows[0] == "split,index,path,action,new_label"
     assert sorted(rows[1:]) == sorted([f"valid,{kept},,keep,", f"valid,{dropped},,drop,"])
     assert errors == [] and all(u.startswith(("file:", "data:", "blob:")) for u in requests)
+
+
+def test_top_stability():
+    """Exact scores: the list is the list (1.0); scores drowned in their errors: a list
+    is as good as a random one (top / n); new runs' reports say it per grid."""
+    from audit.report import top_stability
+
+    v = np.arange(100, dtype=float)
+    assert top_stability(v, np.zeros(100), 10) == 1.0
+    assert abs(top_stability(v, np.full(100, 1e6), 10) - 0.1) < 0.03
+    mid = top_stability(v, np.full(100, 3.0), 10)
+    assert 0.3 < mid < 1.0
+    assert top_stability(v[:5], np.zeros(5), 10) is None  # every image is in the list
+    assert top_stability(v, np.full(100, np.nan), 10) is None
+
+
+def test_report_shows_standard_errors_and_stability(scored_run, tmp_path):
+    import pandas as pd
+
+    scores = pd.read_csv(scored_run / "scores.csv")
+    assert {"entropy_se", "mutual_info_se", "variation_ratio_se", "mean_std_se"} <= set(scores.columns)
+    assert (scores["entropy_se"] >= 0).all() and scores["entropy_se"].max() > 0
+    html = write_report(scored_run, out=tmp_path / "rep", top=TOP).path.read_text()
+    assert html.count("% stable</span>") == 3 * 3 * 2  # 3 classes, 3 metrics with errors, 2 ends
+    assert " \\u00b1 " in html  # the tooltips' errors ("±", escaped in the page's JSON)
