@@ -269,7 +269,23 @@ def score(
         markup=False,
     )
     _print_flags(run)
+    _print_duplicates(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
+
+
+def _print_duplicates(run: Path) -> None:
+    from .runs import RunStore
+
+    d = (RunStore(run).meta().score or {}).get("duplicates")
+    if not d:
+        return
+    if not d["groups"]:
+        err.print("exact duplicates: none", markup=False)
+        return
+    leak = d.get("across train and valid", 0)
+    err.print(f"exact duplicates: {d['groups']:,} groups of {d['images']:,} identical images"
+              + (f"; {leak:,} across train and valid (leakage)" if leak else "")
+              + f"; listed in {run}/duplicates.csv", markup=False)
 
 
 def _print_flags(run: Path) -> None:

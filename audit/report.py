@@ -198,6 +198,7 @@ def report_context(
         progress.advance(1)
     progress.close()
 
+    duplicates = duplicate_context(store, dataset)
     per_split = [
         {"split": s, "n": int((scores["split"] == s).sum()),
          "accuracy": float((g["pred"] == g["label"]).mean()), "mean_entropy": float(g["entropy"].mean())}
@@ -239,7 +240,36 @@ def report_context(
         "class_keys": review_keys(names),
         "storage_key": f"audit-review-{meta.fingerprint[:16]}-{split}",
         "split_pages": len(names) > SPLIT_CLASSES,
+        "duplicates": duplicates,
     }
+
+
+MAX_DUPLICATE_GROUPS = 30  # groups shown in the report (leakage first); duplicates.csv has all
+
+
+def duplicate_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
+    """The exact-duplicate groups `audit score` found (duplicates.csv), for the page:
+    counts, and the first groups with their images (keys ``q<n>`` in the style sheet)."""
+    from .dupes import DUPLICATE_COLUMNS, KINDS, duplicate_summary
+    from .tables import restore_frame
+
+    if not store.has(runs.DUPLICATES):
+        return None  # scored before audit looked for duplicates
+    d = store.read_table(runs.DUPLICATES, DUPLICATE_COLUMNS, numeric=("group", "index"),
+                         dtype={"split": str, "path": str, "kind": str}, keep_default_na=False)
+    restore_frame(d, ["path"])
+    rank = {k: i for i, k in enumerate(KINDS)}
+    order = d.drop_duplicates("group").assign(_r=lambda f: f["kind"].map(rank)).sort_values(["_r", "group"])
+    groups, images = [], []
+    for gid in order["group"].head(MAX_DUPLICATE_GROUPS):
+        members = []
+        for r in d[d["group"] == gid].itertuples(index=False):
+            key = f"q{len(images)}"
+            images.append((key, png_data_uri(dataset.split(r.split).x[int(r.index)])))
+            members.append({"key": key, "split": r.split, "index": int(r.index), "path": r.path})
+        groups.append({"kind": d[d["group"] == gid]["kind"].iloc[0], "members": members})
+    return {"summary": duplicate_summary(d), "groups": groups, "images": images,
+            "more": max(0, int(d["group"].nunique()) - len(groups))}
 
 
 STABILITY_DRAWS = 200
@@ -283,8 +313,9 @@ def render_pages(ctx: dict) -> dict[str, str]:
 
     def page(classes: list[dict], kind: str) -> str:
         ids = sorted({i for c in classes for i in c["images"]})
+        dup = ctx["duplicates"]["images"] if ctx["duplicates"] and kind != "class" else []
         return render_report({**base, "page_classes": classes, "page": kind,
-                              "images": [(i, ctx["uris"][i]) for i in ids],
+                              "images": [(f"p{i}", ctx["uris"][i]) for i in ids] + dup,
                               "info_json": script_json({str(i): ctx["info"][i] for i in ids})})
 
     if not ctx["split_pages"]:

@@ -67,8 +67,9 @@ SCORES = "scores.csv"
 MC_SUMMARY = "mc_summary.npz"
 FOLDS = "folds"
 AL_CURVE = "al_curve.csv"
+DUPLICATES = "duplicates.csv"
 ACQUIRED = "acquired.csv"
-KNOWN_FILES = (MODEL, TRAIN_LOG, SUBSET, DECISIONS, SCORES, MC_SUMMARY, AL_CURVE, ACQUIRED)
+KNOWN_FILES = (MODEL, TRAIN_LOG, SUBSET, DECISIONS, SCORES, MC_SUMMARY, AL_CURVE, ACQUIRED, DUPLICATES)
 
 SCHEMA_VERSION = 2  # 1: run.json before the store (no manifest, no version field)
 TXN_PREFIX = ".txn-"

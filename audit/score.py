@@ -17,6 +17,7 @@ from .device import describe, get_device
 from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
 from .mc import DEFAULT_BATCH, MaskMode, mc_predict
+from .dupes import duplicate_summary, exact_duplicates
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
 
@@ -397,8 +398,11 @@ def score_run(
             "accuracy": result.accuracy,
             "mean_entropy": float(result.scores["entropy"].mean()),
         }
+        dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits})
+        summary["duplicates"] = duplicate_summary(dupes)
         with store.transaction() as txn:
             write_scores(txn, result.scores, result.probs, dataset.class_names)
+            txn.write_csv(runs.DUPLICATES, dupes)
             txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, result.probs, flags), versions=runs.versions()))
     return result
 

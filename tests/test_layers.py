@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "audit"
 LAYERS = [
     {"_compat", "errors", "progress", "tables"},
     {"metrics", "config", "device", "fastconv"},
-    {"data", "model", "acquire", "flags", "curves"},
+    {"data", "model", "acquire", "flags", "curves", "dupes"},
     {"mc", "decisions"},
     {"runs", "cluster"},
     {"train"},

@@ -451,3 +451,41 @@ def test_report_shows_standard_errors_and_stability(scored_run, tmp_path):
     html = write_report(scored_run, out=tmp_path / "rep", top=TOP).path.read_text()
     assert html.count("% stable</span>") == 3 * 3 * 2  # 3 classes, 3 metrics with errors, 2 ends
     assert " \\u00b1 " in html  # the tooltips' errors ("±", escaped in the page's JSON)
+
+
+def test_exact_duplicates_and_leakage(tmp_path):
+    """Identical images within train, and across train and valid, are found by `audit
+    score`, counted in its output and run.json, listed in duplicates.csv and shown in
+    the report, leakage first."""
+    import json
+
+    import pandas as pd
+
+    x_train, y_train = make_shapes(20, seed=5)
+    x_valid, y_valid = make_shapes(6, seed=6)
+    x_train[7] = x_train[3]  # within train
+    x_train[8] = x_train[3]
+    x_valid[2] = x_train[11]  # leakage
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--data", str(data), "--run", str(run), "--epochs", "1"]).exit_code == 0
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "2"])
+    assert r.exit_code == 0, r.output
+    assert (f"exact duplicates: 2 groups of 5 identical images; 1 across train and valid (leakage); listed in "
+            f"{run}/duplicates.csv") in r.output
+    d = pd.read_csv(run / "duplicates.csv", keep_default_na=False)
+    got = {(k, tuple(sorted(zip(g.split, g["index"])))) for k, g in d.groupby("kind")}
+    assert got == {("within train", (("train", 3), ("train", 7), ("train", 8))),
+                   ("across train and valid", (("train", 11), ("valid", 2)))}
+    assert json.loads((run / "run.json").read_text())["score"]["duplicates"]["across train and valid"] == 1
+    html = write_report(run, out=tmp_path / "rep", top=3).path.read_text()
+    section = html[html.index("<h2>Exact duplicates</h2>"):]
+    assert section.index("across train and valid") < section.index("within train")
+    assert section.count('class="cell dcell"') == 5
+    # on the scored run of the other tests: none
+    x, y = make_shapes(10, seed=9)
+    np.savez(data, x_train=x, y_train=y, x_valid=x[:5], y_valid=y[:5])
+    r = runner.invoke(app, ["train", "--data", str(data), "--run", str(tmp_path / "r2"), "--epochs", "1"])
+    r = runner.invoke(app, ["score", "--run", str(tmp_path / "r2"), "--samples", "2", "--splits", "train"])
+    assert r.exit_code == 0 and "exact duplicates: none" in r.output
