@@ -270,7 +270,25 @@ def score(
     )
     _print_flags(run)
     _print_duplicates(run)
+    _print_calibration(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
+
+
+def _print_calibration(run: Path) -> None:
+    from .runs import RunStore
+
+    c = (RunStore(run).meta().score or {}).get("calibration")
+    if not c:
+        return
+    parts = [f"deterministic {c['deterministic']['ece']:.4f} / {c['deterministic']['nll']:.4f}",
+             f"MC mean {c['mc_mean']['ece']:.4f} / {c['mc_mean']['nll']:.4f}"]
+    if "calibrated" in c:
+        k = c["calibrated"]
+        parts.append(f"MC mean at temperature {k['temperature']:.3f} (fitted on the out-of-sample training scores) "
+                     f"{k['ece']:.4f} / {k['nll']:.4f}")
+    else:
+        parts.append("no temperature without --folds (it is fitted on images the model did not train on)")
+    err.print(f"calibration on valid, ECE ({c['bins']} bins) / NLL: " + "; ".join(parts), markup=False)
 
 
 def _print_duplicates(run: Path) -> None:

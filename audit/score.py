@@ -398,6 +398,9 @@ def score_run(
             "accuracy": result.accuracy,
             "mean_entropy": float(result.scores["entropy"].mean()),
         }
+        cal = calibration_summary(model, dataset, result, train_folds is not None, device)
+        if cal:
+            summary["calibration"] = cal
         dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits})
         summary["duplicates"] = duplicate_summary(dupes)
         with store.transaction() as txn:
@@ -405,6 +408,34 @@ def score_run(
             txn.write_csv(runs.DUPLICATES, dupes)
             txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, result.probs, flags), versions=runs.versions()))
     return result
+
+
+def calibration_summary(model, dataset: Dataset, result: "ScoreResult", out_of_sample_train: bool,
+                        device: str) -> dict | None:
+    """ECE (15 bins) and NLL on the validation split of the deterministic network, of the
+    MC mean, and (when the training images were scored out of sample, by fold models) of
+    the MC mean at the temperature fitted on those training scores. None when the
+    validation split was not scored."""
+    from . import calibration as cal
+    from .train import predict_probs
+
+    scores = result.scores
+    valid = (scores["split"] == "valid").to_numpy()
+    if not valid.any():
+        return None
+    y = scores.loc[valid, "label"].to_numpy()
+    mc = result.probs[valid]
+    det = predict_probs(model, dataset.valid.x[scores.loc[valid, "index"].to_numpy()], device=device)
+    out = {"split": "valid", "bins": cal.BINS,
+           "deterministic": {"ece": cal.ece(det, y), "nll": cal.nll(det, y)},
+           "mc_mean": {"ece": cal.ece(mc, y), "nll": cal.nll(mc, y)}}
+    train = (scores["split"] == "train").to_numpy()
+    if out_of_sample_train and train.any():
+        t = cal.fit_temperature(result.probs[train], scores.loc[train, "label"].to_numpy())
+        calibrated = cal.with_temperature(mc, t)
+        out["calibrated"] = {"temperature": t, "fitted_on": "train, out of sample (fold models)",
+                             "ece": cal.ece(calibrated, y), "nll": cal.nll(calibrated, y)}
+    return out
 
 
 def order_columns(df: pd.DataFrame) -> pd.DataFrame:

@@ -86,6 +86,18 @@ def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device
     return loss_sum / n, correct / n
 
 
+def predict_probs(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 250, device: str = "cpu") -> np.ndarray:
+    """(N, C) softmax of the deterministic network (dropout off) for images ``x``."""
+    dev = get_device(device) if isinstance(device, str) else device
+    out = []
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        for sl in _batches(len(x), batch_size):
+            y = model.head(model.trunk_array(dev.send(to_float32(x[sl]))))
+            out.append(chainer.backend.CpuDevice().send(F.softmax(y).array))
+    c = model.spec.n_classes
+    return np.concatenate(out) if out else np.empty((0, c), np.float32)
+
+
 def train(
     dataset: Dataset,
     config: TrainConfig = TrainConfig(),

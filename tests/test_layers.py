@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "audit"
 
 # bottom to top; a module may import only modules of its own layer or below
 LAYERS = [
-    {"_compat", "errors", "progress", "tables"},
+    {"_compat", "errors", "progress", "tables", "calibration"},
     {"metrics", "config", "device", "fastconv"},
     {"data", "model", "acquire", "flags", "curves", "dupes"},
     {"mc", "decisions"},

@@ -1,0 +1,69 @@
+"""Calibration measures and temperature scaling (audit/calibration.py), and what
+`audit score` reports of them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from audit import calibration as cal
+from audit.cli import app
+
+from conftest import write_shapes_npz
+
+
+def test_ece_and_nll_by_hand():
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.55, 0.45]])
+    y = np.array([0, 1, 0, 0])
+    # bins: 0.9 and 0.95 share bin 14 (0.933..1): accuracy 1, confidence 0.925; 0.6 (bin 9): wrong;
+    # 0.55 (bin 8): right
+    want = (2 * abs(1 - 0.925) + abs(0 - 0.6) + abs(1 - 0.55)) / 4
+    assert cal.ece(p, y) == pytest.approx(want)
+    assert cal.nll(p, y) == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.95, 0.55])))
+    assert np.isnan(cal.ece(np.empty((0, 2)), np.empty(0, int)))
+    # perfectly calibrated by construction: confidence c, right with probability c
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 200_000)
+    right = rng.random(200_000) < conf
+    probs = np.stack([conf, 1 - conf], axis=1)
+    assert cal.ece(probs, np.where(right, 0, 1)) < 0.005
+
+
+def test_temperature_recovers_the_truth_and_keeps_the_argmax():
+    """Labels drawn from softmax(z); the model reports softmax(3 z) (overconfident):
+    the fitted temperature is about 3, and calibration improves."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, (20_000, 5))
+    true = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = (true.cumsum(1) > rng.random((20_000, 1))).argmax(1)
+    over = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
+    t = cal.fit_temperature(over, y)
+    assert 2.8 < t < 3.2
+    fixed = cal.with_temperature(over, t)
+    assert (fixed.argmax(1) == over.argmax(1)).all()
+    assert cal.ece(fixed, y) < 0.3 * cal.ece(over, y) and cal.nll(fixed, y) < cal.nll(over, y)
+    with pytest.raises(ValueError, match="no held-out images"):
+        cal.fit_temperature(np.empty((0, 5)), np.empty(0, int))
+
+
+def test_score_reports_calibration(tmp_path):
+    runner = CliRunner()
+    data = write_shapes_npz(tmp_path / "d.npz", 30, 10)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--data", str(data), "--run", str(run), "--epochs", "2",
+                               "--batch-size", "32", "--lr", "1e-3"]).exit_code == 0
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4"])
+    assert r.exit_code == 0, r.output
+    assert "calibration on valid, ECE (15 bins) / NLL: deterministic " in r.output
+    assert "no temperature without --folds" in r.output
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4", "--folds", "2"])
+    assert r.exit_code == 0, r.output
+    c = json.loads((run / "run.json").read_text())["score"]["calibration"]
+    assert set(c) == {"split", "bins", "deterministic", "mc_mean", "calibrated"}
+    assert 0 < c["calibrated"]["temperature"] < 20 and 0 <= c["calibrated"]["ece"] <= 1
+    assert "MC mean at temperature" in r.output
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4", "--splits", "train"])
+    assert r.exit_code == 0 and "calibration on valid" not in r.output
