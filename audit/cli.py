@@ -465,9 +465,12 @@ def next_(
                                               "images (default: the whole pool)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Exponent of power/softmax sampling (default: the "
                                          "run's; 1, Kirsch et al. 2023's, on the first call)."),
-    seed: int = typer.Option(0, "--seed", help="First call only: seeds every round's training and choice."),
-    model: str = typer.Option("gal", "--model", help="First call only: gal (Gal et al. 2017's CNN) or origin."),
-    epochs: int = typer.Option(50, "--epochs", help="First call only: training epochs per round."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds every round's training and choice (set by the "
+                                       "first call: default 0)."),
+    model: Optional[str] = typer.Option(None, "--model", help="gal (Gal et al. 2017's CNN) or origin (set by the "
+                                        "first call: default gal)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per round (set by the first call: "
+                                         "default 50)."),
     partial: bool = typer.Option(False, "--partial", help="Go on although the last batch has images without a "
                                  "decision; they go back to the pool."),
     device: str = DeviceOpt,
@@ -478,13 +481,12 @@ def next_(
     """Pick the next batch to label: train on what is labelled, score the pool, write RUN/rounds/R/."""
     from .cluster import ClusterConfig
     from .data import parse_image_size
-    from .loop import LOOP_TRAIN, next_batch, page_file
-    from dataclasses import replace
+    from .loop import next_batch, page_file
 
     cluster = ClusterConfig.from_options(workers, scheduler)
     r = next_batch(run, data=data, data_dir=None if data_dir is None else str(data_dir), k=k, strategy=strategy,
                    samples=samples, pool_subset=pool_subset, beta=beta, seed=seed,
-                   train_config=replace(LOOP_TRAIN, model=model, epochs=epochs), partial=partial, device=device,
+                   model=model, epochs=epochs, partial=partial, device=device,
                    cluster=cluster, progress=BarProgress(), image_size=parse_image_size(image_size))
     guessed = r.batch["guess"].astype(bool).any()
     err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {r.strategy} in "

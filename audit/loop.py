@@ -198,8 +198,10 @@ def next_batch(
     samples: int | None = None,
     pool_subset: int | None = None,
     beta: float | None = None,
-    seed: int = 0,
-    train_config: TrainConfig = LOOP_TRAIN,
+    seed: int | None = None,
+    train_config: TrainConfig | None = None,
+    model: str | None = None,
+    epochs: int | None = None,
     partial: bool = False,
     device: str = "cpu",
     cluster: "ClusterConfig | None" = None,
@@ -241,6 +243,15 @@ def next_batch(
                                  "--data to go on with the run, or choose another --run")
             dataset = store.base_dataset(progress=progress)
             config = state.config
+            if seed is not None and seed != config.seed:
+                raise bad_param("seed", f"{store.path} was made with --seed {config.seed}; a run keeps its seed (leave "
+                                "out --seed, or start another --run)")
+            asked = train_config or config.train
+            asked = replace(asked, model=model or asked.model, epochs=asked.epochs if epochs is None else epochs)
+            if replace(asked, seed=config.train.seed, weight_decay=config.train.weight_decay) != config.train:
+                raise AuditError(f"--model/--epochs: {store.path} trains each round as {config.train.model}, "
+                                 f"{config.train.epochs} epochs; a run keeps how it trains (leave them out, or "
+                                 "start another --run)", usage=True)
         else:
             check_run_free(store, overwrite=False)
             if data is None:
@@ -251,11 +262,13 @@ def next_batch(
                 raise AuditError(f"--data: {data} has no unlabelled pool; expected a folder with pool/ beside "
                                  "train/ and valid/, a manifest with pool rows, or an .npz with x_pool")
             config = ALConfig(strategies=(strategy,), initial=max(len(dataset.train), 1), step=1, rounds=0,
-                              samples=100 if samples is None else samples, pool_subset=pool_subset, seed=seed,
-                              train=train_config)
+                              samples=100 if samples is None else samples, pool_subset=pool_subset,
+                              seed=0 if seed is None else seed,
+                              train=replace(train_config or LOOP_TRAIN, **({"model": model} if model else {}),
+                                            **({"epochs": epochs} if epochs is not None else {})))
             state = None
             meta = runs.RunMeta(command="loop", created=runs.now(),
-                                config={**config.to_json(), "run_id": secrets.token_hex(8)}, seed=seed,
+                                config={**config.to_json(), "run_id": secrets.token_hex(8)}, seed=config.seed,
                                 data=runs.data_source(data, data_dir, dataset, run=store.path,
                                                       image_size=image_size, n_pool=len(dataset.pool)),
                                 device=str(device), versions=runs.versions(), results={"rounds": []})

@@ -702,3 +702,16 @@ def test_page_past_ten_classes_has_a_picker(tmp_path, browser, folder):
     assert list(rows.label) == ["kind j", "kind l"] and errors == []
     r = runner.invoke(app, ["label", "--run", str(run), str(target)])
     assert r.exit_code == 0 and "2 labelled" in r.output, r.output
+
+
+def test_a_run_keeps_its_seed_and_training(picked, tmp_path):
+    run, truth, b = picked
+    before = _files(run)
+    for args, fragment in ((["--seed", "3"], "--seed: "), (["--model", "gal"], "--model/--epochs: "),
+                           (["--epochs", "7"], "a run keeps how it trains")):
+        assert_one_line_error(runner.invoke(app, ["next", "--run", str(run), "--partial", *args]), fragment)
+    assert _files(run) == before
+    # the run's own values are accepted, each alone too
+    r = runner.invoke(app, ["next", "--run", str(run), "--partial", "--k", "3", "--seed", "0", "--epochs", "3",
+                            "--samples", "8"])
+    assert r.exit_code == 0, r.output
