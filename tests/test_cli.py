@@ -49,6 +49,7 @@ def test_score_writes_scores_and_summary(trained):
         "split", "index", "fold", "label", "pred", "p_label", "entropy", "expected_entropy",
         "mutual_info", "variation_ratio", "mean_std", "margin",
         "mislabel_score", "flag", "suggested_label", "reason",
+        "entropy_se", "expected_entropy_se", "mutual_info_se", "variation_ratio_se", "mean_std_se",
     ]
     assert (df.fold == -1).all()
     assert len(df) == 390 and df.split.tolist()[:1] == ["train"] and df.split.iloc[-1] == "valid"

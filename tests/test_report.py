@@ -405,6 +405,7 @@ def test_report_pages_in_chromium(hundred_classes, tmp_path, browser):
     page.on("request", lambda q: requests.append(q.url))
     page.goto(res.path.as_uri())
     page.click("table.classes a >> nth=7")
+    page.wait_for_load_state("load")  # the page's script has run: its keys work
     assert page.url.endswith("class-7.html")
     n_cells, not_inline, widths = page.evaluate(IMAGES_JS)
     assert n_cells >= 4 * 2 * 30 and not_inline == 0 and widths and all(w == 32 for w in widths)
@@ -412,12 +413,16 @@ def test_report_pages_in_chromium(hundred_classes, tmp_path, browser):
     first = page.locator("figure.rcell").first
     kept = first.get_attribute("data-index")
     page.keyboard.press("k")
+    assert page.locator("figure.rcell").first.get_attribute("data-action") == "keep"
     page.click("text=← all classes")
+    page.wait_for_load_state("load")
     assert page.url.endswith("index.html") and page.inner_text("#decided") == "1"
     page.click("table.classes a >> nth=8")
+    page.wait_for_load_state("load")
     dropped = page.locator("figure.rcell").first.get_attribute("data-index")
     page.keyboard.press("d")
     page.click("text=← all classes")
+    page.wait_for_load_state("load")
     with page.expect_download() as info:
         page.click("#export")
     target = tmp_path / "decisions.csv"
