@@ -46,6 +46,22 @@ def ece(probs, labels, bins: int = BINS) -> float:
     return float(total / len(labels))
 
 
+def reliability(probs, labels, bins: int = BINS) -> list[dict]:
+    """Per confidence bin with images: its range, count, mean confidence and accuracy
+    (what a reliability diagram draws; ``ece`` is their weighted gap)."""
+    probs, labels = _check(probs, labels)
+    conf = probs.max(axis=1)
+    right = probs.argmax(axis=1) == labels
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": int(m.sum()),
+                        "confidence": float(conf[m].mean()), "accuracy": float(right[m].mean())})
+    return out
+
+
 def nll(probs, labels) -> float:
     """Mean negative log-likelihood of the labels (probabilities floored at 1e-12)."""
     probs, labels = _check(probs, labels)

@@ -241,7 +241,33 @@ def report_context(
         "storage_key": f"audit-review-{meta.fingerprint[:16]}-{split}",
         "split_pages": len(names) > SPLIT_CLASSES,
         "duplicates": duplicates,
+        "reliability": reliability_chart((meta.score or {}).get("calibration")),
     }
+
+
+def reliability_chart(cal: dict | None) -> dict | None:
+    """A reliability diagram of run.json's calibration block, as SVG coordinates: per
+    curve (deterministic, MC mean, calibrated) its points (confidence, accuracy), sized
+    by the images in the bin, and its ECE; the diagonal is perfect calibration."""
+    if not cal or not cal.get("mc_mean", {}).get("bins"):
+        return None
+    size, pad = 260, 30
+    colours = {"deterministic": "#7f7f7f", "mc_mean": "#1f77b4", "calibrated": "#d62728"}
+    titles = {"deterministic": "deterministic (dropout off)", "mc_mean": "MC mean",
+              "calibrated": "MC mean, temperature {:.2f}"}
+    curves = []
+    for key in ("deterministic", "mc_mean", "calibrated"):
+        c = cal.get(key)
+        if not c or not c.get("bins"):
+            continue
+        n = sum(b["n"] for b in c["bins"])
+        pts = [{"x": pad + b["confidence"] * size, "y": pad + (1 - b["accuracy"]) * size,
+                "r": 2 + 6 * (b["n"] / n) ** 0.5, "n": b["n"], "conf": b["confidence"], "acc": b["accuracy"]}
+               for b in c["bins"]]
+        curves.append({"key": key, "colour": colours[key], "points": pts, "ece": c["ece"], "nll": c["nll"],
+                       "title": titles[key].format(c.get("temperature", 1.0)),
+                       "path": " ".join(f"{'M' if i == 0 else 'L'}{p['x']:.1f},{p['y']:.1f}" for i, p in enumerate(pts))})
+    return {"size": size, "pad": pad, "curves": curves, "bins": cal.get("bins", 15), "split": cal.get("split", "valid")}
 
 
 MAX_DUPLICATE_GROUPS = 30  # groups shown in the report (leakage first); duplicates.csv has all

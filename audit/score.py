@@ -427,14 +427,15 @@ def calibration_summary(model, dataset: Dataset, result: "ScoreResult", out_of_s
     mc = result.probs[valid]
     det = predict_probs(model, dataset.valid.x[scores.loc[valid, "index"].to_numpy()], device=device)
     out = {"split": "valid", "bins": cal.BINS,
-           "deterministic": {"ece": cal.ece(det, y), "nll": cal.nll(det, y)},
-           "mc_mean": {"ece": cal.ece(mc, y), "nll": cal.nll(mc, y)}}
+           "deterministic": {"ece": cal.ece(det, y), "nll": cal.nll(det, y), "bins": cal.reliability(det, y)},
+           "mc_mean": {"ece": cal.ece(mc, y), "nll": cal.nll(mc, y), "bins": cal.reliability(mc, y)}}
     train = (scores["split"] == "train").to_numpy()
     if out_of_sample_train and train.any():
         t = cal.fit_temperature(result.probs[train], scores.loc[train, "label"].to_numpy())
         calibrated = cal.with_temperature(mc, t)
         out["calibrated"] = {"temperature": t, "fitted_on": "train, out of sample (fold models)",
-                             "ece": cal.ece(calibrated, y), "nll": cal.nll(calibrated, y)}
+                             "ece": cal.ece(calibrated, y), "nll": cal.nll(calibrated, y),
+                             "bins": cal.reliability(calibrated, y)}
     return out
 
 

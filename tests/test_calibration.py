@@ -18,9 +18,8 @@ from conftest import write_shapes_npz
 def test_ece_and_nll_by_hand():
     p = np.array([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.55, 0.45]])
     y = np.array([0, 1, 0, 0])
-    # bins: 0.9 and 0.95 share bin 14 (0.933..1): accuracy 1, confidence 0.925; 0.6 (bin 9): wrong;
-    # 0.55 (bin 8): right
-    want = (2 * abs(1 - 0.925) + abs(0 - 0.6) + abs(1 - 0.55)) / 4
+    # each confidence in a bin of its own (15 bins): 0.9 and 0.95 right, 0.6 wrong, 0.55 right
+    want = (abs(1 - 0.9) + abs(1 - 0.95) + abs(0 - 0.6) + abs(1 - 0.55)) / 4
     assert cal.ece(p, y) == pytest.approx(want)
     assert cal.nll(p, y) == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.95, 0.55])))
     assert np.isnan(cal.ece(np.empty((0, 2)), np.empty(0, int)))
@@ -67,3 +66,27 @@ def test_score_reports_calibration(tmp_path):
     assert "MC mean at temperature" in r.output
     r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4", "--splits", "train"])
     assert r.exit_code == 0 and "calibration on valid" not in r.output
+
+
+def test_reliability_bins_and_the_report_diagram(tmp_path):
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.95, 0.05], [0.55, 0.45]])
+    y = np.array([0, 1, 0, 0])
+    bins = cal.reliability(p, y)
+    assert [b["n"] for b in bins] == [1, 1, 1, 1]  # 0.55, 0.6, 0.9 and 0.95 fall in bins 8, 9, 13, 14
+    assert sum(b["n"] / 4 * abs(b["accuracy"] - b["confidence"]) for b in bins) == pytest.approx(cal.ece(p, y))
+    runner = CliRunner()
+    data = write_shapes_npz(tmp_path / "d.npz", 30, 10)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--data", str(data), "--run", str(run), "--epochs", "2",
+                               "--batch-size", "32", "--lr", "1e-3"]).exit_code == 0
+    assert runner.invoke(app, ["score", "--run", str(run), "--samples", "4", "--folds", "2"]).exit_code == 0
+    r = runner.invoke(app, ["report", "--run", str(run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert '<svg class="reliability"' in html
+    assert [c in html for c in ('data-curve="deterministic"', 'data-curve="mc_mean"', 'data-curve="calibrated"')] \
+        == [True, True, True]
+    c = json.loads((run / "run.json").read_text())["score"]["calibration"]
+    n_points = sum(len(c[k]["bins"]) for k in ("deterministic", "mc_mean", "calibrated"))
+    svg = html[html.index('<svg class="reliability"'):html.index("</svg>", html.index('<svg class="reliability"'))]
+    assert svg.count("<circle") == n_points
