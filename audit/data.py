@@ -173,8 +173,8 @@ def load_dataset(
             f"--data: {path} does not exist; expected 'mnist', an .npz file, a .csv manifest or a folder "
             "with train/ and valid/"
         )
-    if path.is_dir() and (path / "run.json").is_file() and (path / "labels.csv").is_file():
-        from .loop import labelled_dataset  # an `audit next` run: what it has labelled so far
+    if path.is_dir() and (path / "run.json").is_file():
+        from .loop import labelled_dataset  # an `audit next` run: what it has labelled so far (others: one line)
 
         return labelled_dataset(path, progress=progress)
     if path.is_dir():

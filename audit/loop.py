@@ -164,7 +164,10 @@ def labelled_dataset(run: str | os.PathLike, *, progress: Progress | None = None
     """The data of an `audit next` run as labelled so far: train = its training images
     followed by every pool image the ledger labels (in pool order), valid as it was, no
     pool; so ``audit train --data runs/loop`` trains a model on the final labelled set."""
-    store = runs.RunStore(run).require()
+    store = runs.RunStore(run, option="--data").require()
+    if store.meta().command != "loop":
+        raise AuditError(f"--data: {store.path} is an `audit {store.meta().command}` run folder; as data audit takes "
+                         "an `audit next` run (what it has labelled), an .npz, an image folder or a manifest")
     state = _read_state(store)
     dataset = store.base_dataset(progress=progress)
     names = list(dataset.class_names)

@@ -579,6 +579,7 @@ def test_train_on_what_the_loop_labelled(picked, tmp_path):
     """`audit train --data RUN` on a loop run trains on its training images plus the pool
     images labelled so far; the run it makes checks that data by fingerprint."""
     run, truth, b = picked
+    assert len(load_dataset(run).train) == 12  # nothing labelled yet: the training images
     f = tmp_path / "l.csv"
     pd.DataFrame({"path": b.path[:4], "label": [truth[p] for p in b.path[:4]]}).to_csv(f, index=False)
     assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
@@ -598,6 +599,9 @@ def test_train_on_what_the_loop_labelled(picked, tmp_path):
     assert runner.invoke(app, ["label", "--run", str(run), str(g)]).exit_code == 0
     r = runner.invoke(app, ["score", "--run", str(final), "--samples", "2"])
     assert_one_line_error(r, "is not the data this run was trained on")
+    # a run folder of another kind is not data
+    r = runner.invoke(app, ["train", "--data", str(final), "--run", str(tmp_path / "again")])
+    assert_one_line_error(r, f"--data: {final} is an `audit train` run folder")
 
 
 @pytest.mark.parametrize("strategy", ["bald", "batchbald"])
