@@ -484,16 +484,28 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
     """
     progress = progress or NullProgress()
     root = Path(root)
+    # no labels at all: pool/ and a classes.txt, neither train/ nor valid/ (audit next starts at random)
+    pool_only = not any((root / s).is_dir() for s in SPLITS) and (root / "pool").is_dir()
+    if pool_only and not (root / "classes.txt").is_file():
+        raise AuditError(f"--data: {root} has pool/ but no train/ or valid/; to start from no labels, list the "
+                         f"classes in {root / 'classes.txt'} (one a line)")
     for s in SPLITS:
-        if not (root / s).is_dir():
+        if not pool_only and not (root / s).is_dir():
             raise AuditError(f"--data: {root} has no {s}/ folder; expected {root}/{s}/<class>/*.png")
-    class_names = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    if pool_only:
+        class_names = tuple(ln.strip() for ln in (root / "classes.txt").read_text(errors="replace").splitlines()
+                            if ln.strip())
+        if len(set(class_names)) != len(class_names):
+            raise AuditError(f"{root / 'classes.txt'}: a class is listed twice")
+    else:
+        class_names = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
     if len(class_names) < 2:
         raise AuditError(
-            f"{root}/train: found {len(class_names)} class folder(s); need at least 2"
+            f"{root / ('classes.txt' if pool_only else 'train')}: found {len(class_names)} class"
+            f"{' name' if pool_only else ' folder'}(s); need at least 2"
         )
-    files: dict[str, list[tuple[Path, int]]] = {}
-    for s in SPLITS:
+    files: dict[str, list[tuple[Path, int]]] = {s: [] for s in SPLITS}
+    for s in SPLITS if not pool_only else ():
         files[s] = []
         for d in sorted(p for p in (root / s).iterdir() if p.is_dir()):
             if d.name not in class_names:
@@ -527,14 +539,17 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
             grey &= grey_im
             loaded[s].append(arr)
             progress.advance(1)
-    pool_loaded, colour = [], []
+    pool_loaded, colour, pool_grey = [], [], True
     for p in pool_files:
         arr, grey_im = _read_image(p)
-        if grey and not grey_im:
+        pool_grey &= grey_im
+        if grey and not grey_im and not pool_only:
             colour.append(str(p))
         pool_loaded.append(arr)
         progress.advance(1)
     progress.close()
+    if pool_only:
+        grey = pool_grey
     if colour:
         raise AuditError(
             f"{pool_dir}: the training images are greyscale, so the model takes one channel, but "
@@ -550,6 +565,8 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
     mode = "L" if grey else "RGB"
 
     def stack(ims: list) -> np.ndarray:
+        if not ims:  # a pool-only folder's train and valid
+            return np.empty((0, 1 if mode == "L" else 3, size[1], size[0]), np.uint8)
         a = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in ims])
         return a[:, None] if mode == "L" else a.transpose(0, 3, 1, 2).copy()  # (N,H,W,3) -> (N,3,H,W)
 

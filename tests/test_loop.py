@@ -719,3 +719,18 @@ def test_a_run_keeps_its_seed_and_training(picked, tmp_path):
     r = runner.invoke(app, ["next", "--run", str(run), "--partial", "--k", "3", "--seed", "0", "--epochs", "3",
                             "--samples", "8"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_pool_folder_with_classes_txt_starts_from_no_labels(tmp_path):
+    root, truth = write_folder(tmp_path / "data", n_pool=20)
+    import shutil
+
+    shutil.rmtree(root / "train")
+    shutil.rmtree(root / "valid")
+    r = runner.invoke(app, ["next", "--run", str(tmp_path / "loop"), "--data", str(root), "--k", "5", *FAST])
+    assert_one_line_error(r, "has pool/ but no train/ or valid/", "classes.txt")
+    (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    ds = load_dataset(root)
+    assert len(ds.train) == len(ds.valid) == 0 and len(ds.pool) == 60 and ds.image_shape == (1, 16, 16)
+    r = runner.invoke(app, ["next", "--run", str(tmp_path / "loop"), "--data", str(root), "--k", "5", *FAST])
+    assert r.exit_code == 0 and "no labelled images yet" in r.output, r.output
