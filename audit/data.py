@@ -493,10 +493,7 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
         if not pool_only and not (root / s).is_dir():
             raise AuditError(f"--data: {root} has no {s}/ folder; expected {root}/{s}/<class>/*.png")
     if pool_only:
-        class_names = tuple(ln.strip() for ln in (root / "classes.txt").read_text(errors="replace").splitlines()
-                            if ln.strip())
-        if len(set(class_names)) != len(class_names):
-            raise AuditError(f"{root / 'classes.txt'}: a class is listed twice")
+        class_names = read_classes_txt(root / "classes.txt")
     else:
         class_names = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
     if len(class_names) < 2:
@@ -588,6 +585,14 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
 MANIFEST_SPLITS = ("train", "valid", "pool")
 
 
+def read_classes_txt(path: Path) -> tuple[str, ...]:
+    """The class names of a ``classes.txt``: one a line, in that order, blank lines skipped."""
+    names = tuple(ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip())
+    if len(set(names)) != len(names):
+        raise AuditError(f"{path}: a class is listed twice")
+    return names
+
+
 def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None,
                   image_size: tuple[int, int] | None = None) -> Dataset:
     """A CSV manifest ``path,label,split``: one image a row, its path relative to the CSV
@@ -639,9 +644,7 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None,
         raise AuditError(f"{path}: only pool rows; to start from no labels, list the classes in {classes_txt} "
                          "(one a line)")
     if classes_txt.is_file():
-        class_names = tuple(ln.strip() for ln in classes_txt.read_text(errors="replace").splitlines() if ln.strip())
-        if len(set(class_names)) != len(class_names):
-            raise AuditError(f"{classes_txt}: a class is listed twice")
+        class_names = read_classes_txt(classes_txt)
         unknown = (~df["label"].isin(class_names) & (df["label"] != "")).to_numpy()
         if unknown.any():
             raise AuditError(f"{path}: {listed(unknown, f'rows have a label not in {classes_txt}')}")

@@ -424,10 +424,10 @@ def _batch_csv(batch: pd.DataFrame) -> bytes:
 
 def labelling_page(dataset: Dataset, batch: pd.DataFrame, run_id: str, rnd: int, run_name: str) -> str:
     """The self-contained page for labelling ``batch``: images inlined, keyboard first."""
-    from .report import environment, png_data_uri, script_json
+    from .report import class_keys, environment, png_data_uri, script_json
 
     names = list(dataset.class_names)
-    keys = _class_keys(names)
+    keys = class_keys(names, {"s", "k"})  # s skips; k as in the report's review
     cells = [{"index": int(r.index), "path": r.path, "src": png_data_uri(dataset.pool.x[int(r.index)]),
               "guess": r.guess, "p": None if r.guess == "" else float(r.p_guess), "score": float(r.score),
               "rank": int(r.rank)}
@@ -438,15 +438,6 @@ def labelling_page(dataset: Dataset, batch: pd.DataFrame, run_id: str, rnd: int,
     blob = script_json({"classes": names, "keys": keys, "run_id": run_id, "round": rnd,
                         "columns": list(PAGE_COLUMNS), "storage_key": ctx["storage_key"]})
     return environment().get_template("label.html.j2").render(**ctx, data_json=blob)
-
-
-def _class_keys(names: list[str]) -> dict[str, str]:
-    """The key that sets each class: its own name where every class is one distinct
-    letter or digit (not s, not ?), else 1-9 then 0 for the first ten."""
-    if all(len(n) == 1 and n.isalnum() for n in names) and len({n.lower() for n in names}) == len(names) \
-            and not {"s", "k"} & {n.lower() for n in names}:
-        return {n.lower(): n for n in names}
-    return {str((i + 1) % 10): n for i, n in enumerate(names[:10])}
 
 
 # -------------------------------------------------------------------- Label Studio
@@ -507,7 +498,8 @@ def import_labels(run: str | os.PathLike, file: str | os.PathLike, *, relabel: b
             raise AuditError(f"--run: {store.path} has no batch yet; run `audit next --run {store.path}` first")
         rows = _parse_labels(path, raw, state)
         picked = state.picked()
-        by_path = {p: int(i) for b in state.batches for i, p in zip(b["index"], b["path"]) if p}
+        paths = {int(i): p for b in state.batches for i, p in zip(b["index"], b["path"])}  # pool index -> path
+        by_path = {p: i for i, p in paths.items() if p}
         names = set(state.meta.class_names)
         seen: dict[int, tuple[str, str]] = {}
         for line, r in rows:
@@ -533,7 +525,6 @@ def import_labels(run: str | os.PathLike, file: str | os.PathLike, *, relabel: b
         added, unchanged = [], 0
         digest = hashlib.sha256(raw).hexdigest()
         stamp = runs.now()
-        paths = {int(i): p for b in state.batches for i, p in zip(b["index"], b["path"])}
         for i, new in seen.items():
             old = current.get(i)
             if old == new:

@@ -317,15 +317,19 @@ def top_stability(values: np.ndarray, se: np.ndarray, top: int, *, seed: int = 0
     return float(chosen[again].mean())
 
 
-def review_keys(names: list[str]) -> dict[str, str]:
-    """Keys that relabel to a class in the review: the class names themselves where each
-    is one letter or digit other than the review's own keys (k, d, s, u), else 1-9 and
-    0 for the first ten classes."""
-    reserved = {"k", "d", "s", "u"}
+def class_keys(names: list[str], reserved: set[str]) -> dict[str, str]:
+    """The key that picks each class on a page: the class names themselves where each is
+    one distinct letter or digit and none is one of the page's own keys (``reserved``),
+    else 1-9 and 0 for the first ten classes."""
     if all(len(n) == 1 and n.isalnum() for n in names) and len({n.lower() for n in names}) == len(names) \
             and not reserved & {n.lower() for n in names}:
         return {n.lower(): n for n in names}
     return {str((i + 1) % 10): n for i, n in enumerate(names[:10])}
+
+
+def review_keys(names: list[str]) -> dict[str, str]:
+    """Keys that relabel to a class in the review, beside its own k, d, s and u."""
+    return class_keys(names, {"k", "d", "s", "u"})
 
 
 def render_pages(ctx: dict) -> dict[str, str]:
