@@ -491,6 +491,9 @@ def import_labels(run: str | os.PathLike, file: str | os.PathLike, *, relabel: b
     path = Path(file)
     if not path.is_file():
         raise AuditError(f"FILE: {path} {'is a folder, not a labels file' if path.is_dir() else 'does not exist'}")
+    if not store.path.exists():
+        raise AuditError(f"--run: {store.path} does not exist; start the loop with `audit next --run {store.path} "
+                         "--data DATA`")
     raw = path.read_bytes()
     with store.writing():
         state = _read_state(store.require())

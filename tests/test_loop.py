@@ -355,6 +355,14 @@ def test_label_refuses_bad_files(picked, tmp_path, case, fragment):
     assert _files(run) == before
 
 
+def test_label_on_a_missing_run_says_how_to_start(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("path,label\na.png,x\n")
+    r = runner.invoke(app, ["label", "--run", str(tmp_path / "nope"), str(f)])
+    assert_one_line_error(r, "does not exist; start the loop with `audit next")
+    assert not (tmp_path / "nope").exists()
+
+
 def test_relabel_and_idempotence(picked, tmp_path):
     run, truth, b = picked
     p0, l0 = b.path[0], truth[b.path[0]]
