@@ -1,4 +1,5 @@
-"""Convolution and 2x2 max pooling on the CPU, channels last (NHWC), for training and inference.
+"""Convolution, ReLU + 2x2 max pooling and dense layers on the CPU, channels last (NHWC),
+for training and inference.
 
 Chainer's CPU convolution builds the full im2col matrix (every image is copied k*k
 times), transposes it for ``tensordot`` and scatters the input gradient back with
@@ -11,11 +12,20 @@ sets the speed. This module does the same products with less traffic:
   sums, over ky, row (i + ky, j) of the matrix times the ky-th slice of the weights;
 * a few images per task, so each task's buffers stay in cache, and the tasks on one
   thread per core with single-threaded BLAS (NumPy releases the GIL in products and
-  copies), as ``mc.py`` does for scoring.
+  copies), as ``mc.py`` does for scoring;
+* ReLU and the 2x2 max pooling after it as one pass (``relu_max_pool2``): the window's
+  first maximum and its index in one compiled loop (numba), the gradient a scatter by
+  that index. ReLU then pooling equals pooling then ReLU, gradients included;
+* dense layers split into fixed row blocks over the same threads (``linear``): all
+  cores, and the same sums whatever their number.
+
+Every backward pass returns chainer graph nodes (``Conv2DNHWCGrad``, ``_PoolScatter``,
+``LinearGrad``), which are differentiable in turn, as chainer's own functions are.
 
 Only what the models here use: valid padding, stride 1, square kernels. The numbers
-match chainer's ``convolution_2d`` / ``max_pooling_2d(cover_all=True)`` up to float
-rounding (tests compare them, and check the gradients numerically).
+match chainer's ``convolution_2d`` / ``relu`` + ``max_pooling_2d(cover_all=True)`` /
+``linear`` up to float rounding (tests compare them, and check first and second
+derivatives numerically).
 """
 
 from __future__ import annotations
@@ -23,10 +33,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from . import _compat  # noqa: F401
 import chainer
+import chainer.functions as F
 from chainer import function_node
 from threadpoolctl import ThreadpoolController
 
@@ -122,40 +134,61 @@ def conv2d_nhwc(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np
 
 
 class Conv2DNHWC(function_node.FunctionNode):
-    """``conv2d_nhwc`` as a chainer function (x, W[, b]) -> y, with its gradients."""
+    """``conv2d_nhwc`` as a chainer function (x, W[, b]) -> y; its backward is a
+    :class:`Conv2DNHWCGrad` node (which reuses the forward's column matrices)."""
 
     def forward_cpu(self, inputs):
         x, w = inputs[:2]
         b = inputs[2] if len(inputs) == 3 else None
+        self.retain_inputs((0, 1))
         n, h, wid, ci = x.shape
         co, _, k, _ = w.shape
-        self._x_shape = x.shape
-        self._wr = _weights(w)
-        self._k = k
+        wr = _weights(w)
         self._bounds = _bounds(n, h * (wid - k + 1) * k * ci * x.itemsize)
         y = np.empty((n, h - k + 1, wid - k + 1, co), x.dtype)
         self._cols = [None] * len(self._bounds)
 
         def task(i):
             s, e = self._bounds[i]
-            y[s:e], self._cols[i] = _forward_chunk(x[s:e], self._wr, b, k, keep=True)
+            y[s:e], self._cols[i] = _forward_chunk(x[s:e], wr, b, k, keep=True)
 
         _map(task, range(len(self._bounds)))
         return (y,)
 
     def backward(self, indexes, grad_outputs):
-        gy = grad_outputs[0].array
-        n, h, wid, ci = self._x_shape
-        k, wr = self._k, self._wr
-        co = wr.shape[2]
-        ho, wo = h - k + 1, wid - k + 1
+        x, w = self.get_retained_inputs()
+        want = tuple(i in indexes for i in range(len(self.inputs)))
+        grad = Conv2DNHWCGrad(want, self._cols, self._bounds)
+        self._cols = None
+        return grad.apply((x, w, grad_outputs[0]))
+
+
+class Conv2DNHWCGrad(function_node.FunctionNode):
+    """(x, W, gy) -> the gradients of ``conv2d(x, W, b)`` that ``want`` names, in the
+    order (gx, gW, gb): gx the transposed convolution of gy by W, gW the correlation of
+    x with gy, gb the sum of gy. Each is linear in gy and in x or W, so this node's own
+    backward is :func:`conv2d` and this node again."""
+
+    def __init__(self, want: tuple[bool, ...], cols: list | None = None, bounds: list | None = None):
+        self.want = tuple(want) + (False,) * (3 - len(want))
+        self._cols, self._bounds = cols, bounds  # the forward's column matrices of x, when this is its backward
+
+    def forward_cpu(self, inputs):
+        x, w, gy = inputs
+        self.retain_inputs((0, 1, 2))
+        want_x, want_w, want_b = self.want
+        n, h, wid, ci = x.shape
+        co, _, k, _ = w.shape
+        wr = _weights(w.astype(gy.dtype, copy=False))
         full = wr.shape[0] == 1
-        need_gx = 0 in indexes
-        gx = np.empty(self._x_shape, gy.dtype) if need_gx else None
-        wr_t = np.ascontiguousarray(wr.transpose(0, 2, 1))  # (.., Co, k*Ci)
+        ho, wo = h - k + 1, wid - k + 1
+        bounds = self._bounds or _bounds(n, h * wo * k * ci * x.itemsize)
+        cols_all = self._cols
+        gx = np.empty(x.shape, gy.dtype) if want_x else None
+        wr_t = np.ascontiguousarray(wr.transpose(0, 2, 1)) if want_x else None  # (.., Co, k*Ci)
 
         def task(i):
-            (s, e), cols = self._bounds[i], self._cols[i]
+            s, e = bounds[i]
             m = e - s
             if full:
                 gf = np.ascontiguousarray(gy[s:e]).reshape(m * ho * wo, co)
@@ -165,11 +198,14 @@ class Conv2DNHWC(function_node.FunctionNode):
                 g[:, ho:] = 0  # rows i >= ho: no output there, no contribution
                 gf = g.reshape(m * h * wo, co)
             rows = gf.shape[0]
-            gw = np.empty(wr.shape, gy.dtype)
-            for ky in range(wr.shape[0]):
-                sh = ky * wo
-                np.matmul(cols[sh:].T, gf[: rows - sh], out=gw[ky])
-            if need_gx:
+            gw = None
+            if want_w:
+                cols = cols_all[i] if cols_all is not None else _columns(np.asarray(x[s:e], gy.dtype), k, full)
+                gw = np.empty(wr.shape, gy.dtype)
+                for ky in range(wr.shape[0]):
+                    sh = ky * wo
+                    np.matmul(cols[sh:].T, gf[: rows - sh], out=gw[ky])
+            if want_x:
                 gcols = gf @ wr_t[0]
                 for ky in range(1, wr.shape[0]):
                     sh = ky * wo
@@ -177,20 +213,49 @@ class Conv2DNHWC(function_node.FunctionNode):
                 _col2im(gcols, gx[s:e], k, full)
             return gw
 
-        parts = _map(task, range(len(self._bounds)))
+        parts = _map(task, range(len(bounds)))
         self._cols = None
-        gw = parts[0]
-        for p in parts[1:]:
-            gw += p
+        out = []
+        if want_x:
+            out.append(gx)
+        if want_w:
+            gw = parts[0]
+            for p in parts[1:]:  # in a fixed order: the same sum on any number of cores
+                gw += p
+            out.append(np.ascontiguousarray(gw.reshape(k, k, ci, co).transpose(3, 2, 0, 1)))
+        if want_b:
+            out.append(gy.sum(axis=(0, 1, 2)))
+        return tuple(out)
+
+    def backward(self, indexes, grad_outputs):
+        x, w, gy = self.get_retained_inputs()
+        given = dict(zip([i for i, f in enumerate(self.want) if f], grad_outputs))
+        ggx, ggw, ggb = given.get(0), given.get(1), given.get(2)
         out = []
         for i in indexes:
-            if i == 0:
-                out.append(chainer.Variable(gx))
-            elif i == 1:
-                out.append(chainer.Variable(np.ascontiguousarray(gw.reshape(k, k, ci, co).transpose(3, 2, 0, 1))))
-            else:
-                out.append(chainer.Variable(gy.sum(axis=(0, 1, 2))))
+            if i == 0:  # gW = corr(x, gy); its adjoint takes ggW to the transposed convolution of gy by ggW
+                out.append(None if ggw is None else Conv2DNHWCGrad((True,)).apply((x, ggw, gy))[0])
+            elif i == 1:  # gx = deconv(gy, W); its adjoint takes ggx to corr(ggx, gy)
+                out.append(None if ggx is None else Conv2DNHWCGrad((False, True)).apply((ggx, w, gy))[0])
+            else:  # all three are linear in gy
+                terms = []
+                if ggx is not None:
+                    terms.append(conv2d(ggx, w))
+                if ggw is not None:
+                    terms.append(conv2d(x, ggw))
+                if ggb is not None:
+                    terms.append(F.broadcast_to(ggb, gy.shape))
+                out.append(_sum(terms))
         return tuple(out)
+
+
+def _sum(terms: list):
+    if not terms:
+        return None
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
 
 
 def _col2im(gcols: np.ndarray, gx: np.ndarray, k: int, full: bool) -> None:
@@ -211,50 +276,237 @@ def conv2d(x, w, b=None):
     return Conv2DNHWC().apply(args)[0]
 
 
-def _pool_views(x: np.ndarray):
-    n, h, wid, c = x.shape
-    if h % 2 or wid % 2:  # cover_all: odd edges form windows of their own
-        padded = np.full((n, h + h % 2, wid + wid % 2, c), -np.inf, x.dtype)
-        padded[:, :h, :wid] = x
-        x = padded
-    return [x[:, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)]
+# --- ReLU + 2x2 max pooling ---------------------------------------------------------
+# ``which`` holds, per output, the window position of the first maximum (0..3 in the
+# order (0,0), (0,1), (1,0), (1,1), as chainer's max_pooling_2d), or 4 where the maximum
+# is not positive: ReLU's gradient is 0 there. Odd edges are windows of their own
+# (chainer's cover_all=True).
+
+_jit = numba.njit(nogil=True, cache=True)
 
 
-def max_pool2_nhwc(x: np.ndarray) -> np.ndarray:
-    """2 x 2 max pooling, stride 2, odd edges covered (chainer's ``cover_all=True``)."""
-    a, b, c, d = _pool_views(x)
-    out = np.maximum(a, b)
-    np.maximum(out, c, out=out)
-    return np.maximum(out, d, out=out)
+@_jit
+def _pool_forward(x, out, which):  # pragma: no cover - compiled
+    n, h, w, c = x.shape
+    for i in range(n):
+        for oy in range(out.shape[1]):
+            y0 = 2 * oy
+            y1 = min(y0 + 1, h - 1)  # an odd edge repeats the row: never a first maximum
+            for ox in range(out.shape[2]):
+                x0 = 2 * ox
+                x1 = min(x0 + 1, w - 1)
+                for ch in range(c):
+                    best = x[i, y0, x0, ch]
+                    at = 0
+                    v = x[i, y0, x1, ch]
+                    if v > best:
+                        best = v
+                        at = 1
+                    low = x[i, y1, x0, ch]
+                    low_at = 2
+                    v = x[i, y1, x1, ch]
+                    if v > low:
+                        low = v
+                        low_at = 3
+                    if low > best:
+                        best = low
+                        at = low_at
+                    if best > 0:
+                        out[i, oy, ox, ch] = best
+                        which[i, oy, ox, ch] = at
+                    else:
+                        out[i, oy, ox, ch] = 0
+                        which[i, oy, ox, ch] = 4
 
 
-class MaxPool2NHWC(function_node.FunctionNode):
-    """``max_pool2_nhwc`` as a chainer function; the gradient goes to the first maximum
-    of each window (in the order (0,0), (0,1), (1,0), (1,1)), as chainer's does."""
+@_jit
+def _pool_scatter(gy, which, gx):  # pragma: no cover - compiled
+    n, h, w, c = gx.shape
+    for i in range(n):
+        for oy in range(gy.shape[1]):
+            for ox in range(gy.shape[2]):
+                for pos in range(4):
+                    y = 2 * oy + (pos >> 1)
+                    x = 2 * ox + (pos & 1)
+                    if y < h and x < w:
+                        for ch in range(c):
+                            gx[i, y, x, ch] = gy[i, oy, ox, ch] if which[i, oy, ox, ch] == pos else 0
+
+
+@_jit
+def _pool_gather(gx, which, gy):  # pragma: no cover - compiled
+    for i in range(gy.shape[0]):
+        for oy in range(gy.shape[1]):
+            for ox in range(gy.shape[2]):
+                for ch in range(gy.shape[3]):
+                    at = which[i, oy, ox, ch]
+                    gy[i, oy, ox, ch] = gx[i, 2 * oy + (at >> 1), 2 * ox + (at & 1), ch] if at < 4 else 0
+
+
+def _pooled_shape(shape) -> tuple[int, int, int, int]:
+    n, h, w, c = shape
+    return n, (h + 1) // 2, (w + 1) // 2, c
+
+
+def _by_images(kernel, n: int, per_image_bytes: int, *arrays) -> None:
+    """``kernel(*arrays)`` on cache-sized runs of images (axis 0), over the threads."""
+    def task(se):
+        s, e = se
+        kernel(*(a[s:e] for a in arrays))
+
+    _map(task, _bounds(n, per_image_bytes))
+
+
+def relu_max_pool2_nhwc(x: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+    """max(0, 2x2 max pooling of ``x``), stride 2, odd edges covered; writes the first
+    maximum's window position into ``which`` when given."""
+    x = np.ascontiguousarray(x)
+    out = np.empty(_pooled_shape(x.shape), x.dtype)
+    which = np.empty(out.shape, np.uint8) if which is None else which
+    _by_images(_pool_forward, len(x), x[:1].nbytes, x, out, which)
+    return out
+
+
+class ReluMaxPool2(function_node.FunctionNode):
+    """``relu_max_pool2_nhwc`` as a chainer function. The gradient goes to each window's
+    first maximum where it is positive (chainer's ``max_pooling_2d(relu(x))`` exactly)."""
 
     def forward_cpu(self, inputs):
         (x,) = inputs
-        self._x_shape = x.shape
-        views = _pool_views(x)
-        out = views[0].copy()
-        which = np.zeros(out.shape, np.uint8)
-        for i, v in enumerate(views[1:], start=1):
-            bigger = v > out
-            np.copyto(out, v, where=bigger)
-            which[bigger] = i
-        self._which = which
-        return (out,)
+        self._shape = x.shape
+        self._which = np.empty(_pooled_shape(x.shape), np.uint8)
+        return (relu_max_pool2_nhwc(x, self._which),)
 
     def backward(self, indexes, grad_outputs):
-        gy = grad_outputs[0].array
-        n, h, wid, c = self._x_shape
-        gx = np.zeros((n, h + h % 2, wid + wid % 2, c), gy.dtype)
-        for i, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            gx[:, dy::2, dx::2] = np.where(self._which == i, gy, 0)
-        self._which = None
-        return (chainer.Variable(np.ascontiguousarray(gx[:, :h, :wid])),)
+        return _PoolScatter(self._which, self._shape).apply(grad_outputs)
 
 
-def max_pool2(x):
-    """Chainer-differentiable NHWC 2 x 2 max pooling (CPU arrays)."""
-    return MaxPool2NHWC().apply((x,))[0]
+class _PoolScatter(function_node.FunctionNode):
+    """Pooled gradient -> input gradient: each to its window's first maximum; a linear
+    map whose adjoint is :class:`_PoolGather`."""
+
+    def __init__(self, which: np.ndarray, shape: tuple[int, ...]):
+        self._which, self._shape = which, shape
+
+    def forward_cpu(self, inputs):
+        gy = np.ascontiguousarray(inputs[0])
+        gx = np.empty(self._shape, gy.dtype)
+        _by_images(_pool_scatter, len(gx), gx[:1].nbytes, gy, self._which, gx)
+        return (gx,)
+
+    def backward(self, indexes, grad_outputs):
+        return _PoolGather(self._which).apply(grad_outputs)
+
+
+class _PoolGather(function_node.FunctionNode):
+    """Input-shaped array -> its values at each window's first maximum (0 where none)."""
+
+    def __init__(self, which: np.ndarray):
+        self._which = which
+
+    def forward_cpu(self, inputs):
+        gx = np.ascontiguousarray(inputs[0])
+        self._shape = gx.shape
+        gy = np.empty(self._which.shape, gx.dtype)
+        _by_images(_pool_gather, len(gx), gx[:1].nbytes, gx, self._which, gy)
+        return (gy,)
+
+    def backward(self, indexes, grad_outputs):
+        return _PoolScatter(self._which, self._shape).apply(grad_outputs)
+
+
+def relu_max_pool2(x):
+    """Chainer-differentiable NHWC ReLU then 2 x 2 max pooling (CPU arrays)."""
+    return ReluMaxPool2().apply((x,))[0]
+
+
+# --- dense layers ---------------------------------------------------------------------
+
+# Rows per block of a dense product. Fixed, so each block's sums are those of one
+# single-threaded product whatever the number of cores.
+ROWS = 256
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(s, min(s + ROWS, n)) for s in range(0, n, ROWS)] or [(0, 0)]
+
+
+def _matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = a @ b`` by fixed blocks of a's rows, over the threads."""
+    def task(se):
+        s, e = se
+        np.matmul(a[s:e], b, out=out[s:e])
+
+    _map(task, _blocks(len(a)))
+    return out
+
+
+class Linear(function_node.FunctionNode):
+    """``y = x @ W.T + b`` (chainer's ``linear``) on all cores; backward :class:`LinearGrad`."""
+
+    def forward_cpu(self, inputs):
+        x, w = inputs[:2]
+        self.retain_inputs((0, 1))
+        y = _matmul_rows(x, w.T, np.empty((len(x), len(w)), x.dtype))
+        if len(inputs) == 3:
+            y += inputs[2]
+        return (y,)
+
+    def backward(self, indexes, grad_outputs):
+        x, w = self.get_retained_inputs()
+        want = tuple(i in indexes for i in range(len(self.inputs)))
+        return LinearGrad(want).apply((x, w, grad_outputs[0]))
+
+
+class LinearGrad(function_node.FunctionNode):
+    """(x, W, gy) -> the gradients of ``linear(x, W, b)`` that ``want`` names, in the
+    order (gx = gy W, gW = gy.T x, gb = the column sums of gy); differentiable in turn."""
+
+    def __init__(self, want: tuple[bool, ...]):
+        self.want = tuple(want) + (False,) * (3 - len(want))
+
+    def forward_cpu(self, inputs):
+        x, w, gy = inputs
+        self.retain_inputs((0, 1, 2))
+        out = []
+        if self.want[0]:
+            out.append(_matmul_rows(gy, w, np.empty(x.shape, gy.dtype)))
+        if self.want[1]:
+            gw = np.empty(w.shape, gy.dtype)
+
+            def task(se):  # blocks of W's rows, each a sum over the whole batch
+                s, e = se
+                np.matmul(gy[:, s:e].T, x, out=gw[s:e])
+
+            _map(task, _blocks(len(w)))
+            out.append(gw)
+        if self.want[2]:
+            out.append(gy.sum(axis=0))
+        return tuple(out)
+
+    def backward(self, indexes, grad_outputs):
+        x, w, gy = self.get_retained_inputs()
+        given = dict(zip([i for i, f in enumerate(self.want) if f], grad_outputs))
+        ggx, ggw, ggb = given.get(0), given.get(1), given.get(2)
+        out = []
+        for i in indexes:
+            if i == 0:  # gW = gy.T x: adjoint gy ggW
+                out.append(None if ggw is None else LinearGrad((True,)).apply((x, ggw, gy))[0])
+            elif i == 1:  # gx = gy W: adjoint gy.T ggx
+                out.append(None if ggx is None else LinearGrad((False, True)).apply((ggx, w, gy))[0])
+            else:
+                terms = []
+                if ggx is not None:
+                    terms.append(linear(ggx, w))
+                if ggw is not None:
+                    terms.append(linear(x, ggw))
+                if ggb is not None:
+                    terms.append(F.broadcast_to(ggb, gy.shape))
+                out.append(_sum(terms))
+        return tuple(out)
+
+
+def linear(x, w, b=None):
+    """Chainer-differentiable ``x @ W.T + b`` (CPU arrays, x of shape (B, D))."""
+    args = (x, w) if b is None else (x, w, b)
+    return Linear().apply(args)[0]

@@ -91,7 +91,7 @@ class MCDropoutNet(chainer.Chain):
         through chainer's own functions (cuDNN). Both give the same numbers.
         """
         if chainer.backend.get_array_module(x) is np:
-            h = self._trunk_nhwc(F.transpose(x, (0, 2, 3, 1)), fastconv.conv2d, fastconv.max_pool2)
+            h = self._trunk_nhwc(F.transpose(x, (0, 2, 3, 1)), fastconv.conv2d, fastconv.relu_max_pool2)
             return self._after_convs(F.transpose(h, (0, 3, 1, 2)))
         return self.trunk_chainer(x)
 
@@ -99,8 +99,9 @@ class MCDropoutNet(chainer.Chain):
         """The trunk with chainer's functions only (the GPU path; the reference in tests)."""
         raise NotImplementedError
 
-    def _trunk_nhwc(self, h, conv, pool):  # pragma: no cover - abstract
-        """The convolutions and pooling on NHWC input, with ``conv(h, W, b)`` and ``pool(h)``."""
+    def _trunk_nhwc(self, h, conv, relu_pool):  # pragma: no cover - abstract
+        """The convolutions and pooling on NHWC input, with ``conv(h, W, b)`` and
+        ``relu_pool(h)`` (ReLU then 2x2 max pooling)."""
         raise NotImplementedError
 
     def _after_convs(self, h):  # pragma: no cover - abstract
@@ -122,9 +123,9 @@ class MCDropoutNet(chainer.Chain):
         """
         hl = self.head_layers()
         h = _dropout(h, hl.first_ratio, rng)
-        h = F.relu(hl.first(h))
+        h = F.relu(_linear(hl.first, h))
         h = _dropout(h, hl.second_ratio, rng)
-        return hl.second(h)
+        return _linear(hl.second, h)
 
     def forward(self, x, rng=None):
         return self.head(self.trunk(x), rng)
@@ -138,7 +139,7 @@ class MCDropoutNet(chainer.Chain):
         if chainer.backend.get_array_module(x) is not np:
             with chainer.using_config("train", False), chainer.no_backprop_mode():
                 return self.trunk(x).array
-        h = self._trunk_nhwc(x.transpose(0, 2, 3, 1), _conv_array, fastconv.max_pool2_nhwc)
+        h = self._trunk_nhwc(x.transpose(0, 2, 3, 1), _conv_array, fastconv.relu_max_pool2_nhwc)
         h = np.ascontiguousarray(h.transpose(0, 3, 1, 2))
         with chainer.using_config("train", False), chainer.no_backprop_mode():
             return self._after_convs(h).array
@@ -146,6 +147,15 @@ class MCDropoutNet(chainer.Chain):
 
 def _conv_array(h, w, b):
     return fastconv.conv2d_nhwc(h, w.array, b.array)
+
+
+def _linear(link: L.Linear, h):
+    """``link(h)``; on NumPy arrays through ``fastconv.linear`` (all cores, fixed sums)."""
+    if chainer.backend.get_array_module(h) is np:
+        if h.ndim > 2:
+            h = F.reshape(h, (h.shape[0], -1))
+        return fastconv.linear(h, link.W, link.b)
+    return link(h)
 
 
 def _dropout(h, ratio: float, rng):
@@ -210,13 +220,13 @@ class OriginCNN(MCDropoutNet):
     def trunk_chainer(self, x):
         return self._after_convs(self._convs(x))
 
-    def _trunk_nhwc(self, h, conv, pool):
+    def _trunk_nhwc(self, h, conv, relu_pool):
         for c in (self.conv1, self.conv2):
-            h = pool(_relu(conv(h, c.W, c.b)))
+            h = relu_pool(conv(h, c.W, c.b))
         return h
 
     def _after_convs(self, h):
-        return F.relu(self.fc3(h))
+        return F.relu(_linear(self.fc3, h))
 
     def head_layers(self) -> HeadLayers:
         return HeadLayers(self.fc4, self.dropout, self.fc5, self.dropout)
@@ -266,9 +276,9 @@ class GalCNN(MCDropoutNet):
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
         return self._after_convs(F.max_pooling_2d(h, 2))
 
-    def _trunk_nhwc(self, h, conv, pool):
+    def _trunk_nhwc(self, h, conv, relu_pool):
         h = _relu(conv(h, self.conv1.W, self.conv1.b))
-        return pool(_relu(conv(h, self.conv2.W, self.conv2.b)))
+        return relu_pool(conv(h, self.conv2.W, self.conv2.b))
 
     def _after_convs(self, h):
         return F.reshape(h, (h.shape[0], -1))

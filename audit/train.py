@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -22,6 +23,45 @@ from .config import SCHEDULES, TrainConfig, check_int, stored_train_config  # no
 from .errors import AuditError
 from .model import MCDropoutNet, build_model
 from .progress import NullProgress, Progress
+
+
+@numba.njit(nogil=True, cache=True)
+def _adam_step(param, grad, m, v, rate1, rate2, alpha_t, eps, keep, neg_eta):  # pragma: no cover - compiled
+    """Chainer's Adam update of one flat float32 parameter in one pass: the same float32
+    operations in the same order as ``AdamRule.update_core_cpu`` (no fused multiply-add),
+    so the same bits, without its seven temporaries."""
+    for i in range(param.size):
+        g = grad[i]
+        mi = m[i] + rate1 * (g - m[i])
+        vi = v[i] + rate2 * (g * g - v[i])
+        m[i] = mi
+        v[i] = vi
+        update = alpha_t / (np.sqrt(vi) + eps) * mi
+        if keep == 1:
+            param[i] = param[i] + neg_eta * update
+        else:
+            param[i] = keep * param[i] + neg_eta * update
+
+
+class _FusedAdamRule(chainer.optimizers.adam.AdamRule):
+    def update_core_cpu(self, param):
+        hp = self.hyperparam
+        arrays = (param.array, param.grad, self.state["m"], self.state["v"])
+        if (param.grad is None or hp.amsgrad or hp.adabound
+                or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays)):
+            return super().update_core_cpu(param)
+        self._check_eps(np.float32)
+        f = np.float32
+        _adam_step(*(a.reshape(-1) for a in arrays), f(1.0 - hp.beta1), f(1.0 - hp.beta2), f(self.alpha_t),
+                   f(hp.eps), f(1.0 - hp.eta * hp.weight_decay_rate), f(-hp.eta))
+
+
+class FusedAdam(chainer.optimizers.Adam):
+    """chainer's Adam, its update of a float32 parameter on the CPU one compiled pass
+    (same numbers: a test compares the bits); anything else goes to chainer's own code."""
+
+    def create_update_rule(self):
+        return _FusedAdamRule(self.hyperparam)
 
 
 @dataclass(frozen=True)
@@ -120,7 +160,7 @@ def train(
     model = build_model(dataset.n_classes, dataset.image_shape, dropout=config.dropout, seed=config.seed,
                         arch=config.model)
     model.to_device(dev)
-    optimizer = chainer.optimizers.Adam(alpha=config.lr)
+    optimizer = FusedAdam(alpha=config.lr)
     optimizer.setup(model)
     if config.weight_decay:
         # as the paper's code: an L2 penalty on the dense layer after the first dropout

@@ -72,25 +72,108 @@ def test_conv_is_deterministic_across_task_sizes(monkeypatch):
 
 
 @pytest.mark.parametrize("h,w", [(22, 22), (11, 13), (1, 1)])
-def test_pool_matches_chainer(h, w):
+def test_relu_pool_matches_chainer(h, w):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, h, w, 5)).astype(np.float32)
     x[0, :2, :2, 0] = 1.5  # a tie: the gradient goes to the first maximum, as chainer's
+    x[1, :2, :2, 1] = 0.0  # a window of zeros: no gradient (ReLU's is 0 at 0)
+    x[2, :2, :2, 2] = -1.0  # all negative
     xc = chainer.Variable(_nchw(x))
-    yc = F.max_pooling_2d(xc, 2)
+    yc = F.max_pooling_2d(F.relu(xc), 2)
     gy = rng.standard_normal(yc.shape).astype(np.float32)
     yc.grad = gy
     yc.backward()
     xv = chainer.Variable(x)
-    y = fastconv.max_pool2(xv)
+    y = fastconv.relu_max_pool2(xv)
     y.grad = np.ascontiguousarray(gy.transpose(0, 2, 3, 1))
     y.backward()
     np.testing.assert_array_equal(_nchw(y.array), yc.array)
-    np.testing.assert_array_equal(fastconv.max_pool2_nhwc(x), y.array)
+    np.testing.assert_array_equal(fastconv.relu_max_pool2_nhwc(x), y.array)
     np.testing.assert_array_equal(_nchw(xv.grad), xc.grad)
 
 
-def test_pool_gradient_numerically():
-    x = np.random.default_rng(4).permutation(2 * 5 * 7 * 3).reshape(2, 5, 7, 3).astype(np.float64)  # no ties
+def test_relu_pool_ties_in_every_position():
+    """Each of the 16 tie patterns of a 2x2 window sends the gradient where chainer does."""
+    patterns = np.array([[(m >> b) & 1 for b in range(4)] for m in range(16)], np.float32)
+    x = np.where(patterns == 1, 2.0, 1.0).reshape(16, 2, 2, 1).astype(np.float32)
+    xc = chainer.Variable(_nchw(x))
+    F.sum(F.max_pooling_2d(F.relu(xc), 2)).backward()
+    xv = chainer.Variable(x)
+    F.sum(fastconv.relu_max_pool2(xv)).backward()
+    np.testing.assert_array_equal(_nchw(xv.grad), xc.grad)
+
+
+def _distinct(shape, seed):
+    """Values far apart (no ties, none near 0), so finite differences stay in one piece."""
+    n = int(np.prod(shape))
+    v = np.random.default_rng(seed).permutation(n).astype(np.float64) - n / 3 + 0.5
+    return v.reshape(shape)
+
+
+def test_relu_pool_gradients_numerically():
+    x = _distinct((2, 5, 7, 3), 4)
     gy = np.random.default_rng(5).standard_normal((2, 3, 4, 3))
-    gradient_check.check_backward(fastconv.max_pool2, (x,), gy, dtype=np.float64, eps=1e-3, atol=1e-6, rtol=1e-6)
+    ggx = np.random.default_rng(6).standard_normal(x.shape)
+    gradient_check.check_backward(fastconv.relu_max_pool2, (x,), gy, dtype=np.float64, eps=1e-3, atol=1e-6,
+                                  rtol=1e-6)
+    gradient_check.check_double_backward(fastconv.relu_max_pool2, (x,), gy, ggx, dtype=np.float64, eps=1e-3,
+                                         atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ci,k", [(1, 3), (12, 3)])
+def test_conv_second_derivatives_numerically(ci, k):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 6, 7, ci))
+    w = rng.standard_normal((3, ci, k, k))
+    b = rng.standard_normal(3)
+    gy = rng.standard_normal((2, 6 - k + 1, 7 - k + 1, 3))
+    gg = (rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape))
+    gradient_check.check_double_backward(fastconv.conv2d, (x, w, b), gy, gg, dtype=np.float64, atol=1e-5,
+                                         rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [3, 600])  # one block / three blocks of rows (fastconv.ROWS = 256)
+def test_linear_matches_chainer(n):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((n, 40)).astype(np.float32)
+    w = rng.standard_normal((300, 40)).astype(np.float32)
+    b = rng.standard_normal(300).astype(np.float32)
+    gy = rng.standard_normal((n, 300)).astype(np.float32)
+    vs = [chainer.Variable(a.copy()) for a in (x, w, b)]
+    y = fastconv.linear(*vs)
+    y.grad = gy
+    y.backward()
+    vc = [chainer.Variable(a.copy()) for a in (x, w, b)]
+    yc = F.linear(*vc)
+    yc.grad = gy
+    yc.backward()
+    np.testing.assert_allclose(y.array, yc.array, rtol=1e-5, atol=1e-4)
+    for a, c in zip(vs, vc):
+        np.testing.assert_allclose(a.grad, c.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_linear_derivatives_numerically():
+    rng = np.random.default_rng(9)
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal(3)
+    gy = rng.standard_normal((5, 3))
+    gg = (rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape))
+    gradient_check.check_backward(fastconv.linear, (x, w, b), gy, dtype=np.float64, atol=1e-6, rtol=1e-6)
+    gradient_check.check_double_backward(fastconv.linear, (x, w, b), gy, gg, dtype=np.float64, atol=1e-5,
+                                         rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn,args", [
+    (fastconv.conv2d, ((1, 5, 5, 2), (3, 2, 3, 3))),
+    (fastconv.relu_max_pool2, ((1, 4, 4, 2),)),
+    (fastconv.linear, ((2, 3), (4, 3))),
+])
+def test_backward_returns_graph_nodes(fn, args):
+    """The gradients are outputs of function nodes (the graph is not cut), as chainer's own."""
+    rng = np.random.default_rng(10)
+    vs = [chainer.Variable(rng.standard_normal(s)) for s in args]
+    y = fn(*vs)
+    gx = chainer.grad([F.sum(y * y)], vs, enable_double_backprop=True)
+    for g in gx:
+        assert g.creator is not None, "a gradient with no creator cuts the graph"
+    F.sum(gx[0] * gx[0]).backward()  # and a second derivative flows back through them
+    assert vs[0].grad is not None

@@ -163,3 +163,68 @@ def test_run_files_get_the_usual_permissions(shapes_npz, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(run.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((run / "model.npz").stat().st_mode) == 0o666 & ~umask
+
+
+def _reference_train(ds, cfg):
+    """``train`` as it was before the CPU kernels: chainer's own convolution, ReLU, pooling
+    and linear functions, chainer's own Adam; the same batches and dropout masks."""
+    import chainer
+    import chainer.functions as F
+
+    from audit.device import get_device, make_rng
+    from audit.model import build_model
+
+    model = build_model(ds.n_classes, ds.image_shape, dropout=cfg.dropout, seed=cfg.seed, arch=cfg.model)
+    opt = chainer.optimizers.Adam(alpha=cfg.lr)
+    opt.setup(model)
+    if cfg.weight_decay:
+        model.head_layers().first.W.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(cfg.weight_decay))
+    hl = model.head_layers()
+    order_rng, mask_rng = np.random.default_rng(cfg.seed), make_rng(get_device("cpu"), [cfg.seed, 1])
+    n = len(ds.train)
+    total, step = cfg.epochs * -(-n // cfg.batch_size), 0
+    for _ in range(cfg.epochs):
+        for bi in _batches(n, cfg.batch_size, order_rng.permutation(n), even=cfg.even_batches):
+            rows = np.sort(bi)
+            h = model.trunk_chainer(ds.train.x[rows].astype(np.float32) / 255)
+            h = F.dropout(h, mask=_mask(mask_rng, h.shape, hl.first_ratio))
+            h = F.dropout(F.relu(hl.first(h)), mask=_mask(mask_rng, (len(rows), hl.first.W.shape[0]), hl.second_ratio))
+            loss = F.softmax_cross_entropy(hl.second(h), ds.train.y[rows])
+            model.cleargrads()
+            loss.backward()
+            opt.eta = step_scale(cfg.schedule, step, total)
+            opt.update()
+            step += 1
+    return model
+
+
+def _mask(rng, shape, ratio):
+    from audit.model import keep_mask
+
+    return keep_mask(rng, shape, ratio) * np.float32(1 / (1 - ratio))
+
+
+@pytest.mark.parametrize("cfg", [
+    TrainConfig(epochs=2, batch_size=100, lr=1e-3, seed=3),
+    TrainConfig(epochs=2, batch_size=64, lr=1e-3, seed=4, model="gal", weight_decay=1e-3, schedule="cosine"),
+], ids=["origin", "gal"])
+def test_same_weights_as_chainers_own_functions(shapes_npz, cfg):
+    """The CPU kernels (fastconv's convolution, ReLU + pooling, dense layers; the fused Adam)
+    change the speed, not the training: the weights match chainer's own functions and
+    optimizer to float32 rounding, within 1% of one Adam step."""
+    ds = load_dataset(shapes_npz)
+    fast = dict(train(ds, cfg, validate=False).model.namedparams())
+    ref = dict(_reference_train(ds, cfg).namedparams())
+    assert fast.keys() == ref.keys()
+    atol = cfg.lr / 100
+    for name in fast:
+        np.testing.assert_allclose(fast[name].array, ref[name].array, rtol=0, atol=atol, err_msg=name)
+    moved = max(float(np.abs(ref[k].array - v.array).max()) for k, v in
+                dict(build_model_like(ds, cfg).namedparams()).items())
+    assert moved > 100 * atol  # the training moved the weights far more than the tolerance
+
+
+def build_model_like(ds, cfg):
+    from audit.model import build_model
+
+    return build_model(ds.n_classes, ds.image_shape, dropout=cfg.dropout, seed=cfg.seed, arch=cfg.model)
