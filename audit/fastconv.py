@@ -45,7 +45,7 @@ from threadpoolctl import ThreadpoolController
 from .device import cpu_workers
 
 # Bytes of column matrix per task: small enough to stay in a core's cache.
-TASK_BYTES = 2 << 20
+TASK_BYTES = 4 << 20
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -71,19 +71,33 @@ def _bounds(n: int, per_image_bytes: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
+def _conv_bounds(x_shape, w_shape, itemsize: int) -> list[tuple[int, int]]:
+    """Runs of images whose column matrix and products fit a task's cache budget."""
+    n, h, wid, ci = x_shape
+    co, _, k, _ = w_shape
+    wo = wid - k + 1
+    if _full(ci, k):
+        per_image = (h - k + 1) * wo * (k * k * ci + co)
+    else:
+        per_image = h * wo * (k * ci + k * co)
+    return _bounds(n, per_image * itemsize)
+
+
 def _full(ci: int, k: int) -> bool:
-    """Whole k x k windows as columns (one product) when a window row is too narrow
-    for an efficient product; else window rows (k products on shifted views)."""
+    """Whole k x k windows as columns when a window row is too narrow for an efficient
+    product; else window rows."""
     return k * ci < 32
 
 
 def _weights(w: np.ndarray) -> np.ndarray:
-    """(Co, Ci, k, k) -> (k, k*Ci, Co), rows (kx, ci) per kernel row ky; or, for
-    ``_full``, (1, k*k*Ci, Co), rows (ky, kx, ci)."""
+    """(Co, Ci, k, k) -> one matrix: for window rows (k*Ci, k*Co), rows (kx, ci), columns
+    (ky, co): every kernel row's weights side by side; for ``_full`` (k*k*Ci, Co), rows
+    (ky, kx, ci)."""
     co, ci, k, _ = w.shape
-    wt = w.transpose(2, 3, 1, 0)
-    shape = (1, k * k * ci, co) if _full(ci, k) else (k, k * ci, co)
-    return np.ascontiguousarray(wt.reshape(shape))
+    wt = w.transpose(2, 3, 1, 0)  # (ky, kx, ci, co)
+    if _full(ci, k):
+        return np.ascontiguousarray(wt.reshape(k * k * ci, co))
+    return np.ascontiguousarray(wt.transpose(1, 2, 0, 3).reshape(k * ci, k * co))
 
 
 def _columns(x: np.ndarray, k: int, full: bool) -> np.ndarray:
@@ -99,22 +113,80 @@ def _columns(x: np.ndarray, k: int, full: bool) -> np.ndarray:
     return cols.reshape(n * ho * wo, -1)
 
 
-def _forward_chunk(x: np.ndarray, wr: np.ndarray, b: np.ndarray | None, k: int, keep: bool):
-    n, h, wid, _ = x.shape
-    co = wr.shape[2]
+_jit = numba.njit(nogil=True, cache=True)
+
+
+@_jit
+def _shift_sum(p, b, out):  # pragma: no cover - compiled
+    """out[i, y, x] = b + sum over ky of p[i, y + ky, x, ky]: the kernel rows' products,
+    each read ky image rows further down. p (m, H, Wo, k, Co), out (m, Ho, Wo, Co)."""
+    k, co = p.shape[3], p.shape[4]
+    for i in range(out.shape[0]):
+        for y in range(out.shape[1]):
+            for x in range(out.shape[2]):
+                o = out[i, y, x]
+                for c in range(co):
+                    o[c] = b[c]
+                for ky in range(k):
+                    src = p[i, y + ky, x, ky]
+                    for c in range(co):
+                        o[c] += src[c]
+
+
+@_jit
+def _shift_copy(gy, g):  # pragma: no cover - compiled
+    """g[i, y, x, ky] = gy[i, y - ky, x] where 0 <= y - ky < Ho, else 0: the output
+    gradient as each kernel row sees it. gy (m, Ho, Wo, Co), g (m, H, Wo, k, Co)."""
+    ho = gy.shape[1]
+    k, co = g.shape[3], g.shape[4]
+    for i in range(g.shape[0]):
+        for y in range(g.shape[1]):
+            for x in range(g.shape[2]):
+                for ky in range(k):
+                    dst = g[i, y, x, ky]
+                    if 0 <= y - ky < ho:
+                        src = gy[i, y - ky, x]
+                        for c in range(co):
+                            dst[c] = src[c]
+                    else:
+                        for c in range(co):
+                            dst[c] = 0
+
+
+@_jit
+def _col2im_rows(g, gx):  # pragma: no cover - compiled
+    """gx[i, y, x] = sum over kx of g[i, y, x - kx, kx] (kx ascending, as the numpy
+    scatter adds them): window-row gradients back onto pixels. g (m, H, Wo, k, Ci)."""
+    wo, k, ci = g.shape[2], g.shape[3], g.shape[4]
+    for i in range(gx.shape[0]):
+        for y in range(gx.shape[1]):
+            for x in range(gx.shape[2]):
+                o = gx[i, y, x]
+                for c in range(ci):
+                    o[c] = 0
+                for kx in range(max(0, x - wo + 1), min(k, x + 1)):
+                    src = g[i, y, x - kx, kx]
+                    for c in range(ci):
+                        o[c] += src[c]
+
+
+def _forward_chunk(x: np.ndarray, w2: np.ndarray, b: np.ndarray | None, k: int, keep: bool):
+    """Full windows: one product. Window rows: one product with every kernel row's
+    weights side by side (k*Co columns: a wide product runs near the machine's matrix
+    rate, k narrow ones of Co columns do not), then each output pixel sums its k rows."""
+    n, h, wid, ci = x.shape
     ho, wo = h - k + 1, wid - k + 1
-    full = wr.shape[0] == 1
+    full = _full(ci, k)
     cols = _columns(x, k, full)
-    rows = cols.shape[0]
-    out = np.empty((n, ho if full else h, wo, co), x.dtype)  # row-wise: rows i >= ho never read
-    flat = out.reshape(rows, co)
-    np.matmul(cols, wr[0], out=flat)
-    for ky in range(1, wr.shape[0]):
-        s = ky * wo
-        flat[: rows - s] += cols[s:] @ wr[ky]
-    y = out[:, :ho]
-    if b is not None:
-        y += b
+    co = w2.shape[1] if full else w2.shape[1] // k
+    if full:
+        y = (cols @ w2).reshape(n, ho, wo, co)
+        if b is not None:
+            y += b
+    else:
+        y = np.empty((n, ho, wo, co), x.dtype)
+        bias = np.zeros(co, x.dtype) if b is None else b
+        _shift_sum((cols @ w2).reshape(n, h, wo, k, co), bias, y)
     return y, (cols if keep else None)
 
 
@@ -122,20 +194,24 @@ def conv2d_nhwc(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np
     """Valid k x k convolution, stride 1: (B, H, W, Ci), (Co, Ci, k, k) -> (B, H-k+1, W-k+1, Co)."""
     n, h, wid, ci = x.shape
     co, _, k, _ = w.shape
-    wr = _weights(w.astype(x.dtype, copy=False))
+    w2 = _weights(w.astype(x.dtype, copy=False))
     out = np.empty((n, h - k + 1, wid - k + 1, co), x.dtype)
 
     def task(se):
         s, e = se
-        out[s:e] = _forward_chunk(x[s:e], wr, b, k, keep=False)[0]
+        out[s:e] = _forward_chunk(x[s:e], w2, b, k, keep=False)[0]
 
-    _map(task, _bounds(n, h * (wid - k + 1) * k * ci * x.itemsize))
+    _map(task, _conv_bounds(x.shape, w.shape, x.itemsize))
     return out
 
 
 class Conv2DNHWC(function_node.FunctionNode):
-    """``conv2d_nhwc`` as a chainer function (x, W[, b]) -> y; its backward is a
-    :class:`Conv2DNHWCGrad` node (which reuses the forward's column matrices)."""
+    """``conv2d_nhwc`` as a chainer function (x, W[, b]) -> y, with ``relu`` y = max(0, ...)
+    applied while each task's output is in cache; its backward is a :class:`Conv2DNHWCGrad`
+    node (which reuses the forward's column matrices)."""
+
+    def __init__(self, relu: bool = False):
+        self.relu = relu
 
     def forward_cpu(self, inputs):
         x, w = inputs[:2]
@@ -143,22 +219,27 @@ class Conv2DNHWC(function_node.FunctionNode):
         self.retain_inputs((0, 1))
         n, h, wid, ci = x.shape
         co, _, k, _ = w.shape
-        wr = _weights(w)
-        self._bounds = _bounds(n, h * (wid - k + 1) * k * ci * x.itemsize)
+        w2 = _weights(w)
+        self._bounds = _conv_bounds(x.shape, w.shape, x.itemsize)
         y = np.empty((n, h - k + 1, wid - k + 1, co), x.dtype)
         self._cols = [None] * len(self._bounds)
 
         def task(i):
             s, e = self._bounds[i]
-            y[s:e], self._cols[i] = _forward_chunk(x[s:e], wr, b, k, keep=True)
+            y[s:e], self._cols[i] = _forward_chunk(x[s:e], w2, b, k, keep=True)
+            if self.relu:
+                np.maximum(y[s:e], 0, out=y[s:e])
 
         _map(task, range(len(self._bounds)))
+        if self.relu:
+            self.retain_outputs((0,))
         return (y,)
 
     def backward(self, indexes, grad_outputs):
         x, w = self.get_retained_inputs()
         want = tuple(i in indexes for i in range(len(self.inputs)))
-        grad = Conv2DNHWCGrad(want, self._cols, self._bounds)
+        mask = self.get_retained_outputs()[0].array > 0 if self.relu else None
+        grad = Conv2DNHWCGrad(want, self._cols, self._bounds, mask=mask)
         self._cols = None
         return grad.apply((x, w, grad_outputs[0]))
 
@@ -166,12 +247,19 @@ class Conv2DNHWC(function_node.FunctionNode):
 class Conv2DNHWCGrad(function_node.FunctionNode):
     """(x, W, gy) -> the gradients of ``conv2d(x, W, b)`` that ``want`` names, in the
     order (gx, gW, gb): gx the transposed convolution of gy by W, gW the correlation of
-    x with gy, gb the sum of gy. Each is linear in gy and in x or W, so this node's own
-    backward is :func:`conv2d` and this node again."""
+    x with gy, gb the sum of gy; with ``mask`` (ReLU's: output > 0), of gy * mask. Each
+    is linear in gy and in x or W, so this node's own backward is :func:`conv2d` and
+    this node again.
 
-    def __init__(self, want: tuple[bool, ...], cols: list | None = None, bounds: list | None = None):
+    Window rows (``not _full``): the kernel's k row offsets are k shifted copies of gy
+    side by side, G (rows, k*Co), so that gW is one product cols.T @ G and the column
+    gradient one product G @ W (k*Co, k*Ci), not k narrow ones each."""
+
+    def __init__(self, want: tuple[bool, ...], cols: list | None = None, bounds: list | None = None,
+                 mask: np.ndarray | None = None):
         self.want = tuple(want) + (False,) * (3 - len(want))
         self._cols, self._bounds = cols, bounds  # the forward's column matrices of x, when this is its backward
+        self.mask = mask
 
     def forward_cpu(self, inputs):
         x, w, gy = inputs
@@ -179,39 +267,37 @@ class Conv2DNHWCGrad(function_node.FunctionNode):
         want_x, want_w, want_b = self.want
         n, h, wid, ci = x.shape
         co, _, k, _ = w.shape
-        wr = _weights(w.astype(gy.dtype, copy=False))
-        full = wr.shape[0] == 1
+        full = _full(ci, k)
         ho, wo = h - k + 1, wid - k + 1
-        bounds = self._bounds or _bounds(n, h * wo * k * ci * x.itemsize)
+        bounds = self._bounds or _conv_bounds(x.shape, w.shape, x.itemsize)
         cols_all = self._cols
         gx = np.empty(x.shape, gy.dtype) if want_x else None
-        wr_t = np.ascontiguousarray(wr.transpose(0, 2, 1)) if want_x else None  # (.., Co, k*Ci)
+        w2t = np.ascontiguousarray(_weights(w.astype(gy.dtype, copy=False)).T) if want_x else None
+        mask = self.mask
 
         def task(i):
             s, e = bounds[i]
             m = e - s
+            g_out = gy[s:e] if mask is None else gy[s:e] * mask[s:e]
             if full:
-                gf = np.ascontiguousarray(gy[s:e]).reshape(m * ho * wo, co)
-            else:
-                g = np.empty((m, h, wo, co), gy.dtype)
-                g[:, :ho] = gy[s:e]
-                g[:, ho:] = 0  # rows i >= ho: no output there, no contribution
-                gf = g.reshape(m * h * wo, co)
-            rows = gf.shape[0]
-            gw = None
+                gf = np.ascontiguousarray(g_out, dtype=gy.dtype).reshape(m * ho * wo, co)
+            else:  # (m*H*Wo, k*Co): block ky is the output gradient shifted down by ky image rows
+                g = np.empty((m, h, wo, k, co), gy.dtype)
+                _shift_copy(np.ascontiguousarray(g_out), g)
+                gf = g.reshape(m * h * wo, k * co)
+            gw = gb = None
             if want_w:
                 cols = cols_all[i] if cols_all is not None else _columns(np.asarray(x[s:e], gy.dtype), k, full)
-                gw = np.empty(wr.shape, gy.dtype)
-                for ky in range(wr.shape[0]):
-                    sh = ky * wo
-                    np.matmul(cols[sh:].T, gf[: rows - sh], out=gw[ky])
+                gw = cols.T @ gf  # (k*Ci, k*Co) window rows; (k*k*Ci, Co) whole windows
+            if want_b:  # column sums as a product: numpy's sum over the rows of a narrow matrix is slow
+                gb = np.ones(len(gf), gy.dtype) @ gf[:, :co]
             if want_x:
-                gcols = gf @ wr_t[0]
-                for ky in range(1, wr.shape[0]):
-                    sh = ky * wo
-                    gcols[sh:] += gf[: rows - sh] @ wr_t[ky]
-                _col2im(gcols, gx[s:e], k, full)
-            return gw
+                gcols = gf @ w2t
+                if full:
+                    _col2im(gcols, gx[s:e], k)
+                else:
+                    _col2im_rows(gcols.reshape(m, h, wo, k, ci), gx[s:e])
+            return gw, gb
 
         parts = _map(task, range(len(bounds)))
         self._cols = None
@@ -219,12 +305,12 @@ class Conv2DNHWCGrad(function_node.FunctionNode):
         if want_x:
             out.append(gx)
         if want_w:
-            gw = parts[0]
-            for p in parts[1:]:  # in a fixed order: the same sum on any number of cores
-                gw += p
+            gw = _ordered_sum([p[0] for p in parts])
+            if not full:  # (k*Ci, k*Co), rows (kx, ci), columns (ky, co) -> (ky, kx, ci, co)
+                gw = gw.reshape(k, ci, k, co).transpose(2, 0, 1, 3)
             out.append(np.ascontiguousarray(gw.reshape(k, k, ci, co).transpose(3, 2, 0, 1)))
         if want_b:
-            out.append(gy.sum(axis=(0, 1, 2)))
+            out.append(_ordered_sum([p[1] for p in parts]))
         return tuple(out)
 
     def backward(self, indexes, grad_outputs):
@@ -234,10 +320,11 @@ class Conv2DNHWCGrad(function_node.FunctionNode):
         out = []
         for i in indexes:
             if i == 0:  # gW = corr(x, gy); its adjoint takes ggW to the transposed convolution of gy by ggW
-                out.append(None if ggw is None else Conv2DNHWCGrad((True,)).apply((x, ggw, gy))[0])
+                out.append(None if ggw is None else Conv2DNHWCGrad((True,), mask=self.mask).apply((x, ggw, gy))[0])
             elif i == 1:  # gx = deconv(gy, W); its adjoint takes ggx to corr(ggx, gy)
-                out.append(None if ggx is None else Conv2DNHWCGrad((False, True)).apply((ggx, w, gy))[0])
-            else:  # all three are linear in gy
+                out.append(None if ggx is None else
+                           Conv2DNHWCGrad((False, True), mask=self.mask).apply((ggx, w, gy))[0])
+            else:  # all three are linear in gy (times the mask)
                 terms = []
                 if ggx is not None:
                     terms.append(conv2d(ggx, w))
@@ -245,8 +332,18 @@ class Conv2DNHWCGrad(function_node.FunctionNode):
                     terms.append(conv2d(x, ggw))
                 if ggb is not None:
                     terms.append(F.broadcast_to(ggb, gy.shape))
-                out.append(_sum(terms))
+                total = _sum(terms)
+                out.append(total * self.mask.astype(gy.dtype) if total is not None and self.mask is not None
+                           else total)
         return tuple(out)
+
+
+def _ordered_sum(parts: list[np.ndarray]) -> np.ndarray:
+    """The tasks' partial sums added in task order: the same sum on any number of cores."""
+    total = parts[0]
+    for p in parts[1:]:
+        total += p
+    return total
 
 
 def _sum(terms: list):
@@ -258,22 +355,21 @@ def _sum(terms: list):
     return total
 
 
-def _col2im(gcols: np.ndarray, gx: np.ndarray, k: int, full: bool) -> None:
-    """Sum column gradients back onto the pixels they were copied from, into ``gx``."""
+def _col2im(gcols: np.ndarray, gx: np.ndarray, k: int) -> None:
+    """Sum whole-window column gradients back onto the pixels they were copied from, into ``gx``."""
     m, h, wid, ci = gx.shape
-    wo = wid - k + 1
-    ho = h - k + 1 if full else h
-    g = gcols.reshape(m, ho, wo, k if full else 1, k, ci)
+    wo, ho = wid - k + 1, h - k + 1
+    g = gcols.reshape(m, ho, wo, k, k, ci)
     gx[...] = 0
-    for ky in range(g.shape[3]):
+    for ky in range(k):
         for kx in range(k):
             gx[:, ky : ky + ho, kx : kx + wo] += g[:, :, :, ky, kx]
 
 
-def conv2d(x, w, b=None):
-    """Chainer-differentiable NHWC convolution (CPU arrays)."""
+def conv2d(x, w, b=None, *, relu: bool = False):
+    """Chainer-differentiable NHWC convolution (CPU arrays), with ``relu`` then ReLU."""
     args = (x, w) if b is None else (x, w, b)
-    return Conv2DNHWC().apply(args)[0]
+    return Conv2DNHWC(relu).apply(args)[0]
 
 
 # --- ReLU + 2x2 max pooling ---------------------------------------------------------
@@ -281,8 +377,6 @@ def conv2d(x, w, b=None):
 # order (0,0), (0,1), (1,0), (1,1), as chainer's max_pooling_2d), or 4 where the maximum
 # is not positive: ReLU's gradient is 0 there. Odd edges are windows of their own
 # (chainer's cover_all=True).
-
-_jit = numba.njit(nogil=True, cache=True)
 
 
 @_jit

@@ -100,8 +100,8 @@ class MCDropoutNet(chainer.Chain):
         raise NotImplementedError
 
     def _trunk_nhwc(self, h, conv, relu_pool):  # pragma: no cover - abstract
-        """The convolutions and pooling on NHWC input, with ``conv(h, W, b)`` and
-        ``relu_pool(h)`` (ReLU then 2x2 max pooling)."""
+        """The convolutions and pooling on NHWC input, with ``conv(h, W, b, relu=False)``
+        and ``relu_pool(h)`` (ReLU then 2x2 max pooling)."""
         raise NotImplementedError
 
     def _after_convs(self, h):  # pragma: no cover - abstract
@@ -145,8 +145,9 @@ class MCDropoutNet(chainer.Chain):
             return self._after_convs(h).array
 
 
-def _conv_array(h, w, b):
-    return fastconv.conv2d_nhwc(h, w.array, b.array)
+def _conv_array(h, w, b, relu: bool = False):
+    y = fastconv.conv2d_nhwc(h, w.array, b.array)
+    return np.maximum(y, np.float32(0), out=y) if relu else y
 
 
 def _linear(link: L.Linear, h):
@@ -277,7 +278,7 @@ class GalCNN(MCDropoutNet):
         return self._after_convs(F.max_pooling_2d(h, 2))
 
     def _trunk_nhwc(self, h, conv, relu_pool):
-        h = _relu(conv(h, self.conv1.W, self.conv1.b))
+        h = conv(h, self.conv1.W, self.conv1.b, relu=True)
         return relu_pool(conv(h, self.conv2.W, self.conv2.b))
 
     def _after_convs(self, h):
@@ -288,13 +289,6 @@ class GalCNN(MCDropoutNet):
 
 
 ARCHS = {"origin": OriginCNN, "gal": GalCNN}
-
-
-def _relu(h):
-    """ReLU in place on arrays (inference), chainer's on variables (training)."""
-    if isinstance(h, np.ndarray):
-        return np.maximum(h, np.float32(0), out=h)
-    return F.relu(h)
 
 
 # smallest image side each architecture takes: origin (3x3 conv, pool 2) twice needs

@@ -18,7 +18,7 @@ import chainer.functions as F
 
 from . import runs
 from .data import Dataset, Split, load_dataset, read_subset, to_float32
-from .device import describe, get_device, make_rng
+from .device import describe, get_device, keep_freed_memory, make_rng
 from .config import SCHEDULES, TrainConfig, check_int, stored_train_config  # noqa: F401 (re-exported)
 from .errors import AuditError
 from .model import MCDropoutNet, build_model
@@ -157,6 +157,7 @@ def train(
     """
     progress = progress or NullProgress()
     dev = get_device(device)
+    keep_freed_memory()
     model = build_model(dataset.n_classes, dataset.image_shape, dropout=config.dropout, seed=config.seed,
                         arch=config.model)
     model.to_device(dev)

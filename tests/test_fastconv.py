@@ -120,16 +120,42 @@ def test_relu_pool_gradients_numerically():
                                          atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("ci,k", [(1, 3), (12, 3)])
-def test_conv_second_derivatives_numerically(ci, k):
+def test_conv_second_derivatives_numerically(ci, k, relu):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 6, 7, ci))
     w = rng.standard_normal((3, ci, k, k))
     b = rng.standard_normal(3)
     gy = rng.standard_normal((2, 6 - k + 1, 7 - k + 1, 3))
     gg = (rng.standard_normal(x.shape), rng.standard_normal(w.shape), rng.standard_normal(b.shape))
-    gradient_check.check_double_backward(fastconv.conv2d, (x, w, b), gy, gg, dtype=np.float64, atol=1e-5,
-                                         rtol=1e-5)
+
+    def fn(x, w, b):
+        return fastconv.conv2d(x, w, b, relu=relu)
+
+    gradient_check.check_backward(fn, (x, w, b), gy, dtype=np.float64, atol=1e-5, rtol=1e-5)
+    gradient_check.check_double_backward(fn, (x, w, b), gy, gg, dtype=np.float64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ci,k", [(1, 4), (32, 4)])
+def test_conv_relu_matches_chainer(ci, k):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 12, 12, ci)).astype(np.float32)
+    w = rng.standard_normal((8, ci, k, k)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    gy = rng.standard_normal((6, 12 - k + 1, 12 - k + 1, 8)).astype(np.float32)
+    vc = [chainer.Variable(a) for a in (_nchw(x), w, b)]
+    yc = F.relu(F.convolution_2d(*vc))
+    yc.grad = _nchw(gy)
+    yc.backward()
+    vs = [chainer.Variable(a) for a in (x, w, b)]
+    y = fastconv.conv2d(*vs, relu=True)
+    y.grad = gy
+    y.backward()
+    np.testing.assert_allclose(_nchw(y.array), yc.array, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_nchw(vs[0].grad), vc[0].grad, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(vs[1].grad, vc[1].grad, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(vs[2].grad, vc[2].grad, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("n", [3, 600])  # one block / three blocks of rows (fastconv.ROWS = 256)
