@@ -276,7 +276,7 @@ def choose_batch(model, images: np.ndarray, candidates: np.ndarray, strategy: st
         batch = random_batch(rng, len(pool), k)
         return pool[batch.indices], batch.scores, None
     sampling, _ = parse_strategy(strategy)
-    masks = "consistent" if strategy == "batchbald" else "independent"
+    masks = "consistent" if strategy == "batchbald" else "shared"
     if scorer is None:
         r = mc_predict(model, images[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
                        masks=masks, device=dev, return_mc=strategy == "batchbald", progress=progress)

@@ -30,6 +30,7 @@ derivatives numerically).
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,6 +51,16 @@ TASK_BYTES = 4 << 20
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _controller: ThreadpoolController | None = None
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's pool threads do not exist: start a new pool there."""
+    global _pool, _controller, _lock
+    _pool = _controller = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _map(fn, items: list) -> list:

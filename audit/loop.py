@@ -39,7 +39,7 @@ from .active import AL_TRAIN, ALConfig, _seed, choose_batch, loop_dataset
 from .data import Dataset, Split, load_dataset
 from .device import describe, get_device
 from .errors import AuditError, bad_param
-from .mc import mc_predict
+from .mc import SHARE_BLOCK, mc_predict
 from .progress import NullProgress, Progress
 from .tables import parse_table, restore
 from .train import TrainConfig, check_run_free, train
@@ -358,8 +358,8 @@ def next_batch(
                       t_choose, describe(dev), chosen_by)
 
 
-# images per Dask piece of a pool's scoring: 8 of mc_predict's batches
-POOL_PIECE = 8 * 128
+# images per Dask piece of a pool's scoring
+POOL_PIECE = SHARE_BLOCK  # whole groups of shared masks: the same products as in-process
 
 
 def _cluster_scorer(client, data: dict, model, progress: Progress):

@@ -6,8 +6,14 @@ of B images as one matrix product of B*T rows. Dropout stays on through explicit
 masks, not by switching ``chainer.config.train``.
 
 Masks
-    ``"independent"`` (default, the origin's estimator): every image and pass has
-    its own masks. They are drawn per block of ``MASK_BLOCK`` consecutive images from
+    ``"shared"`` (default): the images of a group of ``SHARE_BLOCK`` consecutive
+    images share each pass's masks, drawn from a generator seeded by ``(seed,
+    group)``; masks stay independent from pass to pass, so every image's T passes
+    have exactly the distribution of the origin's estimator. Pass t then needs only
+    the units it keeps: ``a[:, kept] @ W[kept]``, about half the arithmetic of the
+    dense product at dropout 0.5 (the *kept-units* engine).
+    ``"independent"`` (the origin's estimator, the dense reference): every image
+    and pass has its own masks. They are drawn per block of ``MASK_BLOCK`` consecutive images from
     a generator seeded by ``(seed, block)``, so an image's masks depend only on the
     seed and its position: the scores do not change with the batch size, and a shard
     of whole blocks reproduces its part of a full run.
@@ -51,7 +57,13 @@ DEFAULT_BATCH = 128
 # cache, while the product still amortises packing the 4 MB weight matrix.
 CPU_HEAD_ROWS = 1600
 
-MaskMode = Literal["independent", "consistent"]
+# Images per group of shared masks ("shared" mode): large enough that each pass's
+# kept-units products (group x kept) @ (kept x H) run near the matrix rate and the
+# gathered weight rows serve many images; a group is also the CPU engine's unit of work.
+SHARE_BLOCK = 1024
+
+MaskMode = Literal["shared", "independent", "consistent"]
+MASK_MODES = ("shared", "independent", "consistent")
 
 
 @dataclass(frozen=True)
@@ -96,15 +108,15 @@ class MaskSampler:
 
     def __init__(self, *, samples: int, widths: tuple[int, int], ratios: tuple[float, float], seed: int,
                  mode: MaskMode, device) -> None:
-        if mode not in ("independent", "consistent"):
-            raise AuditError(f"masks: expected 'independent' or 'consistent', got {mode!r}")
+        if mode not in MASK_MODES:
+            raise AuditError(f"masks: expected one of {', '.join(MASK_MODES)}, got {mode!r}")
         self.samples, self.widths, self.ratios, self.seed = samples, widths, ratios, seed
         self.mode, self.device, self.xp = mode, device, device.xp
         self._consistent = None
         self._cache: tuple[int, object] | None = None
 
     @classmethod
-    def for_model(cls, model: MCDropoutNet, *, samples: int, seed: int, mode: MaskMode = "independent", device=None):
+    def for_model(cls, model: MCDropoutNet, *, samples: int, seed: int, mode: MaskMode = "shared", device=None):
         hl = model.head_layers()
         return cls(
             samples=samples, widths=(hl.first.W.shape[1], hl.second.W.shape[1]),
@@ -123,9 +135,21 @@ class MaskSampler:
             self._cache = (b, self._draw(make_rng(self.device, [self.seed, b]), MASK_BLOCK))
         return self._cache[1]
 
+    def group(self, g: int):
+        """(k1, k2): (T, D) keep-flags of shared group g ("shared" mode), cached."""
+        if self._cache is None or self._cache[0] != ("group", g):
+            rng = make_rng(self.device, [self.seed, 2**31 - 2, g])  # streams no block or consistent mask uses
+            self._cache = (("group", g), tuple(m[0] for m in self._draw(rng, 1)))
+        return self._cache[1]
+
     def __call__(self, start: int, stop: int):
-        """(m1, m2): (B, T, D) masks for images [start, stop), or (1, T, D) in consistent mode."""
+        """(m1, m2): (B, T, D) masks for images [start, stop), or (1, T, D) in consistent
+        mode; in shared mode each image gets its group's (the dense form of them)."""
         xp = self.xp
+        if self.mode == "shared":
+            parts = [[xp.broadcast_to(m, (hi - lo, *m.shape)) for m in self.group(g)]
+                     for g, lo, hi in groups(start, stop)]
+            return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in range(2))
         if self.mode == "consistent":
             if self._consistent is None:
                 rng = make_rng(self.device, [self.seed, 2**31 - 1])  # a stream no block uses
@@ -138,6 +162,12 @@ class MaskSampler:
         if len(parts) == 1:
             return tuple(parts[0])
         return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in range(2))
+
+
+def groups(start: int, stop: int):
+    """(g, lo, hi): the shared-mask groups that positions [start, stop) touch, clipped."""
+    for g in range(start // SHARE_BLOCK, (stop - 1) // SHARE_BLOCK + 1):
+        yield g, max(start, g * SHARE_BLOCK), min(stop, (g + 1) * SHARE_BLOCK)
 
 
 class Head:
@@ -185,6 +215,31 @@ class Head:
             self._block(a[i:j], m1[i:j] if m1.shape[0] > 1 else m1, m2[i:j] if m2.shape[0] > 1 else m2, y[i:j])
         return y
 
+    def kept(self, a, k1, k2):
+        """Logits of T passes for B images that share each pass's masks: trunk output a
+        (B, H), keep-flags k1 (T, D), k2 (T, H) -> (B, T, C). Pass t multiplies only the
+        units it keeps: (B, kept) @ (kept, H), then (B, kept2) @ (kept2, C)."""
+        xp = self.xp
+        b, d = a.shape
+        t = k1.shape[0]
+        y = xp.empty((b, t, self.w5.shape[1]), np.float32)
+        cpu = xp is np
+        if cpu:
+            a_buf, w_buf = np.empty((b, d), np.float32), np.empty(self.w4.shape, np.float32)
+        for p in range(t):
+            i1 = xp.flatnonzero(k1[p])
+            i2 = xp.flatnonzero(k2[p])
+            if cpu:  # gathers into reused buffers (fresh arrays per pass cost page faults)
+                n1 = len(i1)
+                z = np.take(a, i1, axis=1, out=a_buf[:, :n1]) @ np.take(self.w4, i1, axis=0, out=w_buf[:n1])
+            else:
+                z = xp.take(a, i1, axis=1) @ xp.take(self.w4, i1, axis=0)
+            z += self.w4[d]  # fc4's bias row
+            xp.maximum(z, np.float32(0), out=z)
+            y[:, p] = xp.take(z, i2, axis=1) @ xp.take(self.w5, i2, axis=0)
+        y += self.b5
+        return y
+
     def _block(self, a, m1, m2, y):
         xp = self.xp
         b, d = a.shape
@@ -218,7 +273,7 @@ def mc_predict(
     samples: int = 50,
     batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
-    masks: MaskMode = "independent",
+    masks: MaskMode = "shared",
     device: str = "cpu",
     return_mc: bool = False,
     workers: int | None = None,
@@ -271,7 +326,11 @@ def mc_predict(
 
     progress.start(f"score {n:,} images x {samples} passes", n)
     if dev.xp is np:
-        _run_cpu(make_worker, n, batch_size, store, workers or cpu_workers())
+        if masks == "shared":  # a group is the unit of work: the same products whatever the batch size
+            bounds = [(lo - offset, hi - offset) for _, lo, hi in groups(offset, offset + n)] if n else []
+        else:
+            bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        _run_cpu(make_worker, bounds, store, workers or cpu_workers())
     else:
         _run_device(make_worker(), n, batch_size, store)
     progress.close()
@@ -287,21 +346,25 @@ class _Worker:
 
     def __call__(self, start: int, stop: int):
         a = self.model.trunk_array(self.device.send(to_float32(self.x[start:stop])))  # (B, H)
-        m1, m2 = self.sampler(start + self.offset, stop + self.offset)
-        probs_b = softmax(self.head(a, m1, m2))  # (B, T, C)
+        if self.sampler.mode == "shared":
+            pieces = [self.head.kept(a[lo - start - self.offset:hi - start - self.offset], *self.sampler.group(g))
+                      for g, lo, hi in groups(start + self.offset, stop + self.offset)]
+            logits = pieces[0] if len(pieces) == 1 else self.device.xp.concatenate(pieces, axis=0)
+        else:
+            logits = self.head(a, *self.sampler(start + self.offset, stop + self.offset))
+        probs_b = softmax(logits)  # (B, T, C)
         scores_b = metrics.all_scores(probs_b)  # reduced on the device: (B, C) and (B,) arrays
         host = chainer.backend.CpuDevice()
         return {k: host.send(v) for k, v in scores_b.items()}, host.send(probs_b)
 
 
-def _run_cpu(make_worker, n: int, batch_size: int, store, workers: int) -> None:
-    """One batch per task on ``workers`` threads, each with single-threaded BLAS.
+def _run_cpu(make_worker, bounds: list[tuple[int, int]], store, workers: int) -> None:
+    """One batch (``bounds``) per task on ``workers`` threads, each with single-threaded BLAS.
 
     NumPy releases the GIL in matrix products and large element-wise operations, so
     the threads run in parallel; unlike one multi-threaded product followed by
     single-threaded element-wise work, every step of the pipeline uses every core.
     """
-    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if workers == 1 or len(bounds) == 1:
         worker = make_worker()
         with threadpool_limits(limits=1, user_api="blas"):  # as the threads below: the same sums everywhere

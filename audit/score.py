@@ -16,7 +16,7 @@ from .data import SPLITS, Dataset
 from .device import describe, get_device
 from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
-from .mc import DEFAULT_BATCH, MaskMode, mc_predict
+from .mc import DEFAULT_BATCH, SHARE_BLOCK, MaskMode, mc_predict
 from .dupes import duplicate_summary, exact_duplicates
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
@@ -66,7 +66,7 @@ def score_dataset(
     samples: int = 50,
     batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
-    masks: MaskMode = "independent",
+    masks: MaskMode = "shared",
     device: str = "cpu",
     train_folds: list[tuple[MCDropoutNet, np.ndarray]] | None = None,
     progress: Progress | None = None,
@@ -154,8 +154,9 @@ def assemble(dataset: Dataset, jobs, folds: dict, results: dict) -> tuple[pd.Dat
     return pd.concat(frames, ignore_index=True), np.concatenate(all_probs)
 
 
-# images per Dask piece, in batches: pieces start on batch boundaries, so every image is
-# scored in the same batch as in-process, and with the masks of its position
+# images per Dask piece, in batches, rounded up to whole groups of shared masks: pieces
+# start on group boundaries, so every image is scored in the same group as in-process,
+# and with the masks of its position
 PIECE_BATCHES = 8
 
 
@@ -165,7 +166,7 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
     model itself and scores a slice of a job's rows; the same numbers as in-process."""
     from .cluster import run_pieces
 
-    step = PIECE_BATCHES * config.batch_size
+    step = -(-PIECE_BATCHES * config.batch_size // SHARE_BLOCK) * SHARE_BLOCK  # whole groups of shared masks
     pieces, where = [], []
     for split, k, rows in jobs:
         for a in range(0, len(rows), step):
@@ -389,7 +390,7 @@ def score_run(
         summary = {
             "created": runs.now(),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-            "masks": "independent",
+            "masks": "shared",  # mc.SHARE_BLOCK images share each pass's masks (kept-units engine)
             "device": result.device,
             "workers": result.workers,
             "seconds": round(result.seconds, 3),

@@ -203,3 +203,21 @@ def test_backward_returns_graph_nodes(fn, args):
         assert g.creator is not None, "a gradient with no creator cuts the graph"
     F.sum(gx[0] * gx[0]).backward()  # and a second derivative flows back through them
     assert vs[0].grad is not None
+
+
+def test_a_forked_child_gets_its_own_threads():
+    """The kernels' thread pool does not survive fork: a child (a killed-half-way test, a
+    multiprocessing worker) starts its own instead of waiting forever on the parent's."""
+    import multiprocessing as mp
+
+    x = np.ones((600, 300), np.float32)  # three blocks of rows: the work goes to the pool
+    w = np.ones((500, 300), np.float32)
+    fastconv.linear(x, w)  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        out = pool.apply_async(_child_linear, (x, w)).get(timeout=30)
+    np.testing.assert_array_equal(out, x @ w.T)
+
+
+def _child_linear(x, w):
+    return fastconv.linear(x, w).array

@@ -19,18 +19,23 @@ def images():
     return np.random.default_rng(0).integers(0, 256, (150, 1, 12, 12), dtype=np.uint8)
 
 
-def _sampler(mode="independent", samples=6, seed=0, ratio=0.5):
+def _sampler(mode="independent", samples=6, seed=0, ratio=0.5):  # the per-image masks
     return mc.MaskSampler(samples=samples, widths=(1000, 1000), ratios=(ratio, ratio), seed=seed, mode=mode,
                           device=chainer.get_device("@numpy"))
 
 
+@pytest.mark.parametrize("masks", ["shared", "independent"])
 @pytest.mark.parametrize("arch, dropout", [("origin", 0.5), ("origin", 0.3), ("gal", 0.5)])
-def test_engine_equals_the_per_image_reference(images, arch, dropout):
+def test_engine_equals_the_per_image_reference(images, arch, dropout, masks):
+    """With the same masks, the same numbers: the kept-units engine ("shared") and the
+    dense one ("independent") against the whole network run image by image and pass by
+    pass through chainer's own functions."""
     m = audit.build_model(4, (1, 12, 12), seed=2, dropout=dropout, arch=arch)
-    x = images[:140]  # crosses a mask block boundary (128)
-    r = mc.mc_predict(m, x, samples=6, batch_size=32, seed=3, return_mc=True)
-    sampler = mc.MaskSampler.for_model(m, samples=6, seed=3)
-    m1, m2 = sampler(0, len(x))
+    x = images[:140]
+    offset = 1000 if masks == "shared" else 0  # crosses a group boundary (1024) / a mask block boundary (128)
+    r = mc.mc_predict(m, x, samples=6, batch_size=32, seed=3, return_mc=True, masks=masks, offset=offset)
+    sampler = mc.MaskSampler.for_model(m, samples=6, seed=3, mode=masks)
+    m1, m2 = sampler(offset, offset + len(x))
     ref = mc.reference_mc_probs(m, x, m1, m2)
     np.testing.assert_allclose(r.mc_probs, ref, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(r.probs, ref.mean(axis=1), rtol=1e-5, atol=2e-6)
@@ -53,9 +58,18 @@ def test_seeded(model, images):
 
 def test_passes_differ_and_masks_are_independent_per_image(model, images):
     same = np.repeat(images[:1], 3, axis=0)
-    r = mc.mc_predict(model, same, samples=4, return_mc=True)
+    r = mc.mc_predict(model, same, samples=4, return_mc=True, masks="independent")
     assert not np.allclose(r.mc_probs[0, 0], r.mc_probs[0, 1])  # passes differ
     assert not np.allclose(r.mc_probs[0], r.mc_probs[1])  # same image, other masks
+
+
+def test_shared_masks_are_shared_within_a_group_only(model, images):
+    same = np.repeat(images[:1], 4, axis=0)
+    r = mc.mc_predict(model, same, samples=4, return_mc=True, offset=mc.SHARE_BLOCK - 2)  # groups 0, 0, 1, 1
+    assert not np.allclose(r.mc_probs[0, 0], r.mc_probs[0, 1])  # passes differ
+    np.testing.assert_allclose(r.mc_probs[0], r.mc_probs[1], atol=1e-6)  # one group, one network per pass
+    np.testing.assert_allclose(r.mc_probs[2], r.mc_probs[3], atol=1e-6)
+    assert not np.allclose(r.mc_probs[1], r.mc_probs[2])  # the next group draws its own masks
 
 
 def test_consistent_masks_are_shared_by_all_images(model, images):
@@ -161,3 +175,22 @@ def test_bad_samples(model, images, samples):
 def test_wrong_image_shape(model):
     with pytest.raises(AuditError, match=r"expected images of shape \(N, 1, 12, 12\)"):
         mc.mc_predict(model, np.zeros((2, 1, 28, 28), np.uint8))
+
+
+def test_shared_masks_keep_each_images_score_distribution(model, images):
+    """Statistically: over many seeds, each image's scores from the kept-units engine
+    (shared masks) have the distribution the dense engine's (independent masks) have,
+    mean and spread within sampling error (a wrong scale or a dropped bias would not)."""
+    x = images[:3]
+    runs = {mode: np.array([[getattr(mc.mc_predict(model, x, samples=20, seed=s, masks=mode), k)
+                             for k in ("mutual_info", "entropy")] for s in range(150)])
+            for mode in ("shared", "independent")}
+    a, b = runs["shared"], runs["independent"]  # (seeds, score, image)
+    se = np.sqrt(a.var(axis=0) / len(a) + b.var(axis=0) / len(b))
+    assert np.all(np.abs(a.mean(axis=0) - b.mean(axis=0)) < 5 * se)
+    ratio = a.std(axis=0) / b.std(axis=0)
+    assert np.all((ratio > 0.7) & (ratio < 1.4))
+    probs = {mode: np.array([mc.mc_predict(model, x, samples=20, seed=s, masks=mode).probs for s in range(150)])
+             for mode in ("shared", "independent")}
+    se = np.sqrt(probs["shared"].var(axis=0) / 150 + probs["independent"].var(axis=0) / 150)
+    assert np.all(np.abs(probs["shared"].mean(axis=0) - probs["independent"].mean(axis=0)) < 5 * se + 1e-6)
