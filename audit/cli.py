@@ -229,8 +229,10 @@ def score(
     samples: int = typer.Option(50, "--samples", "-T", help="Stochastic passes per image."),
     splits: str = typer.Option("train,valid", "--splits", help="Comma-separated: train, valid."),
     device: str = DeviceOpt,
-    batch_size: int = typer.Option(128, "--batch-size", help="Images per batch (B*T rows go through the head)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per batch of the dense engine (--masks independent)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dropout masks."),
+    masks: str = typer.Option("shared", "--masks", help="shared: 1,024 images share each pass's masks (the fast "
+                              "kept-units engine); independent: every image its own (the dense reference)."),
     folds: int = typer.Option(0, "--folds", help="Score training images out of sample with K fold models (K >= 2; trains K models)."),
     confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
     flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
@@ -246,7 +248,7 @@ def score(
     from .flags import FlagConfig
     from .score import ScoreConfig, score_run
 
-    config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds)
+    config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds, masks=masks)
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = score_run(
         run,

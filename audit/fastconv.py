@@ -216,6 +216,42 @@ def conv2d_nhwc(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np
     return out
 
 
+class _BilinearGrad(function_node.FunctionNode):
+    """The gradient node of y = f(x, W) + b with f bilinear (a convolution, a dense
+    layer): (x, W, gy) -> the wanted of (gx, gW, gb). gx is linear in W and gy, gW in x
+    and gy, gb in gy, so its own backward is ``f`` and this node again: the adjoint of
+    gW = corr(x, gy) in x is gW's formula with W := ggW, that of gx in W is gx's with
+    x := ggx, and the gradient in gy is f(ggx, W) + f(x, ggW) + ggb (times ``mask``)."""
+
+    want: tuple[bool, bool, bool]
+    mask: np.ndarray | None = None
+
+    def _again(self, want: tuple[bool, ...]) -> "_BilinearGrad":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward(self, a, b):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, indexes, grad_outputs):
+        x, w, gy = self.get_retained_inputs()
+        given = dict(zip([i for i, f in enumerate(self.want) if f], grad_outputs))
+        ggx, ggw, ggb = given.get(0), given.get(1), given.get(2)
+        out = []
+        for i in indexes:
+            if i == 0:
+                out.append(None if ggw is None else self._again((True,)).apply((x, ggw, gy))[0])
+            elif i == 1:
+                out.append(None if ggx is None else self._again((False, True)).apply((ggx, w, gy))[0])
+            else:
+                terms = [self._forward(a, b) for a, b in ((ggx, w), (x, ggw)) if a is not None and b is not None]
+                if ggb is not None:
+                    terms.append(F.broadcast_to(ggb, gy.shape))
+                total = _sum(terms)
+                out.append(total * self.mask.astype(gy.dtype) if total is not None and self.mask is not None
+                           else total)
+        return tuple(out)
+
+
 class Conv2DNHWC(function_node.FunctionNode):
     """``conv2d_nhwc`` as a chainer function (x, W[, b]) -> y, with ``relu`` y = max(0, ...)
     applied while each task's output is in cache; its backward is a :class:`Conv2DNHWCGrad`
@@ -255,7 +291,7 @@ class Conv2DNHWC(function_node.FunctionNode):
         return grad.apply((x, w, grad_outputs[0]))
 
 
-class Conv2DNHWCGrad(function_node.FunctionNode):
+class Conv2DNHWCGrad(_BilinearGrad):
     """(x, W, gy) -> the gradients of ``conv2d(x, W, b)`` that ``want`` names, in the
     order (gx, gW, gb): gx the transposed convolution of gy by W, gW the correlation of
     x with gy, gb the sum of gy; with ``mask`` (ReLU's: output > 0), of gy * mask. Each
@@ -324,29 +360,11 @@ class Conv2DNHWCGrad(function_node.FunctionNode):
             out.append(_ordered_sum([p[1] for p in parts]))
         return tuple(out)
 
-    def backward(self, indexes, grad_outputs):
-        x, w, gy = self.get_retained_inputs()
-        given = dict(zip([i for i, f in enumerate(self.want) if f], grad_outputs))
-        ggx, ggw, ggb = given.get(0), given.get(1), given.get(2)
-        out = []
-        for i in indexes:
-            if i == 0:  # gW = corr(x, gy); its adjoint takes ggW to the transposed convolution of gy by ggW
-                out.append(None if ggw is None else Conv2DNHWCGrad((True,), mask=self.mask).apply((x, ggw, gy))[0])
-            elif i == 1:  # gx = deconv(gy, W); its adjoint takes ggx to corr(ggx, gy)
-                out.append(None if ggx is None else
-                           Conv2DNHWCGrad((False, True), mask=self.mask).apply((ggx, w, gy))[0])
-            else:  # all three are linear in gy (times the mask)
-                terms = []
-                if ggx is not None:
-                    terms.append(conv2d(ggx, w))
-                if ggw is not None:
-                    terms.append(conv2d(x, ggw))
-                if ggb is not None:
-                    terms.append(F.broadcast_to(ggb, gy.shape))
-                total = _sum(terms)
-                out.append(total * self.mask.astype(gy.dtype) if total is not None and self.mask is not None
-                           else total)
-        return tuple(out)
+    def _again(self, want: tuple[bool, ...]) -> "Conv2DNHWCGrad":
+        return Conv2DNHWCGrad(want, mask=self.mask)
+
+    def _forward(self, a, b):
+        return conv2d(a, b)
 
 
 def _ordered_sum(parts: list[np.ndarray]) -> np.ndarray:
@@ -563,7 +581,7 @@ class Linear(function_node.FunctionNode):
         return LinearGrad(want).apply((x, w, grad_outputs[0]))
 
 
-class LinearGrad(function_node.FunctionNode):
+class LinearGrad(_BilinearGrad):
     """(x, W, gy) -> the gradients of ``linear(x, W, b)`` that ``want`` names, in the
     order (gx = gy W, gW = gy.T x, gb = the column sums of gy); differentiable in turn."""
 
@@ -589,26 +607,11 @@ class LinearGrad(function_node.FunctionNode):
             out.append(gy.sum(axis=0))
         return tuple(out)
 
-    def backward(self, indexes, grad_outputs):
-        x, w, gy = self.get_retained_inputs()
-        given = dict(zip([i for i, f in enumerate(self.want) if f], grad_outputs))
-        ggx, ggw, ggb = given.get(0), given.get(1), given.get(2)
-        out = []
-        for i in indexes:
-            if i == 0:  # gW = gy.T x: adjoint gy ggW
-                out.append(None if ggw is None else LinearGrad((True,)).apply((x, ggw, gy))[0])
-            elif i == 1:  # gx = gy W: adjoint gy.T ggx
-                out.append(None if ggx is None else LinearGrad((False, True)).apply((ggx, w, gy))[0])
-            else:
-                terms = []
-                if ggx is not None:
-                    terms.append(linear(ggx, w))
-                if ggw is not None:
-                    terms.append(linear(x, ggw))
-                if ggb is not None:
-                    terms.append(F.broadcast_to(ggb, gy.shape))
-                out.append(_sum(terms))
-        return tuple(out)
+    def _again(self, want: tuple[bool, ...]) -> "LinearGrad":
+        return LinearGrad(want)
+
+    def _forward(self, a, b):
+        return linear(a, b)
 
 
 def linear(x, w, b=None):

@@ -18,7 +18,8 @@ Masks
     seed and its position: the scores do not change with the batch size, and a shard
     of whole blocks reproduces its part of a full run.
     ``"consistent"``: the same T masks for every image (what BatchBALD needs, so
-    that pass t is one and the same network for the whole pool).
+    that pass t is one and the same network for the whole pool): the sharing of
+    ``"shared"`` taken to the whole pool, on the kept-units engine too.
 
 Scores are reduced on the device (NumPy or CuPy, the same code); only the (N, C)
 means and the (N,) scores travel back, and memory is bounded by the batch size.
@@ -331,8 +332,8 @@ def mc_predict(
         else:
             bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
         _run_cpu(make_worker, bounds, store, workers or cpu_workers())
-    else:
-        _run_device(make_worker(), n, batch_size, store)
+    else:  # shared masks: whole groups per step (the kept-units products are per pass)
+        _run_device(make_worker(), n, max(batch_size, SHARE_BLOCK) if masks == "shared" else batch_size, store)
     progress.close()
     return MCResult(mc_probs=mc, **out)
 
@@ -350,6 +351,9 @@ class _Worker:
             pieces = [self.head.kept(a[lo - start - self.offset:hi - start - self.offset], *self.sampler.group(g))
                       for g, lo, hi in groups(start + self.offset, stop + self.offset)]
             logits = pieces[0] if len(pieces) == 1 else self.device.xp.concatenate(pieces, axis=0)
+        elif self.sampler.mode == "consistent":  # one set of T masks for all: the kept-units engine too
+            m1, m2 = self.sampler(start + self.offset, stop + self.offset)
+            logits = self.head.kept(a, m1[0], m2[0])
         else:
             logits = self.head(a, *self.sampler(start + self.offset, stop + self.offset))
         probs_b = softmax(logits)  # (B, T, C)

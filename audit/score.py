@@ -166,12 +166,14 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
     model itself and scores a slice of a job's rows; the same numbers as in-process."""
     from .cluster import run_pieces
 
-    step = -(-PIECE_BATCHES * config.batch_size // SHARE_BLOCK) * SHARE_BLOCK  # whole groups of shared masks
+    step = PIECE_BATCHES * config.batch_size
+    if config.masks == "shared":
+        step = -(-step // SHARE_BLOCK) * SHARE_BLOCK  # whole groups of shared masks
     pieces, where = [], []
     for split, k, rows in jobs:
         for a in range(0, len(rows), step):
             pieces.append((str(store.path.resolve()), model_names[k], split, rows[a:a + step], a, config.samples,
-                           config.batch_size, stream_seed(config.seed, split, k)))
+                           config.batch_size, stream_seed(config.seed, split, k), config.masks))
             where.append((split, k, a))
     out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
                         {n: np.empty(len(rows), np.float32) for n in metrics.SCORE_COLUMNS}) for split, k, rows in jobs}
@@ -207,7 +209,7 @@ def _worker_dataset(store: runs.RunStore) -> Dataset:
 
 
 def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset: int, samples: int,
-                batch_size: int, seed: int):
+                batch_size: int, seed: int, masks: str = "shared"):
     """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job)."""
     store = runs.RunStore(run)
     meta = store.meta()
@@ -216,7 +218,7 @@ def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset:
         _CACHE[key] = store.load_model(model_name)
     x = _worker_dataset(store).split(split).x
     r = mc_predict(_CACHE[key], x[rows], samples=samples, batch_size=batch_size, seed=seed, workers=1,
-                   offset=offset)
+                   offset=offset, masks=masks)
     return r.probs, r.columns()
 
 
@@ -232,6 +234,10 @@ class ScoreConfig:
     batch_size: int = DEFAULT_BATCH
     seed: int = 0
     folds: int = 0
+    # "shared": each group of mc.SHARE_BLOCK images shares each pass's masks (the kept-units
+    # engine); "independent": every image its own (the dense engine, the origin's; runs made
+    # before this option were scored so)
+    masks: str = "shared"
 
     def __post_init__(self) -> None:
         from .train import check_int
@@ -241,6 +247,8 @@ class ScoreConfig:
         check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         check_int("seed", self.seed, 0)
         check_int("folds", self.folds, 0)
+        if self.masks not in ("shared", "independent"):
+            raise bad_param("masks", f"expected shared or independent, got {self.masks!r}")
         if self.folds == 1:
             raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
 
@@ -373,7 +381,7 @@ def score_run(
         if client is None:
             result = score_dataset(
                 model, dataset, splits=config.splits, samples=config.samples, batch_size=config.batch_size,
-                seed=config.seed, device=device, train_folds=train_folds, progress=progress,
+                seed=config.seed, masks=config.masks, device=device, train_folds=train_folds, progress=progress,
             )
         else:
             check_fits(model, dataset)
@@ -390,7 +398,6 @@ def score_run(
         summary = {
             "created": runs.now(),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-            "masks": "shared",  # mc.SHARE_BLOCK images share each pass's masks (kept-units engine)
             "device": result.device,
             "workers": result.workers,
             "seconds": round(result.seconds, 3),

@@ -117,6 +117,7 @@ def test_bad_subset(shapes_npz, tmp_path):
         (["--samples", "0"], ["--samples: expected an integer 1..100000, got 0"], 2),
         (["--samples", "-4"], ["--samples"], 2),
         (["--splits", "train,test"], ["--splits: expected a comma-separated list of train, valid"], 2),
+        (["--masks", "consistent"], ["--masks: expected shared or independent, got 'consistent'"], 2),
         (["--device", "gpu"], ["--device gpu: this machine has"], 1),
     ],
 )

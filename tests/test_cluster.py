@@ -83,6 +83,19 @@ def test_score_on_two_local_workers_is_byte_identical(trained, scored_in_process
     assert json.loads((run / "run.json").read_text())["score"]["workers"] == "2 workers of a local Dask cluster"
 
 
+def test_dense_engine_on_two_local_workers_is_byte_identical(trained, tmp_path):
+    """--masks independent (the dense reference engine): pieces on batch boundaries."""
+    runs = []
+    for extra in ([], ["--workers", "2"]):
+        run = tmp_path / f"run{len(runs)}"
+        shutil.copytree(trained, run)
+        r = invoke("score", "--run", run, "--samples", "4", "--batch-size", "7", "--masks", "independent", *extra)
+        assert r.exit_code == 0, r.output
+        runs.append(run)
+    same_files(runs[0], runs[1], ("scores.csv", "mc_summary.npz"))
+    assert json.loads((runs[1] / "run.json").read_text())["score"]["masks"] == "independent"
+
+
 def test_acquire_on_two_local_workers_draws_the_same_curves(data, acquired_in_process, tmp_path):
     run = tmp_path / "al"
     r = invoke("acquire", "--data", data, "--run", run, *ACQ, "--workers", "2")

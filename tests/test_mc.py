@@ -24,7 +24,7 @@ def _sampler(mode="independent", samples=6, seed=0, ratio=0.5):  # the per-image
                           device=chainer.get_device("@numpy"))
 
 
-@pytest.mark.parametrize("masks", ["shared", "independent"])
+@pytest.mark.parametrize("masks", ["shared", "independent", "consistent"])
 @pytest.mark.parametrize("arch, dropout", [("origin", 0.5), ("origin", 0.3), ("gal", 0.5)])
 def test_engine_equals_the_per_image_reference(images, arch, dropout, masks):
     """With the same masks, the same numbers: the kept-units engine ("shared") and the
@@ -35,7 +35,7 @@ def test_engine_equals_the_per_image_reference(images, arch, dropout, masks):
     offset = 1000 if masks == "shared" else 0  # crosses a group boundary (1024) / a mask block boundary (128)
     r = mc.mc_predict(m, x, samples=6, batch_size=32, seed=3, return_mc=True, masks=masks, offset=offset)
     sampler = mc.MaskSampler.for_model(m, samples=6, seed=3, mode=masks)
-    m1, m2 = sampler(offset, offset + len(x))
+    m1, m2 = (np.broadcast_to(m, (len(x), *m.shape[1:])) for m in sampler(offset, offset + len(x)))
     ref = mc.reference_mc_probs(m, x, m1, m2)
     np.testing.assert_allclose(r.mc_probs, ref, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(r.probs, ref.mean(axis=1), rtol=1e-5, atol=2e-6)
@@ -194,3 +194,15 @@ def test_shared_masks_keep_each_images_score_distribution(model, images):
              for mode in ("shared", "independent")}
     se = np.sqrt(probs["shared"].var(axis=0) / 150 + probs["independent"].var(axis=0) / 150)
     assert np.all(np.abs(probs["shared"].mean(axis=0) - probs["independent"].mean(axis=0)) < 5 * se + 1e-6)
+
+
+def test_pieces_on_group_boundaries_reproduce_the_whole_run_to_the_byte(model):
+    """What a Dask piece does (score.score_piece, loop's pool pieces): whole groups of
+    shared masks, scored apart with their offset, give the bytes of one call."""
+    x = np.random.default_rng(4).integers(0, 256, (2 * mc.SHARE_BLOCK + 300, 1, 12, 12), dtype=np.uint8)
+    whole = mc.mc_predict(model, x, samples=3, seed=7)
+    parts = [mc.mc_predict(model, x[a:a + mc.SHARE_BLOCK], samples=3, seed=7, offset=a, workers=1)
+             for a in range(0, len(x), mc.SHARE_BLOCK)]
+    for name in ("probs", *audit.metrics.SCORE_COLUMNS):
+        joined = np.concatenate([getattr(p, name) for p in parts])
+        assert joined.tobytes() == getattr(whole, name).tobytes(), name
