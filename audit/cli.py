@@ -479,17 +479,21 @@ def next_(
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
     image_size: Optional[str] = ImageSizeOpt,
+    classes: Optional[str] = typer.Option(None, "--classes", help="First call only: the class names, a,b,c in "
+                                          "order, as a classes.txt beside the data lists them (to start from "
+                                          "pool images with no labels)."),
 ) -> None:
     """Pick the next batch to label: train on what is labelled, score the pool, write RUN/rounds/R/."""
     from .cluster import ClusterConfig
-    from .data import parse_image_size
+    from .data import parse_classes, parse_image_size
     from .loop import next_batch, page_file
 
     cluster = ClusterConfig.from_options(workers, scheduler)
     r = next_batch(run, data=data, data_dir=None if data_dir is None else str(data_dir), k=k, strategy=strategy,
                    samples=samples, pool_subset=pool_subset, beta=beta, seed=seed,
                    model=model, epochs=epochs, partial=partial, device=device,
-                   cluster=cluster, progress=BarProgress(), image_size=parse_image_size(image_size))
+                   cluster=cluster, progress=BarProgress(), image_size=parse_image_size(image_size),
+                   classes=parse_classes(classes))
     guessed = r.batch["guess"].astype(bool).any()
     err.print(f"round {r.round}: chose {len(r.batch):,} of {r.pool_size:,} pool images by {r.strategy} in "
               f"{r.seconds_choose:.1f} s on {r.device}" + (f"; the model's guesses have mean probability "

@@ -91,7 +91,7 @@ def retrain_run(
         if meta.data.get("data_rel"):  # the data inside the source run: keep the path that finds it
             source["data"] = str(Path(source_store.data_path()).resolve())
         source = {**runs.data_source(source["data"], source.get("data_dir"), curated.dataset, run=out_store.path,
-                                     image_size=runs.image_size_of(meta.data)),
+                                     **runs.source_options(meta.data)),
                   "curation": {
                       "source_run": str(source_store.path.resolve()),
                       "base_fingerprint": base.fingerprint,

@@ -54,6 +54,29 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
 RESIZE_FILTER = "Lanczos"
 
 
+def parse_classes(text: str | None) -> tuple[str, ...] | None:
+    """``--classes a,b,c``: the class names, in that order (what a classes.txt lists); None stays None."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in str(text).split(","))
+    if any(not n for n in names):
+        raise AuditError(f"--classes: expected names separated by commas, found an empty one in {text!r}", usage=True)
+    if len(set(names)) != len(names):
+        raise AuditError(f"--classes: a class is named twice in {text!r}", usage=True)
+    if len(names) < 2:
+        raise AuditError(f"--classes: expected at least 2 classes, got {text!r}", usage=True)
+    return names
+
+
+def _listed_classes(classes_txt: Path, classes: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The class list ``--classes`` or a ``classes.txt`` gives (None: neither); both must agree."""
+    from_file = read_classes_txt(classes_txt) if classes_txt.is_file() else None
+    if classes is not None and from_file is not None and tuple(classes) != from_file:
+        raise AuditError(f"--classes: {','.join(classes)} differs from {classes_txt} ({','.join(from_file)}); "
+                         "give one list (or the same)", usage=True)
+    return tuple(classes) if classes is not None else from_file
+
+
 def parse_image_size(text: str | None) -> tuple[int, int] | None:
     """``"HxW"`` (e.g. ``28x28``) as (H, W); None stays None."""
     if text is None:
@@ -150,6 +173,7 @@ def load_dataset(
     download: bool = True,
     progress: Progress | None = None,
     image_size: tuple[int, int] | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> Dataset:
     """Load ``data``: ``"mnist"``, an ``.npz`` file, an image folder or a CSV manifest.
 
@@ -157,11 +181,16 @@ def load_dataset(
     ``$AUDIT_DATA_DIR``, then the user cache, downloading there when missing).
     ``image_size`` (H, W): the size folder and manifest images are resized to (default:
     the most common size of their train and valid images); not for arrays (npz, MNIST).
+    ``classes``: the class names in order, as a ``classes.txt`` would give them, for
+    folders and manifests (with pool images only: the loop's start from no labels).
 
     >>> ds = load_dataset("mnist")                      # doctest: +SKIP
     >>> ds.train.x.shape, ds.valid.x.shape, ds.n_classes  # doctest: +SKIP
     ((60000, 1, 28, 28), (10000, 1, 28, 28), 10)
     """
+    if classes is not None and (str(data) == "mnist" or Path(data).suffix.lower() == ".npz"):
+        raise AuditError("--classes: MNIST and .npz data carry their classes; --classes names those of a folder or "
+                         "manifest", usage=True)
     if str(data) == "mnist":
         if image_size is not None:
             raise AuditError("--image-size: MNIST's images are 28x28 as they are; --image-size resizes folder and "
@@ -178,9 +207,9 @@ def load_dataset(
 
         return labelled_dataset(path, progress=progress)
     if path.is_dir():
-        return load_image_folder(path, progress=progress, image_size=image_size)
+        return load_image_folder(path, progress=progress, image_size=image_size, classes=classes)
     if path.suffix.lower() == ".csv":
-        return load_manifest(path, progress=progress, image_size=image_size)
+        return load_manifest(path, progress=progress, image_size=image_size, classes=classes)
     if path.suffix.lower() == ".npz":
         if image_size is not None:
             raise AuditError("--image-size: an .npz holds arrays of one size already; --image-size resizes folder "
@@ -471,11 +500,13 @@ def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
 
 
 def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = None,
-                      image_size: tuple[int, int] | None = None) -> Dataset:
+                      image_size: tuple[int, int] | None = None, classes: tuple[str, ...] | None = None) -> Dataset:
     """Images laid out as ``root/train/<class>/*.png`` and ``root/valid/<class>/*``, and
     optionally unlabelled ones anywhere under ``root/pool/`` (subfolders allowed).
 
-    Class names are the sorted folder names of ``train``. Images of another size than
+    Class names are the sorted folder names of ``train``, or ``classes`` (``--classes``)
+    in that order, which must include them; with ``pool/`` only, ``classes`` or a
+    ``classes.txt``. Images of another size than
     ``image_size`` (H, W; default the most common size of the train and valid images)
     are resized to it with Pillow's Lanczos filter, and a progress line says how many;
     greyscale images stay one channel unless any train or valid image is colour (then
@@ -486,14 +517,20 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
     root = Path(root)
     # no labels at all: pool/ and a classes.txt, neither train/ nor valid/ (audit next starts at random)
     pool_only = not any((root / s).is_dir() for s in SPLITS) and (root / "pool").is_dir()
-    if pool_only and not (root / "classes.txt").is_file():
+    listed = _listed_classes(root / "classes.txt", classes) if pool_only else classes
+    if pool_only and listed is None:
         raise AuditError(f"--data: {root} has pool/ but no train/ or valid/; to start from no labels, list the "
-                         f"classes in {root / 'classes.txt'} (one a line)")
+                         f"classes in {root / 'classes.txt'} (one a line) or give --classes a,b,c")
     for s in SPLITS:
         if not pool_only and not (root / s).is_dir():
             raise AuditError(f"--data: {root} has no {s}/ folder; expected {root}/{s}/<class>/*.png")
-    if pool_only:
-        class_names = read_classes_txt(root / "classes.txt")
+    if listed is not None:
+        class_names = listed
+        if not pool_only:
+            extra = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and p.name not in listed)
+            if extra:
+                raise AuditError(f"--classes: {root / 'train'} has class folder(s) {', '.join(extra[:3])} that "
+                                 f"--classes does not name", usage=True)
     else:
         class_names = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
     if len(class_names) < 2:
@@ -594,14 +631,14 @@ def read_classes_txt(path: Path) -> tuple[str, ...]:
 
 
 def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None,
-                  image_size: tuple[int, int] | None = None) -> Dataset:
+                  image_size: tuple[int, int] | None = None, classes: tuple[str, ...] | None = None) -> Dataset:
     """A CSV manifest ``path,label,split``: one image a row, its path relative to the CSV
     (or absolute), its class, and train, valid or pool. With ``classes.txt`` it may hold
     pool rows only (train and valid then empty): the loop starts from no labels. A row whose label is empty is a
     pool image (its split may be left empty too); a pool row with a label keeps it as the
     answer `audit acquire` simulates a labeller with (an npz's ``y_pool``). The classes are those of
-    ``classes.txt`` beside the CSV (one a line, in that order) where there is one, else
-    the sorted labels of the train and valid rows. Images follow the folder's rules:
+    ``classes.txt`` beside the CSV (one a line, in that order) or ``classes``
+    (``--classes``) where there is one, else the sorted labels of the train and valid rows. Images follow the folder's rules:
     resized to ``image_size`` or the most common size; greyscale unless a train or valid
     image is colour; pool images as the training images are (:func:`load_image_folder`)."""
     from .tables import parse_table, restore
@@ -640,14 +677,16 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None,
         raise AuditError(f"{path}: {listed(dup, 'rows name an image already listed')}")
     classes_txt = path.parent / "classes.txt"
     pool_only = not (df["split"] != "pool").any()
-    if pool_only and not classes_txt.is_file():
+    named = _listed_classes(classes_txt, classes)
+    if pool_only and named is None:
         raise AuditError(f"{path}: only pool rows; to start from no labels, list the classes in {classes_txt} "
-                         "(one a line)")
-    if classes_txt.is_file():
-        class_names = read_classes_txt(classes_txt)
+                         "(one a line) or give --classes a,b,c")
+    if named is not None:
+        class_names = named
         unknown = (~df["label"].isin(class_names) & (df["label"] != "")).to_numpy()
         if unknown.any():
-            raise AuditError(f"{path}: {listed(unknown, f'rows have a label not in {classes_txt}')}")
+            where = "--classes" if classes is not None else str(classes_txt)
+            raise AuditError(f"{path}: {listed(unknown, f'rows have a label not in {where}')}")
     else:
         class_names = tuple(sorted(set(df["label"][df["split"] != "pool"])))
         unknown = ((df["split"] == "pool") & (df["label"] != "") & ~df["label"].isin(class_names)).to_numpy()

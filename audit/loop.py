@@ -210,6 +210,7 @@ def next_batch(
     cluster: "ClusterConfig | None" = None,
     progress: Progress | None = None,
     image_size: tuple[int, int] | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> NextResult:
     """Train on everything labelled so far, score the pool by MC dropout and commit the
     next batch of ``k`` (batch.csv, the labelling page, Label Studio tasks).
@@ -241,6 +242,10 @@ def next_batch(
                 raise AuditError(f"--image-size: {store.path} was made at "
                                  f"{'x'.join(map(str, meta.data.get('image_size') or ())) or 'the data size'}; "
                                  "leave out --image-size to go on with the run", usage=True)
+            if classes is not None and list(classes) != meta.data.get("classes"):
+                raise AuditError(f"--classes: {store.path} was made with "
+                                 f"{','.join(meta.data.get('classes') or ()) or 'the classes of its data'}; "
+                                 "leave out --classes to go on with the run", usage=True)
             if data is not None and (data if data == "mnist" else str(Path(data).resolve())) != meta.data["data"]:
                 raise AuditError(f"--data: {store.path} was made on {meta.data['data']}, not {data}; leave out "
                                  "--data to go on with the run, or choose another --run")
@@ -260,7 +265,8 @@ def next_batch(
             if data is None:
                 raise AuditError(f"--data: {store.path} is a new run; name its data (a folder with train/, valid/ "
                                  "and pool/, a manifest with pool rows, or an .npz with x_pool)", usage=True)
-            dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
+            dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size,
+                                   classes=classes)
             if dataset.pool is None:
                 raise AuditError(f"--data: {data} has no unlabelled pool; expected a folder with pool/ beside "
                                  "train/ and valid/, a manifest with pool rows, or an .npz with x_pool")
@@ -273,7 +279,8 @@ def next_batch(
             meta = runs.RunMeta(command="loop", created=runs.now(),
                                 config={**config.to_json(), "run_id": secrets.token_hex(8)}, seed=config.seed,
                                 data=runs.data_source(data, data_dir, dataset, run=store.path,
-                                                      image_size=image_size, n_pool=len(dataset.pool)),
+                                                      image_size=image_size, classes=classes,
+                                                      n_pool=len(dataset.pool)),
                                 device=str(device), versions=runs.versions(), results={"rounds": []})
         # this round's settings: the run's, but for what may change per round
         subset = pool_subset if pool_subset is not None else config.pool_subset

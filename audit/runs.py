@@ -261,7 +261,8 @@ class RunMeta:
 
 
 def data_source(data: str | os.PathLike, data_dir: str | os.PathLike | None, dataset, *,
-                run: Path | None = None, image_size: tuple[int, int] | None = None, **extra) -> dict:
+                run: Path | None = None, image_size: tuple[int, int] | None = None,
+                classes: tuple[str, ...] | None = None, **extra) -> dict:
     """The ``data`` block of run.json for ``dataset`` loaded from ``data``: paths absolute
     (so a run is scored the same from any working folder), with a relative form where the
     data lies inside the run."""
@@ -274,6 +275,8 @@ def data_source(data: str | os.PathLike, data_dir: str | os.PathLike | None, dat
                  n_train=len(dataset.train), n_valid=len(dataset.valid), image_shape=list(dataset.image_shape))
     if image_size is not None:  # what --image-size resized to; loaded again at that size
         block["image_size"] = [int(image_size[0]), int(image_size[1])]
+    if classes is not None:  # what --classes named; loaded again with them
+        block["classes"] = list(classes)
     block.update(extra)
     return block
 
@@ -288,12 +291,19 @@ def image_size_of(block: dict) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
+def source_options(block: dict) -> dict:
+    """How a data block's data is loaded again: its ``--image-size`` and ``--classes``."""
+    classes = block.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise AuditError(f"{RUN_JSON}: field 'data.classes': expected a list of names, found {json.dumps(classes)[:40]}")
+    return {"image_size": image_size_of(block), "classes": None if classes is None else tuple(classes)}
+
+
 def load_source(block: dict, *, progress=None):
     """The dataset a run's data block names (on a Dask worker: the same files, the same size)."""
     from .data import load_dataset
 
-    return load_dataset(block["data"], data_dir=block.get("data_dir"), progress=progress,
-                        image_size=image_size_of(block))
+    return load_dataset(block["data"], data_dir=block.get("data_dir"), progress=progress, **source_options(block))
 
 
 def now() -> str:
@@ -663,7 +673,7 @@ class RunStore:
 
         d = self.meta().data
         dataset = load_dataset(self.data_path(), data_dir=data_dir or d.get("data_dir"), progress=progress,
-                               image_size=image_size_of(d))
+                               **source_options(d))
         curation = d.get("curation")
         expected = curation["base_fingerprint"] if curation else d["fingerprint"]
         if dataset.fingerprint != expected:

@@ -736,9 +736,60 @@ def test_a_pool_folder_with_classes_txt_starts_from_no_labels(tmp_path):
     shutil.rmtree(root / "train")
     shutil.rmtree(root / "valid")
     r = runner.invoke(app, ["next", "--run", str(tmp_path / "loop"), "--data", str(root), "--k", "5", *FAST])
-    assert_one_line_error(r, "has pool/ but no train/ or valid/", "classes.txt")
+    assert_one_line_error(r, "has pool/ but no train/ or valid/", "classes.txt", "--classes")
+    r = runner.invoke(app, ["next", "--run", str(tmp_path / "by-option"), "--data", str(root), "--k", "5",
+                            "--classes", ",".join(NAMES), *FAST])
+    assert r.exit_code == 0 and "no labelled images yet" in r.output, r.output
     (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
     ds = load_dataset(root)
     assert len(ds.train) == len(ds.valid) == 0 and len(ds.pool) == 60 and ds.image_shape == (1, 16, 16)
     r = runner.invoke(app, ["next", "--run", str(tmp_path / "loop"), "--data", str(root), "--k", "5", *FAST])
     assert r.exit_code == 0 and "no labelled images yet" in r.output, r.output
+
+
+def test_classes_option_starts_from_no_labels_and_stays_with_the_run(folder, tmp_path):
+    """--classes does what a classes.txt does: a manifest of pool rows only starts the loop;
+    run.json keeps the list, so the later rounds (and Dask workers) load the same data."""
+    root, truth = folder
+    m = root / "pool-only.csv"
+    m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "6", "--classes", ",".join(NAMES),
+                            *FAST])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"]["classes"] == list(NAMES) and meta["data"]["class_names"] == list(NAMES)
+    f = labeller(run, truth, tmp_path / "l1.csv")
+    assert runner.invoke(app, ["label", "--run", str(run), str(f)]).exit_code == 0
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "6"])
+    assert r.exit_code == 0 and "trained on 6 labelled images" in r.output, r.output
+    before = _files(run)
+    # another list on a later call: refused, nothing written
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "6", "--partial", "--classes", "vbar,hbar,diag"])
+    assert_one_line_error(r, "--classes: ", "was made with hbar,vbar,diag")
+    assert _files(run) == before
+    # a classes.txt that says otherwise: one line naming both
+    (root / "classes.txt").write_text("diag\nhbar\nvbar\n")
+    r = runner.invoke(app, ["next", "--run", str(tmp_path / "l2"), "--data", str(m), "--classes", ",".join(NAMES)])
+    assert_one_line_error(r, "--classes: hbar,vbar,diag differs from", "classes.txt")
+    assert not (tmp_path / "l2").exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("hbar", "expected at least 2 classes"),
+    ("hbar,hbar", "a class is named twice"),
+    ("hbar,,vbar", "expected names separated by commas, found an empty one"),
+])
+def test_bad_classes_option(folder, tmp_path, value, message):
+    root, truth = folder
+    r = runner.invoke(app, ["next", "--run", str(tmp_path / "l"), "--data", str(root), "--classes", value])
+    assert_one_line_error(r, f"--classes: {message}")
+    assert r.exit_code == 2 and not (tmp_path / "l").exists()
+
+
+def test_classes_option_is_for_folders_and_manifests(tmp_path):
+    from conftest import write_shapes_npz
+
+    npz = write_shapes_npz(tmp_path / "d.npz", 10, 5)
+    r = runner.invoke(app, ["next", "--run", str(tmp_path / "l"), "--data", str(npz), "--classes", "a,b"])
+    assert_one_line_error(r, "--classes: MNIST and .npz data carry their classes")
