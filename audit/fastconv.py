@@ -38,7 +38,6 @@ import numba
 import numpy as np
 
 from . import _compat  # noqa: F401
-import chainer
 import chainer.functions as F
 from chainer import function_node
 from threadpoolctl import ThreadpoolController

@@ -21,7 +21,6 @@ simulation's curve.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import secrets

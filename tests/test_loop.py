@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import os
 from pathlib import Path
 
 import numpy as np
