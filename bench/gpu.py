@@ -49,12 +49,12 @@ def main() -> None:
 
     # 1. the main job, from an empty folder (the dataset as the user's: MNIST, or an npz of the same)
     with tempfile.TemporaryDirectory() as d:
-        data, data_dir = "mnist", None
+        data = "mnist"
         if what != "MNIST":
             data = str(Path(d) / "data.npz")
             np.savez(data, x_train=ds.train.x, y_train=ds.train.y, x_valid=ds.valid.x, y_valid=ds.valid.y)
         t0 = time.perf_counter()
-        audit.train_run(Path(d) / "run", data=data, data_dir=data_dir, device="gpu",
+        audit.train_run(Path(d) / "run", data=data, device="gpu",
                         config=audit.TrainConfig(epochs=a.epochs))
         t_train = time.perf_counter() - t0
         res = audit.score_run(Path(d) / "run", audit.ScoreConfig(samples=50), device="gpu", data=data)

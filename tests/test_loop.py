@@ -774,6 +774,25 @@ def test_classes_option_starts_from_no_labels_and_stays_with_the_run(folder, tmp
     assert not (tmp_path / "l2").exists()
 
 
+def test_a_tampered_classes_field_is_one_line(folder, tmp_path):
+    """run.json's data.classes is read back on every round: a value that is not a list of
+    names is one line naming the field, and nothing is written."""
+    root, truth = folder
+    m = root / "pool-only.csv"
+    m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
+    run = tmp_path / "loop"
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "4", "--classes", ",".join(NAMES),
+                            *FAST])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((run / "run.json").read_text())
+    meta["data"]["classes"] = "hbar,vbar,diag"
+    (run / "run.json").write_text(json.dumps(meta))
+    before = _files(run)
+    r = runner.invoke(app, ["next", "--run", str(run), "--k", "4", "--partial"])
+    assert_one_line_error(r, "data.classes", "expected a list of names")
+    assert _files(run) == before
+
+
 @pytest.mark.parametrize("value, message", [
     ("hbar", "expected at least 2 classes"),
     ("hbar,hbar", "a class is named twice"),
