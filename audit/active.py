@@ -27,7 +27,7 @@ from .acquire import BETA, STRATEGIES, acquire, from_scores, parse_strategy, ran
 from .data import Dataset, Split, load_dataset
 from .device import get_device
 from .errors import AuditError, bad_param
-from .mc import mc_predict
+from .mc import mc_predict, require_dropout
 from .progress import NullProgress, Progress
 from .score import MAX_SAMPLES
 from .train import TrainConfig, check_int, check_run_free, train
@@ -46,6 +46,37 @@ if TYPE_CHECKING:
 AL_TRAIN = TrainConfig(model="gal", epochs=50, batch_size=32, lr=5e-3, schedule="cosine", even_batches=True)
 # Gal et al.'s code, for reproductions (bench/al_mnist.py's default)
 PAPER_TRAIN = replace(AL_TRAIN, batch_size=128, lr=1e-3, schedule="constant", even_batches=False)
+# The BatchBALD paper's code (Kirsch et al. 2019): their CNN, Adam at 1e-3, batches of 64,
+# "epochs" of 5,056 images drawn with replacement, at most 30, early stopping with patience
+# 3 on 1,024 images carved from the training images (ALConfig.valid_size), best weights restored
+BATCHBALD_TRAIN = TrainConfig(model="batchbald", epochs=30, batch_size=64, lr=1e-3, schedule="constant",
+                              even_batches=False, epoch_samples=5056, patience=3)
+
+# `audit acquire --recipe NAME`: how each round trains, and the early-stopping split it needs
+RECIPES = {
+    "gal": (AL_TRAIN, None),
+    "batchbald": (BATCHBALD_TRAIN, 1024),
+}
+
+
+def recipe_config(name: str, *, valid_size: int | None = None, **overrides) -> tuple[TrainConfig, int | None]:
+    """(training settings, early-stopping split size) of recipe ``name`` with the
+    options a user set (None: the recipe's). ``epoch_samples`` 0: one pass over the
+    images per epoch; ``valid_size`` 0: no split, so no early stopping."""
+    if name not in RECIPES:
+        raise bad_param("recipe", f"expected one of {', '.join(RECIPES)}, got {name!r}")
+    train, held = RECIPES[name]
+    set_ = {k: v for k, v in overrides.items() if v is not None}
+    if set_.get("epoch_samples") == 0:
+        set_["epoch_samples"] = None
+    if set_.get("patience") == 0:
+        raise bad_param("patience", "expected at least 1 epoch without improvement before stopping, got 0; to "
+                        "train every epoch without early stopping pass --valid-size 0")
+    if valid_size is not None:
+        held = valid_size or None
+        if held is None:
+            set_["patience"] = None
+    return replace(train, **set_), held
 
 
 @dataclass(frozen=True)
@@ -72,6 +103,13 @@ class ALConfig:
     batchbald_samples: int = 2000  # sampled label configurations once the exact joint is too big
     stop_error: float | None = None  # end a strategy's repeat once its validation error is at most this
     beta: float = BETA  # power/softmax sampling's exponent (powerbald, softmaxentropy, ...)
+    # early stopping (train.patience): this many images carved from the training images at
+    # random (seeded by seed and repeat), never in the pool, never acquired; None: none
+    valid_size: int | None = None
+    # score the pool with one set of T masks for every image (consistent MC dropout), for
+    # every strategy; without it only batchbald does (it needs them), the others share
+    # masks within groups of images (mc.SHARE_BLOCK)
+    consistent: bool = False
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES]
@@ -91,6 +129,12 @@ class ALConfig:
             raise bad_param("stop_error", f"expected an error rate between 0 and 1, got {self.stop_error}")
         if self.pool_subset is not None and self.pool_subset < self.step:
             raise bad_param("pool_subset", f"expected at least --step ({self.step}), got {self.pool_subset}")
+        if self.valid_size is not None:
+            check_int("valid_size", self.valid_size, 1)
+        if (self.valid_size is None) != (self.train.patience is None):
+            raise bad_param("patience" if self.valid_size is not None else "valid_size",
+                            "early stopping needs both --patience and --valid-size (the images it watches), "
+                            f"got {'--valid-size only' if self.valid_size is not None else '--patience only'}")
 
     def train_config(self, n_labelled: int, seed: int) -> TrainConfig:
         """The training settings of a round with ``n_labelled`` images and ``seed``."""
@@ -159,17 +203,8 @@ def run_active_learning(
     the repeat and round alone, so the curves are those of one uninterrupted run)."""
     progress = progress or NullProgress()
     dev = get_device(device)
-    dataset, fixed_start = loop_dataset(dataset)
-    if fixed_start is not None and config.initial != len(fixed_start):
-        raise bad_param("initial", f"with a labelled pool the training split is the initial set ({len(fixed_start)} "
-                        f"images), got {config.initial}")
+    dataset, fixed_start = check_plan(dataset, config)
     n_train = len(dataset.train)
-    if config.initial + config.rounds * config.step > n_train:
-        where = "pool" if fixed_start is not None else "training"
-        raise AuditError(
-            f"--rounds: {config.initial} + {config.rounds} x {config.step} images exceed the "
-            f"{n_train - (config.initial if fixed_start is not None else 0)} {where} images"
-        )
     curve, acquired = [], []
     last_rep = config.first_repeat + config.repeats
     if prior is not None:  # what this call does not run again is kept as it was
@@ -185,8 +220,9 @@ def run_active_learning(
         curve += old_curve
         acquired += old_acquired
     for rep in range(config.first_repeat, last_rep):
-        start = fixed_start if fixed_start is not None else initial_set(
-            dataset.train.y, config.initial, dataset.n_classes, np.random.default_rng(_seed(config.seed, rep, 0)))
+        held_out, start = carve_valid(config, rep, dataset.train.y, dataset.n_classes, fixed_start)
+        stop_split = None if held_out is None else Split(dataset.train.x[held_out], dataset.train.y[held_out])
+        not_pool = start if held_out is None else np.union1d(start, held_out)
         for strategy in config.strategies:
             first_round, _, old_acquired = plans[(strategy, rep)]
             if old_acquired:
@@ -197,11 +233,11 @@ def run_active_learning(
             for rnd in range(first_round, config.rounds + 1):
                 t0 = time.perf_counter()
                 cfg = config.train_config(len(labelled), _seed(config.seed, rep, rnd, 1))
-                result = train(dataset, cfg, subset=labelled, device=device, validate=False)
+                result = train(dataset, cfg, subset=labelled, device=device, validate=False, stop_split=stop_split)
                 model, acc = result.model, result.valid_accuracy
                 done = config.stop_error is not None and reached(acc, config.stop_error)
                 if rnd < config.rounds and not done:
-                    candidates = np.setdiff1d(np.arange(n_train), labelled)
+                    candidates = np.setdiff1d(np.arange(n_train), np.union1d(labelled, not_pool))
                     new, scores, _ = choose_batch(model, dataset.train.x, candidates, strategy, config, rep, rnd, dev)
                     labelled = np.sort(np.concatenate([labelled, new]))
                     acquired += [dict(strategy=strategy, repeat=rep, round=rnd + 1, index=int(i), score=float(s))
@@ -219,6 +255,59 @@ def run_active_learning(
                                    f"{1 - acc:.4f} <= {config.stop_error}, stopped after round {rnd}")
                     break
     return _in_order(curve, acquired, config)
+
+
+def check_plan(dataset: Dataset, config: ALConfig) -> tuple[Dataset, np.ndarray | None]:
+    """:func:`loop_dataset` of ``dataset``, once ``config``'s rounds and early-stopping
+    split are known to fit in it (one line naming the option otherwise)."""
+    dataset, fixed_start = loop_dataset(dataset)
+    if fixed_start is not None and config.initial != len(fixed_start):
+        raise bad_param("initial", f"with a labelled pool the training split is the initial set ({len(fixed_start)} "
+                        f"images), got {config.initial}")
+    n_train = len(dataset.train)
+    check_valid_size(config, n_train, fixed_start)
+    held = config.valid_size or 0
+    if config.initial + config.rounds * config.step + held > n_train:
+        where = "pool" if fixed_start is not None else "training"
+        raise AuditError(
+            f"--rounds: {config.initial} + {config.rounds} x {config.step} images exceed the "
+            f"{n_train - (config.initial if fixed_start is not None else held)} {where} images"
+            + (f" left beside the {held} of --valid-size" if held else "")
+        )
+    return dataset, fixed_start
+
+
+def check_valid_size(config: ALConfig, n_train: int, fixed_start: np.ndarray | None) -> None:
+    """One line when the early-stopping split cannot be carved from the labelled images."""
+    if config.valid_size is None:
+        return
+    if fixed_start is not None:
+        raise bad_param("valid_size", "with a labelled pool the training split is the start, and every image of it "
+                        "counts as labelled on the curve; leave out --valid-size (and --patience), or carve the "
+                        "early-stopping images out of the data's training split yourself")
+    room = n_train - config.initial
+    if config.valid_size > room:
+        raise bad_param("valid_size", f"the early-stopping split is carved from the {n_train} labelled training "
+                        f"images beside the --initial {config.initial}: expected at most {room}, "
+                        f"got {config.valid_size}")
+
+
+def carve_valid(config: ALConfig, rep: int, labels: np.ndarray, n_classes: int,
+                fixed_start: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(early-stopping split or None, initial labelled set) of repeat ``rep``: the split is
+    ``config.valid_size`` training images drawn at random (seeded by the seed and the
+    repeat), and the initial set is drawn from the rest. Without a split the initial set
+    is the one runs have always drawn."""
+    if fixed_start is not None:
+        return None, fixed_start
+    draw = np.random.default_rng(_seed(config.seed, rep, 0))
+    if config.valid_size is None:
+        return None, initial_set(labels, config.initial, n_classes, draw)
+    held = np.sort(np.random.default_rng(_seed(config.seed, rep, 5)).choice(len(labels), config.valid_size,
+                                                                             replace=False))
+    rest = labels.copy()
+    rest[held] = -1  # no class: never drawn into the initial set
+    return held, initial_set(rest, config.initial, n_classes, draw)
 
 
 def _in_order(curve: list[dict], acquired: list[dict], config: ALConfig) -> ALResult:
@@ -275,8 +364,9 @@ def choose_batch(model, images: np.ndarray, candidates: np.ndarray, strategy: st
     if strategy == "random":  # no scoring: the same draw Generator.choice(pool) makes
         batch = random_batch(rng, len(pool), k)
         return pool[batch.indices], batch.scores, None
+    require_dropout(model)
     sampling, _ = parse_strategy(strategy)
-    masks = "consistent" if strategy == "batchbald" else "shared"
+    masks = "consistent" if strategy == "batchbald" or config.consistent else "shared"
     if scorer is None:
         r = mc_predict(model, images[pool], samples=config.samples, seed=_seed(config.seed, rep, rnd, 3),
                        masks=masks, device=dev, return_mc=strategy == "batchbald", progress=progress)
@@ -351,6 +441,7 @@ def acquire_run(
                                  "label it with `audit next` and `audit label`")
             if initial_from_data:
                 config = replace(config, initial=len(dataset.train))
+        check_plan(dataset, config)  # a plan that does not fit is refused before anything is written
         prior = resumable(store, config, dataset.fingerprint) if resume else None
         meta = runs.RunMeta(
             command="acquire", created=runs.now(),

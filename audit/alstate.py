@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 # settings that shape every curve: a run goes on (or pools with another) only where they agree
 CURVE_SETTINGS = ("initial", "step", "samples", "pool_subset", "seed", "model", "epochs", "batch_size", "lr",
-                  "schedule", "weight_decay", "batchbald_samples", "even_batches", "beta")
+                  "schedule", "weight_decay", "batchbald_samples", "even_batches", "beta", "epoch_samples",
+                  "patience", "valid_size", "consistent")
 
 
 def _differing(a: dict, b: dict) -> list[str]:
@@ -42,6 +43,7 @@ def stored_config(meta: runs.RunMeta) -> dict:
     config.setdefault("schedule", "constant")  # runs made before --schedule existed trained at a constant lr
     config.setdefault("even_batches", False)  # and before --even-batches in full batches and the remainder
     config.setdefault("beta", 1.0)  # and before power/softmax sampling, with the default it has
+    config.setdefault("consistent", False)  # and before --consistent-masks, without them
     return config
 
 

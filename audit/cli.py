@@ -405,14 +405,32 @@ def acquire(
                                      "al_curve.csv: --first-repeat 3 --repeats 2 runs the 4th and 5th, with the start "
                                      "and seeds they have in any run (they follow from --seed and the number)."),
     seed: int = typer.Option(0, "--seed"),
-    model: str = typer.Option("gal", "--model", help="gal (Gal et al. 2017's CNN) or origin."),
-    epochs: int = typer.Option(50, "--epochs", help="Training epochs per round."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Training batch (Gal et al.'s code: 128)."),
-    lr: float = typer.Option(5e-3, "--lr", help="Adam's alpha at the start (chosen on a validation split carved from "
-                                  "the training images; Gal et al.'s code: 1e-3)."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine: alpha falls to 0 over each training; "
-                                 "constant: Gal et al.'s code."),
-    even_batches: bool = EvenBatchesOpt,
+    recipe: str = typer.Option("gal", "--recipe", help="How each round trains: gal (Gal et al. 2017's CNN, 50 "
+                               "epochs, batch 32, Adam from 5e-3 along a cosine) or batchbald (the BatchBALD paper's "
+                               "CNN, Adam 1e-3, batch 64, epochs of 5,056 draws, early stopping on 1,024 carved "
+                               "training images, patience 3). The options below override its settings."),
+    model: Optional[str] = typer.Option(None, "--model", help="gal (Gal et al. 2017's CNN), batchbald (the BatchBALD "
+                                        "paper's, dropout in its convolutions: the slower engine) or origin."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per round (the most, with early "
+                                         "stopping)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch (Gal et al.'s code: 128)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam's alpha at the start (gal's 5e-3 chosen on a "
+                                       "validation split carved from the training images; Gal et al.'s code: 1e-3)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine: alpha falls to 0 over each training; "
+                                           "constant: as the papers' code."),
+    even_batches: Optional[bool] = typer.Option(None, "--even-batches/--no-even-batches", help="Near-equal batches "
+                                                "per epoch (130 images at 128: 65 + 65); --no-even-batches: full "
+                                                "batches and the remainder."),
+    epoch_samples: Optional[int] = typer.Option(None, "--epoch-samples", help="An epoch draws this many labelled "
+                                                "images with replacement (0: one pass over them)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping: stop after this many epochs "
+                                           "without a better accuracy on the --valid-size images; best weights "
+                                           "restored (0: no early stopping)."),
+    valid_size: Optional[int] = typer.Option(None, "--valid-size", help="Training images carved out for early "
+                                             "stopping, never in the pool (0: none)."),
+    consistent_masks: bool = typer.Option(False, "--consistent-masks", help="Score the pool with one set of T "
+                                          "dropout masks for every image, for every strategy (batchbald always "
+                                          "does)."),
     stop_at_error: Optional[float] = typer.Option(
         None, "--stop-at-error", help="End a strategy's repeat once its validation error is at most this (e.g. 0.05)."),
     data: str = typer.Option("mnist", "--data"),
@@ -428,17 +446,17 @@ def acquire(
     image_size: Optional[str] = ImageSizeOpt,
 ) -> None:
     """Active-learning loops: acquire by MC-dropout strategies, retrain, evaluate; RUN/al_curve.csv."""
-    from .active import ALConfig, acquire_run
-    from .config import TrainConfig
+    from .active import ALConfig, acquire_run, recipe_config
     from .data import parse_image_size
     from .curves import last_accuracy
 
+    train, held = recipe_config(recipe, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
+                                even_batches=even_batches, epoch_samples=epoch_samples, patience=patience,
+                                valid_size=valid_size)
     config = ALConfig(
         strategies=tuple(s.strip() for s in strategy.split(",") if s.strip()), initial=initial or 20, step=step,
         rounds=rounds, samples=samples, pool_subset=pool_subset or None, repeats=repeats, first_repeat=first_repeat,
-        seed=seed, stop_error=stop_at_error, beta=beta,
-        train=TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
-                          even_batches=even_batches),
+        seed=seed, stop_error=stop_at_error, beta=beta, train=train, valid_size=held, consistent=consistent_masks,
     )
     from .cluster import ClusterConfig
 
@@ -469,8 +487,8 @@ def next_(
                                          "run's; 1, Kirsch et al. 2023's, on the first call)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds every round's training and choice (set by the "
                                        "first call: default 0)."),
-    model: Optional[str] = typer.Option(None, "--model", help="gal (Gal et al. 2017's CNN) or origin (set by the "
-                                        "first call: default gal)."),
+    model: Optional[str] = typer.Option(None, "--model", help="gal (Gal et al. 2017's CNN), batchbald (the "
+                                        "BatchBALD paper's) or origin (set by the first call: default gal)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per round (set by the first call: "
                                          "default 50)."),
     partial: bool = typer.Option(False, "--partial", help="Go on although the last batch has images without a "

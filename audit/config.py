@@ -24,16 +24,27 @@ class TrainConfig:
     lr: float = 1e-4  # Adam's alpha
     dropout: float = 0.5
     seed: int = 0
-    model: str = "origin"  # or "gal", the CNN of Gal et al. 2017
+    model: str = "origin"  # or "gal", the CNN of Gal et al. 2017, or "batchbald", the BatchBALD paper's
     weight_decay: float = 0.0  # L2 rate on the head's first dense layer (chainer WeightDecay)
     schedule: str = "constant"  # or "cosine": the step size falls from lr to 0 over the training
     # split each epoch into ceil(n / batch_size) batches of near-equal size, not full batches and a
     # remainder (130 images in batches of 128: 65 + 65, not 128 + 2); the same when batch_size divides n
     even_batches: bool = True
+    # each epoch draws this many training images with replacement (the BatchBALD paper's
+    # code: 5,056); None: an epoch is one pass over the images
+    epoch_samples: int | None = None
+    # early stopping: end training once the accuracy on an early-stopping split (carved
+    # from the labelled training images, given to train()) has not improved for this many
+    # epochs, and restore the best epoch's weights; None: train every epoch
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
+        if self.epoch_samples is not None:
+            check_int("epoch_samples", self.epoch_samples, 1)
+        if self.patience is not None:
+            check_int("patience", self.patience, 1)
         check_int("seed", self.seed, 0)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad_param("lr", f"expected a positive, finite learning rate, got {self.lr}")

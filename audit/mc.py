@@ -42,7 +42,8 @@ from . import metrics
 from .data import to_float32
 from .device import cpu_workers, get_device, make_rng
 from .errors import AuditError, bad_param
-from .model import MCDropoutNet, keep_bits
+from . import fastconv
+from .model import BatchBALDCNN, MCDropoutNet, keep_bits
 from .progress import NullProgress, Progress
 
 # Images per mask block: a default batch is one block (no concatenation), and a short
@@ -101,13 +102,13 @@ class MCResult:
 
 
 class MaskSampler:
-    """Draws the keep-masks of both dropout layers for images [start, stop):
-    m1 (B, T, D1) and m2 (B, T, D2), of 0 (drop) and 1 (keep).
+    """Draws the keep-masks of every dropout layer after the trunk for images [start,
+    stop): m1 (B, T, D1), m2 (B, T, D2), ... of 0 (drop) and 1 (keep).
 
     The 1 / (1 - ratio) scales are applied by the engine.
     """
 
-    def __init__(self, *, samples: int, widths: tuple[int, int], ratios: tuple[float, float], seed: int,
+    def __init__(self, *, samples: int, widths: tuple[int, ...], ratios: tuple[float, ...], seed: int,
                  mode: MaskMode, device) -> None:
         if mode not in MASK_MODES:
             raise AuditError(f"masks: expected one of {', '.join(MASK_MODES)}, got {mode!r}")
@@ -118,11 +119,10 @@ class MaskSampler:
 
     @classmethod
     def for_model(cls, model: MCDropoutNet, *, samples: int, seed: int, mode: MaskMode = "shared", device=None):
-        hl = model.head_layers()
+        layers = model.dropout_layers()
         return cls(
-            samples=samples, widths=(hl.first.W.shape[1], hl.second.W.shape[1]),
-            ratios=(hl.first_ratio, hl.second_ratio), seed=seed, mode=mode,
-            device=device or chainer.get_device("@numpy"),
+            samples=samples, widths=tuple(w for w, _ in layers), ratios=tuple(r for _, r in layers), seed=seed,
+            mode=mode, device=device or chainer.get_device("@numpy"),
         )
 
     def _draw(self, rng, n: int):
@@ -131,26 +131,26 @@ class MaskSampler:
         )
 
     def _block(self, b: int):
-        """(m1, m2) of block b, (MASK_BLOCK, T, D) each, cached for the next call."""
+        """(m1, m2, ...) of block b, (MASK_BLOCK, T, D) each, cached for the next call."""
         if self._cache is None or self._cache[0] != b:
             self._cache = (b, self._draw(make_rng(self.device, [self.seed, b]), MASK_BLOCK))
         return self._cache[1]
 
     def group(self, g: int):
-        """(k1, k2): (T, D) keep-flags of shared group g ("shared" mode), cached."""
+        """(k1, k2, ...): (T, D) keep-flags of shared group g ("shared" mode), cached."""
         if self._cache is None or self._cache[0] != ("group", g):
             rng = make_rng(self.device, [self.seed, 2**31 - 2, g])  # streams no block or consistent mask uses
             self._cache = (("group", g), tuple(m[0] for m in self._draw(rng, 1)))
         return self._cache[1]
 
     def __call__(self, start: int, stop: int):
-        """(m1, m2): (B, T, D) masks for images [start, stop), or (1, T, D) in consistent
+        """(m1, m2, ...): (B, T, D) masks for images [start, stop), or (1, T, D) in consistent
         mode; in shared mode each image gets its group's (the dense form of them)."""
-        xp = self.xp
+        xp, layers = self.xp, range(len(self.widths))
         if self.mode == "shared":
             parts = [[xp.broadcast_to(m, (hi - lo, *m.shape)) for m in self.group(g)]
                      for g, lo, hi in groups(start, stop)]
-            return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in range(2))
+            return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in layers)
         if self.mode == "consistent":
             if self._consistent is None:
                 rng = make_rng(self.device, [self.seed, 2**31 - 1])  # a stream no block uses
@@ -162,7 +162,17 @@ class MaskSampler:
             parts.append([m[lo - b * MASK_BLOCK : hi - b * MASK_BLOCK] for m in self._block(b)])
         if len(parts) == 1:
             return tuple(parts[0])
-        return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in range(2))
+        return tuple(xp.concatenate([p[i] for p in parts], axis=0) for i in layers)
+
+
+def require_dropout(model: MCDropoutNet) -> None:
+    """One line when ``model`` has no dropout after its trunk: its MC passes would all be
+    the same network and every uncertainty score 0 (the commands refuse to score so;
+    :func:`mc_predict` itself computes what such a model gives)."""
+    if all(r == 0 for _, r in model.dropout_layers()):
+        raise AuditError(f"model: this {model.spec.arch} model has no dropout (it was trained with --dropout 0), so "
+                         "its MC passes are all the same network and every uncertainty score would be 0; MC "
+                         "scoring needs a model trained with dropout (--dropout above 0)")
 
 
 def groups(start: int, stop: int):
@@ -254,9 +264,127 @@ class Head:
         y += self.b5
 
 
-def head_passes(model: MCDropoutNet, a, m1, m2):
-    """Logits of T head passes: (B, H) trunk output, (B|1, T, H) keep-masks -> (B, T, C)."""
-    return Head(model)(a, m1, m2)
+class ConvHead:
+    """The per-pass part of a model with dropout in its convolutions
+    (:class:`~audit.model.BatchBALDCNN`): channel mask, second convolution, pooling and
+    ReLU, channel mask, dense layer, ReLU, mask, dense layer, for every pass.
+
+    The same two entry points as :class:`Head`: ``__call__`` with a mask per image and
+    pass (the dense reference: every pass's full convolution), ``kept`` with masks that
+    images share (pass t convolves only the channels it keeps, in and out: about a
+    quarter of the arithmetic at dropout 0.5). Dropout scales are folded into the
+    weights. On the CPU the trunk's output is taken channels-last and the convolution is
+    ``fastconv``'s; on a GPU chainer's (cuDNN).
+    """
+
+    def __init__(self, model: MCDropoutNet) -> None:
+        (_, r1), (_, r2), (_, r3) = model.dropout_layers()
+        conv, fc3, fc4 = model.conv2, model.fc3, model.fc4
+        xp = chainer.backend.get_array_module(conv.W.array)
+        self.xp, self.cpu = xp, xp is np
+        co = conv.W.shape[0]
+        self.w2 = conv.W.array * np.float32(1.0 / (1.0 - r1))  # (Co, Ci, k, k): mask 1 on its input
+        self.b2 = conv.b.array
+        h3 = fc3.W.shape[0]
+        self.pooled = None  # (ph, pw), known at the first batch
+        w3 = fc3.W.array * np.float32(1.0 / (1.0 - r2))  # (H3, Co*ph*pw), mask 2 on its input
+        self._w3_flat, self._co, self._h3 = w3, co, h3
+        self.b3 = fc3.b.array
+        self.w4 = xp.ascontiguousarray(fc4.W.array.T * np.float32(1.0 / (1.0 - r3)))  # (H3, C)
+        self.b4 = fc4.b.array
+
+    def _w3(self, ph: int, pw: int):
+        """fc3's weights as (H3, ph, pw, Co) on the CPU (channels-last features) or
+        (H3, Co, ph, pw) on a GPU."""
+        if self.pooled != (ph, pw):
+            w = self._w3_flat.reshape(self._h3, self._co, ph, pw)
+            self.w3 = self.xp.ascontiguousarray(w.transpose(0, 2, 3, 1) if self.cpu else w)
+            self.pooled = (ph, pw)
+        return self.w3
+
+    def _conv_pool(self, x, w, b):
+        """ReLU(2x2 max pooling(convolution)): channels-last on the CPU, NCHW on a GPU."""
+        if self.cpu:
+            return fastconv.relu_max_pool2_nhwc(fastconv.conv2d_nhwc(x, w, b))
+        import chainer.functions as F
+
+        with chainer.no_backprop_mode():
+            return F.relu(F.max_pooling_2d(F.convolution_2d(x, w, b), 2)).array
+
+    def _layout(self, a):
+        """The trunk's (B, Ci, h, w) output in the engine's layout."""
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if self.cpu else a
+
+    def __call__(self, a, m1, m2, m3):
+        """Logits of T passes for each of B images: trunk output a (B, Ci, h, w),
+        keep-masks m1 (B|1, T, Ci), m2 (B|1, T, Co), m3 (B|1, T, H3) of 0/1 -> (B, T, C)."""
+        xp = self.xp
+        a = self._layout(a)
+        b, t = a.shape[0], m1.shape[1]
+        y = xp.empty((b, t, self.w4.shape[1]), np.float32)
+        step = max(1, CPU_HEAD_ROWS // 4 // t) if self.cpu else max(1, 4096 // t)
+        for i in range(0, b, step):
+            j = min(i + step, b)
+            ms = [m[i:j] if m.shape[0] > 1 else xp.broadcast_to(m, (j - i, *m.shape[1:])) for m in (m1, m2, m3)]
+            y[i:j] = self._dense(a[i:j], *ms)
+        return y
+
+    def _dense(self, a, m1, m2, m3):
+        xp = self.xp
+        b, t = m1.shape[:2]
+        if self.cpu:  # (b, T, h, w, Ci) * channel masks
+            x = (a[:, None] * m1[:, :, None, None, :].astype(np.float32)).reshape(b * t, *a.shape[1:])
+        else:
+            x = (a[:, None] * m1[:, :, :, None, None].astype(np.float32)).reshape(b * t, *a.shape[1:])
+        p = self._conv_pool(x, self.w2, self.b2)
+        ph, pw = (p.shape[1], p.shape[2]) if self.cpu else (p.shape[2], p.shape[3])
+        m2f = m2.reshape(b * t, -1).astype(np.float32)
+        p *= m2f[:, None, None, :] if self.cpu else m2f[:, :, None, None]
+        z = p.reshape(b * t, -1) @ self._w3(ph, pw).reshape(self._h3, -1).T
+        z += self.b3
+        xp.maximum(z, np.float32(0), out=z)
+        z *= m3.reshape(b * t, -1)
+        out = z @ self.w4
+        out += self.b4
+        return out.reshape(b, t, -1)
+
+    def kept(self, a, k1, k2, k3):
+        """Logits of T passes for B images that share each pass's masks: trunk output a
+        (B, Ci, h, w), keep-flags k1 (T, Ci), k2 (T, Co), k3 (T, H3) -> (B, T, C).
+        Pass t convolves only its kept input channels into its kept output channels."""
+        xp = self.xp
+        a = self._layout(a)
+        b, t = a.shape[0], k1.shape[0]
+        y = xp.empty((b, t, self.w4.shape[1]), np.float32)
+        for p in range(t):
+            i1, i2, i3 = (xp.flatnonzero(k[p]) for k in (k1, k2, k3))
+            w = self.w2[i2][:, i1]
+            if self.cpu:
+                h = self._conv_pool(np.take(a, i1, axis=3), w, self.b2[i2])  # (B, ph, pw, kept2)
+                ph, pw = h.shape[1:3]
+                w3 = self._w3(ph, pw)[i3][:, :, :, i2]
+            else:
+                h = self._conv_pool(xp.take(a, i1, axis=1), w, self.b2[i2])  # (B, kept2, ph, pw)
+                ph, pw = h.shape[2:4]
+                w3 = self._w3(ph, pw)[i3][:, i2]
+            z = h.reshape(b, -1) @ w3.reshape(len(i3), -1).T
+            z += self.b3[i3]
+            xp.maximum(z, np.float32(0), out=z)
+            y[:, p] = z @ self.w4[i3]
+        y += self.b4
+        return y
+
+
+def make_head(model: MCDropoutNet):
+    """The engine of ``model``'s stochastic part: :class:`ConvHead` where dropout sits in
+    the convolutions, :class:`Head` (dense layers only, the fast path) otherwise."""
+    return ConvHead(model) if isinstance(model, BatchBALDCNN) else Head(model)
+
+
+def head_passes(model: MCDropoutNet, a, *masks):
+    """Logits of T passes of the stochastic part: trunk output a, one (B|1, T, D)
+    keep-mask per dropout layer -> (B, T, C)."""
+    return make_head(model)(a, *masks)
 
 
 def softmax(logits):
@@ -343,7 +471,7 @@ class _Worker:
 
     def __init__(self, model: MCDropoutNet, sampler: MaskSampler, x: np.ndarray, device, offset: int = 0) -> None:
         self.model, self.sampler, self.x, self.device, self.offset = model, sampler, x, device, offset
-        self.head = Head(model)
+        self.head = make_head(model)
 
     def __call__(self, start: int, stop: int):
         a = self.model.trunk_array(self.device.send(to_float32(self.x[start:stop])))  # (B, H)
@@ -352,8 +480,7 @@ class _Worker:
                       for g, lo, hi in groups(start + self.offset, stop + self.offset)]
             logits = pieces[0] if len(pieces) == 1 else self.device.xp.concatenate(pieces, axis=0)
         elif self.sampler.mode == "consistent":  # one set of T masks for all: the kept-units engine too
-            m1, m2 = self.sampler(start + self.offset, stop + self.offset)
-            logits = self.head.kept(a, m1[0], m2[0])
+            logits = self.head.kept(a, *(m[0] for m in self.sampler(start + self.offset, stop + self.offset)))
         else:
             logits = self.head(a, *self.sampler(start + self.offset, stop + self.offset))
         probs_b = softmax(logits)  # (B, T, C)
@@ -422,26 +549,37 @@ def _is_out_of_memory(e: Exception) -> bool:
     return isinstance(e, cupy.cuda.memory.OutOfMemoryError)
 
 
-def reference_mc_probs(model: MCDropoutNet, x: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+def reference_mc_probs(model: MCDropoutNet, x: np.ndarray, *masks: np.ndarray) -> np.ndarray:
     """The origin's way, for tests: the whole network, one image and one pass at a
-    time, through chainer's own ``F.dropout`` with the given keep-masks.
+    time, through chainer's own functions (``F.dropout`` with the given keep-masks).
 
-    x (N, C, H, W); m1 (N, T, D1), m2 (N, T, D2) of 0/1 -> (N, T, C) probabilities.
+    x (N, C, H, W); one (N, T, D) keep-mask of 0/1 per dropout layer -> (N, T, C)
+    probabilities. For :class:`~audit.model.BatchBALDCNN` in its paper's order:
+    conv, channel dropout, max pooling, ReLU, twice; dense, dropout, ReLU, dense.
     """
     import chainer.functions as F
 
-    hl = model.head_layers()
-    s1 = np.float32(1.0 / (1.0 - hl.first_ratio))
-    s2 = np.float32(1.0 / (1.0 - hl.second_ratio))
-    n, t = m1.shape[:2]
+    scales = [np.float32(1.0 / (1.0 - r)) for _, r in model.dropout_layers()]
+    n, t = masks[0].shape[:2]
     out = np.empty((n, t, model.spec.n_classes), np.float32)
+
+    def drop(h, m, s):  # m: (D,) keep-flags over h's axis 1 (channels or units)
+        mask = (m * s).astype(np.float32).reshape(1, -1, *([1] * (h.ndim - 2)))
+        return F.dropout(h, mask=np.ascontiguousarray(np.broadcast_to(mask, h.shape)))
+
     with chainer.using_config("train", True), chainer.no_backprop_mode():
         for i in range(n):
             xi = to_float32(x[i : i + 1])
             for j in range(t):
-                h = model.trunk(xi)
-                h = F.dropout(h, mask=(m1[i, j] * s1)[None].astype(np.float32))
-                h = F.relu(hl.first(h))
-                h = F.dropout(h, mask=(m2[i, j] * s2)[None].astype(np.float32))
+                m = [mk[i, j] for mk in masks]
+                if isinstance(model, BatchBALDCNN):
+                    h = F.relu(F.max_pooling_2d(drop(model.conv1(xi), m[0], scales[0]), 2))
+                    h = F.relu(F.max_pooling_2d(drop(model.conv2(h), m[1], scales[1]), 2))
+                    h = F.relu(drop(model.fc3(h), m[2], scales[2]))
+                    out[i, j] = F.softmax(model.fc4(h)).array[0]
+                    continue
+                hl = model.head_layers()
+                h = drop(model.trunk(xi), m[0], scales[0])
+                h = drop(F.relu(hl.first(h)), m[1], scales[1])
                 out[i, j] = F.softmax(hl.second(h)).array[0]
     return out

@@ -111,6 +111,17 @@ class MCDropoutNet(chainer.Chain):
     def head_layers(self) -> HeadLayers:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def dropout_layers(self) -> tuple[tuple[int, float], ...]:
+        """(width, ratio) of every dropout layer after the trunk, in order: what the MC
+        engine draws masks for."""
+        hl = self.head_layers()
+        return ((hl.first.W.shape[1], hl.first_ratio), (hl.second.W.shape[1], hl.second_ratio))
+
+    def decayed(self) -> L.Linear:
+        """The dense layer weight decay applies to (the paper's code: the one after the
+        first dropout)."""
+        return self.head_layers().first
+
     @property
     def dropout(self) -> float:
         return self.spec.dropout
@@ -142,7 +153,8 @@ class MCDropoutNet(chainer.Chain):
         h = self._trunk_nhwc(x.transpose(0, 2, 3, 1), _conv_array, fastconv.relu_max_pool2_nhwc)
         h = np.ascontiguousarray(h.transpose(0, 3, 1, 2))
         with chainer.using_config("train", False), chainer.no_backprop_mode():
-            return self._after_convs(h).array
+            out = self._after_convs(h)
+        return out.array if isinstance(out, chainer.Variable) else out
 
 
 def _conv_array(h, w, b, relu: bool = False):
@@ -167,6 +179,17 @@ def _dropout(h, ratio: float, rng):
     xp = chainer.backend.get_array_module(h)
     scale = np.float32(1.0 / (1.0 - ratio))
     return F.dropout(h, mask=keep_mask(rng, h.shape, ratio, xp) * scale)
+
+
+def _channel_dropout(h, ratio: float, rng):
+    """Dropout of whole channels of NCHW ``h`` (PyTorch's ``Dropout2d``)."""
+    if not chainer.config.train or ratio == 0.0:
+        return h
+    xp = chainer.backend.get_array_module(h)
+    shape = (h.shape[0], h.shape[1], 1, 1)
+    keep = keep_mask(rng, shape, ratio, xp) if rng is not None else (xp.random.rand(*shape) >= ratio).astype(np.float32)
+    mask = xp.broadcast_to(keep * np.float32(1.0 / (1.0 - ratio)), h.shape)
+    return F.dropout(h, mask=xp.ascontiguousarray(mask))
 
 
 def _check(n_classes: int, dropout: float) -> None:
@@ -288,12 +311,91 @@ class GalCNN(MCDropoutNet):
         return HeadLayers(self.fc3, self.spec.dropout_conv, self.fc4, self.dropout)
 
 
-ARCHS = {"origin": OriginCNN, "gal": GalCNN}
+class BatchBALDCNN(MCDropoutNet):
+    """The MNIST CNN of Kirsch, van Amersfoort & Gal 2019 (BatchBALD), with dropout in
+    the convolutions:
+
+        conv 32 5x5 -> channel dropout -> max-pool 2 -> ReLU ->                 trunk: to here
+        conv 64 5x5 -> channel dropout -> max-pool 2 -> ReLU -> dense 128 ->
+        dropout -> ReLU -> dense C                                              head
+
+    Every ratio is ``dropout`` (0.5 in their code). Channel dropout multiplies a whole
+    channel by 0 or 2, and max pooling and ReLU commute with a factor >= 0, so the trunk
+    is the first convolution, its pooling and ReLU, run once per image; the channel
+    mask of the first convolution then falls on the trunk's output. Everything after it
+    runs once per MC pass: the slow path, about 4 times the head's arithmetic of the
+    other models per pass (the kept-units engine keeps only the kept channels).
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        *,
+        dropout: float = 0.5,
+        hidden: int = 128,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        _check(n_classes, dropout)
+        self.spec = ModelSpec(int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden),
+                              "batchbald", 0.0)
+        rng = np.random.RandomState(seed)
+
+        def w():
+            return initializers.LeCunNormal(rng=rng)
+
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(image_shape[0], 32, 5, initialW=w())
+            self.conv2 = L.Convolution2D(32, 64, 5, initialW=w())
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            h = self.trunk_chainer(np.zeros((1, *image_shape), np.float32))
+            flat = F.max_pooling_2d(self.conv2(h), 2).size
+        with self.init_scope():
+            self.fc3 = L.Linear(flat, hidden, initialW=w())
+            self.fc4 = L.Linear(hidden, n_classes, initialW=w())
+
+    def trunk_chainer(self, x):
+        return F.relu(F.max_pooling_2d(self.conv1(x), 2))
+
+    def _trunk_nhwc(self, h, conv, relu_pool):
+        return relu_pool(conv(h, self.conv1.W, self.conv1.b))
+
+    def _after_convs(self, h):
+        return h  # (B, 32, h, w): the second convolution is in the head
+
+    def head_layers(self) -> HeadLayers:
+        return HeadLayers(self.fc3, self.dropout, self.fc4, self.dropout)
+
+    def dropout_layers(self) -> tuple[tuple[int, float], ...]:
+        r = self.dropout
+        return ((self.conv1.W.shape[0], r), (self.conv2.W.shape[0], r), (self.fc3.W.shape[0], r))
+
+    def decayed(self) -> L.Linear:
+        return self.fc3
+
+    def head(self, h, rng=None):
+        """(B, 32, h, w) trunk output -> (B, n_classes) logits, with dropout when
+        ``config.train`` (channel dropout in the convolutions)."""
+        r = self.dropout
+        h = _channel_dropout(h, r, rng)
+        if chainer.backend.get_array_module(h) is np:
+            h = fastconv.conv2d(F.transpose(h, (0, 2, 3, 1)), self.conv2.W, self.conv2.b)
+            h = F.transpose(fastconv.relu_max_pool2(h), (0, 3, 1, 2))
+        else:
+            h = F.relu(F.max_pooling_2d(self.conv2(h), 2))
+        h = _channel_dropout(h, r, rng)
+        h = _dropout(F.relu(_linear(self.fc3, h)), r, rng)
+        return _linear(self.fc4, h)
+
+
+ARCHS = {"origin": OriginCNN, "gal": GalCNN, "batchbald": BatchBALDCNN}
 
 
 # smallest image side each architecture takes: origin (3x3 conv, pool 2) twice needs
-# (H - 2) // 2 - 2 >= 2; gal's two 4x4 convs then pool 2 need H - 6 >= 2
-MIN_SIDE = {"origin": 10, "gal": 8}
+# (H - 2) // 2 - 2 >= 2; gal's two 4x4 convs then pool 2 need H - 6 >= 2; batchbald's
+# (H - 4) // 2 - 4 >= 2
+MIN_SIDE = {"origin": 10, "gal": 8, "batchbald": 16}
 
 
 def check_image_shape(image_shape, arch: str) -> None:
@@ -313,7 +415,7 @@ def build_model(
     seed: int | None = 0,
     arch: str = "origin",
 ) -> MCDropoutNet:
-    """A freshly initialised model (``arch`` "origin" or "gal") for ``n_classes`` classes."""
+    """A freshly initialised model (``arch`` "origin", "gal" or "batchbald") for ``n_classes`` classes."""
     if arch not in ARCHS:
         raise bad_param("model", f"expected one of {', '.join(ARCHS)}, got {arch!r}")
     check_image_shape(image_shape, arch)

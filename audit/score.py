@@ -16,7 +16,7 @@ from .data import SPLITS, Dataset
 from .device import describe, get_device
 from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
-from .mc import DEFAULT_BATCH, SHARE_BLOCK, MaskMode, mc_predict
+from .mc import DEFAULT_BATCH, SHARE_BLOCK, MaskMode, mc_predict, require_dropout
 from .dupes import duplicate_summary, exact_duplicates
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
@@ -371,6 +371,7 @@ def score_run(
             raise AuditError(f"--image-size: {store.path} is trained already, on its data at the size it records; "
                              "--image-size applies when `audit score` trains a new run", usage=True)
         model = store.load_model()
+        require_dropout(model)
         dataset = store.dataset(data_dir=data_dir, progress=progress)
         t0 = time.perf_counter()
         train_folds = (

@@ -82,10 +82,15 @@ class TrainResult:
     seconds: float
     n_train: int
     device: str = field(default="cpu")
+    # early stopping: the epoch whose weights the model has (restored), its accuracy on the
+    # early-stopping split, and the restored model's (loss, accuracy) on the validation split
+    best_epoch: int | None = None
+    stop_accuracy: float | None = None
+    final_valid: tuple[float, float] | None = None
 
     @property
     def valid_accuracy(self) -> float:
-        return self.log[-1].valid_accuracy
+        return self.final_valid[1] if self.final_valid is not None else self.log[-1].valid_accuracy
 
 
 def step_scale(schedule: str, step: int, total: int) -> float:
@@ -146,11 +151,15 @@ def train(
     device: str = "cpu",
     validate: bool = True,
     progress: Progress | None = None,
+    stop_split: Split | None = None,
 ) -> TrainResult:
     """Train the model of ``config`` on ``dataset.train`` (or its ``subset`` of indices).
 
     Same seed, same device: identical weights. Validation loss and accuracy are
     measured each epoch with dropout off (with ``validate=False`` only after the last).
+    With ``config.patience``, ``stop_split`` (labelled images kept out of training)
+    decides when to stop: after ``patience`` epochs without a better accuracy on it,
+    the best epoch's weights are restored, and ``valid_accuracy`` is theirs.
 
     >>> result = train(load_dataset("data.npz"), TrainConfig(epochs=2))  # doctest: +SKIP
     >>> result.valid_accuracy                                           # doctest: +SKIP
@@ -165,11 +174,14 @@ def train(
     optimizer.setup(model)
     if config.weight_decay:
         # as the paper's code: an L2 penalty on the dense layer after the first dropout
-        model.head_layers().first.W.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
+        model.decayed().W.update_rule.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
 
     idx_all = np.arange(len(dataset.train)) if subset is None else np.asarray(subset)
     if len(idx_all) == 0:
         raise AuditError(f"--data: {dataset.source} has no labelled training images to train on")
+    if config.patience is not None and (stop_split is None or len(stop_split) == 0):
+        raise AuditError(f"--patience {config.patience}: early stopping needs an early-stopping split of labelled "
+                         "images kept out of training (--valid-size), got none")
     order_rng = np.random.default_rng(config.seed)
     mask_rng = make_rng(dev, [config.seed, 1])
     t_start = time.perf_counter()
@@ -178,23 +190,28 @@ def train(
     # convolutions over the cores itself, and the small dense products lose nothing (bench)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), threadpool_limits(limits=1, user_api="blas"):
         return _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
-                       validate)
+                       validate, stop_split)
 
 
 def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
-            validate) -> TrainResult:
+            validate, stop_split) -> TrainResult:
     """The epochs of :func:`train`."""
     x_all, y_all = dataset.train.x, dataset.train.y
     n = len(idx_all)
+    per_epoch = n if config.epoch_samples is None else config.epoch_samples
     log = []
-    steps_per_epoch = -(-n // config.batch_size)
+    steps_per_epoch = -(-per_epoch // config.batch_size)
     total_steps, step = config.epochs * steps_per_epoch, 0
+    stopper = _EarlyStop(model, config.patience) if config.patience is not None else None
     for epoch in range(1, config.epochs + 1):
-        progress.start(f"epoch {epoch}/{config.epochs}", n)
+        progress.start(f"epoch {epoch}/{config.epochs}", per_epoch)
         t0 = time.perf_counter()
         loss_sum = 0.0
         correct = seen = 0
-        for bi in _batches(n, config.batch_size, order_rng.permutation(n), even=config.even_batches):
+        # an epoch: a permutation of the images, or epoch_samples of them drawn with replacement
+        order = (order_rng.permutation(n) if config.epoch_samples is None
+                 else order_rng.integers(0, n, size=config.epoch_samples))
+        for bi in _batches(per_epoch, config.batch_size, order, even=config.even_batches):
             rows = np.sort(idx_all[bi])  # sorted gathers are faster; order within a batch is irrelevant
             x = dev.send(to_float32(x_all[rows]))
             t = dev.send(y_all[rows])
@@ -216,7 +233,7 @@ def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev
             elapsed = time.perf_counter() - t0
             progress.advance(b, loss=loss_sum / seen, acc=correct / seen, ips=seen / elapsed)
         train_seconds = time.perf_counter() - t0
-        if validate or epoch == config.epochs:
+        if validate or (epoch == config.epochs and stopper is None):
             v_loss, v_acc = evaluate(model, dataset.valid, device=dev)
         else:
             v_loss = v_acc = float("nan")
@@ -230,11 +247,46 @@ def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev
             seen / train_seconds,
         )
         log.append(rec)
+        stop_note = ""
+        if stopper is not None:
+            stop_note = f" | early-stopping acc {stopper.see(epoch, evaluate(model, stop_split, device=dev)[1]):.4f}"
         progress.close(
             f"epoch {epoch}/{config.epochs}: loss {rec.train_loss:.4f} acc {rec.train_accuracy:.4f} "
-            f"| valid loss {rec.valid_loss:.4f} acc {rec.valid_accuracy:.4f} | {rec.images_per_s:,.0f} images/s"
+            f"| valid loss {rec.valid_loss:.4f} acc {rec.valid_accuracy:.4f}{stop_note} | {rec.images_per_s:,.0f} images/s"
         )
-    return TrainResult(model, tuple(log), time.perf_counter() - t_start, n, describe(dev))
+        if stopper is not None and stopper.done:
+            break
+    if stopper is None:
+        return TrainResult(model, tuple(log), time.perf_counter() - t_start, n, describe(dev))
+    stopper.restore()
+    return TrainResult(model, tuple(log), time.perf_counter() - t_start, n, describe(dev),
+                       best_epoch=stopper.best_epoch, stop_accuracy=stopper.best,
+                       final_valid=evaluate(model, dataset.valid, device=dev))
+
+
+class _EarlyStop:
+    """Keeps the weights of the epoch with the best early-stopping accuracy (the first
+    of equals); ``done`` once ``patience`` epochs in a row did not beat it."""
+
+    def __init__(self, model: MCDropoutNet, patience: int) -> None:
+        self.model, self.patience = model, patience
+        self.best, self.best_epoch, self.since, self.weights = -1.0, 0, 0, None
+
+    def see(self, epoch: int, accuracy: float) -> float:
+        if accuracy > self.best:
+            self.best, self.best_epoch, self.since = accuracy, epoch, 0
+            self.weights = {name: p.array.copy() for name, p in self.model.namedparams()}
+        else:
+            self.since += 1
+        return accuracy
+
+    @property
+    def done(self) -> bool:
+        return self.since >= self.patience
+
+    def restore(self) -> None:
+        for name, p in self.model.namedparams():
+            p.array[...] = self.weights[name]
 
 
 def log_csv(log: tuple[EpochRecord, ...]) -> str:

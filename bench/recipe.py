@@ -2,11 +2,14 @@
 from MNIST's training images, never on its 10,000 test images.
 
 Holds out 10,000 of the 60,000 training images (seeded), draws random class-balanced
-labelled sets of a few sizes from the other 50,000, trains the Gal et al. CNN with each
-recipe (50 epochs, the paper's weight decay, near-equal batches) and prints the mean
-accuracy on the held-out images, each seed's, and the wall time.
+labelled sets of a few sizes from the other 50,000, trains with each recipe and prints
+the mean accuracy on the held-out images, each seed's, the epochs trained and the wall
+time. The Gal et al. CNN recipes train 50 epochs with the paper's weight decay; the
+``batchbald`` recipe (``audit acquire --recipe batchbald``) stops early on 1,024 more
+labelled images drawn from the 50,000 (never from the held-out 10,000), as the BatchBALD
+paper's code did: those images are labels the other recipes do not get.
 
-    python bench/recipe.py [--sizes 100,300,500] [--seeds 3] [--recipes paper,b32,acquire]
+    python bench/recipe.py [--sizes 100,300,500] [--seeds 3] [--recipes paper,b32,acquire,batchbald]
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import time
 import numpy as np
 
 import audit
-from audit.active import AL_TRAIN, PAPER_TRAIN, ALConfig, initial_set
-from audit.data import holdout
+from audit.active import AL_TRAIN, BATCHBALD_TRAIN, PAPER_TRAIN, ALConfig, initial_set
+from audit.data import Split, holdout
 
 RECIPES = {
     "paper": ALConfig(train=replace(PAPER_TRAIN, even_batches=True)),  # Gal et al.'s code
@@ -30,6 +33,11 @@ RECIPES = {
     "b32-cos5e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=5e-3, schedule="cosine")),
     "b32-cos7e-3": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=7e-3, schedule="cosine")),
     "b32-cos1e-2": ALConfig(train=replace(AL_TRAIN, batch_size=32, lr=1e-2, schedule="cosine")),
+    "batchbald": ALConfig(train=BATCHBALD_TRAIN, valid_size=1024),  # the BatchBALD paper's code
+    # the BatchBALD CNN without early stopping: all 30 epochs of 5,056 draws
+    "batchbald-30": ALConfig(train=replace(BATCHBALD_TRAIN, patience=None)),
+    # Gal's CNN with the batchbald recipe's early stopping on the same 1,024 images
+    "acquire-es": ALConfig(train=replace(AL_TRAIN, patience=5), valid_size=1024),
 }
 
 
@@ -49,13 +57,21 @@ def main() -> None:
           "(the test images are not read)", flush=True)
     for n in (int(v) for v in a.sizes.split(",")):
         for name in a.recipes.split(","):
-            acc = []
+            acc, epochs = [], []
             t1 = time.perf_counter()
+            recipe = RECIPES[name]
             for seed in range(a.seeds):
                 subset = initial_set(ds.train.y, n, ds.n_classes, np.random.default_rng(2000 + seed))
-                cfg = RECIPES[name].train_config(n, seed)
-                acc.append(audit.train(ds, cfg, subset=subset, validate=False).valid_accuracy)
-            print(f"n={n:4d} {name:12s}: {np.mean(acc):.4f} {np.round(acc, 4).tolist()} "
+                cfg = recipe.train_config(n, seed)
+                stop = None
+                if recipe.valid_size:  # more labelled images, outside the subset, to stop on
+                    rest = np.setdiff1d(np.arange(len(ds.train)), subset)
+                    held = np.random.default_rng(3000 + seed).choice(rest, recipe.valid_size, replace=False)
+                    stop = Split(ds.train.x[held], ds.train.y[held])
+                r = audit.train(ds, cfg, subset=subset, validate=False, stop_split=stop)
+                acc.append(r.valid_accuracy)
+                epochs.append(r.best_epoch or len(r.log))
+            print(f"n={n:4d} {name:12s}: {np.mean(acc):.4f} {np.round(acc, 4).tolist()} epochs (best) {epochs} "
                   f"({time.perf_counter() - t1:.0f} s)", flush=True)
     print(f"wall {time.perf_counter() - t0:.0f} s")
 

@@ -369,3 +369,78 @@ def test_resume_in_the_command(shapes_npz, tmp_path):
     assert r.exit_code == 1 and "--resume: " in r.output and "nothing to go on with" in r.output
     r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", "--resume", "--overwrite"))
     assert r.exit_code == 2 and "--resume and --overwrite" in r.output
+
+
+def test_early_stopping_split_is_carved_out_of_the_pool(shapes_npz):
+    """--valid-size images: drawn per repeat from the training images, never in the
+    initial set, never acquired; the curve is the same run after run."""
+    from audit.active import carve_valid
+
+    ds = audit.load_dataset(shapes_npz)
+    cfg = ALConfig(strategies=("bald", "random"), **{**SMALL, "train": replace(SMALL["train"], patience=1)},
+                   valid_size=40, repeats=2)
+    res = run_active_learning(ds, cfg)
+    for rep in (0, 1):
+        held, start = carve_valid(cfg, rep, ds.train.y, ds.n_classes, None)
+        assert len(held) == 40 and len(start) == 6 and not set(held) & set(start)
+        mine = res.acquired[res.acquired.repeat == rep]
+        assert not set(held) & set(mine["index"]) and set(start) == set(mine[mine["round"] == 0]["index"])
+    assert not np.array_equal(*(carve_valid(cfg, r, ds.train.y, ds.n_classes, None)[0] for r in (0, 1)))
+    again = run_active_learning(ds, cfg)
+    pd.testing.assert_frame_equal(res.curve.drop(columns="seconds"), again.curve.drop(columns="seconds"))
+
+
+def test_recipe_batchbald_in_the_command(shapes_npz, tmp_path):
+    run = tmp_path / "bb"
+    args = ["acquire", "--data", str(shapes_npz), "--run", str(run), "--strategy", "batchbald,powerbald",
+            "--recipe", "batchbald", "--initial", "6", "--step", "3", "--rounds", "1", "--samples", "4",
+            "--pool-subset", "60", "--epochs", "3", "--epoch-samples", "64", "--valid-size", "30"]
+    r = runner.invoke(app, [*args, "--consistent-masks"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "run.json").read_text())["config"]
+    assert (cfg["model"], cfg["batch_size"], cfg["lr"], cfg["patience"], cfg["valid_size"], cfg["epoch_samples"],
+            cfg["consistent"]) == ("batchbald", 64, 1e-3, 3, 30, 64, True)
+    assert len(pd.read_csv(run / "al_curve.csv")) == 4
+    # going on needs the same recipe: another early-stopping split is another curve
+    r = runner.invoke(app, [*args[:-2], "--valid-size", "20", "--consistent-masks", "--rounds", "2", "--resume"])
+    assert r.exit_code == 2 and "valid_size 30" in r.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recipe", "batchbald", "--valid-size", "295"], "--valid-size: the early-stopping split is carved from the 300 "
+     "labelled training images beside the --initial 6: expected at most 294, got 295"),
+    (["--recipe", "batchbald", "--valid-size", "290", "--rounds", "2"], "--rounds: 6 + 2 x 3 images exceed the 10 "
+     "training images left beside the 290 of --valid-size"),
+    (["--patience", "0"], "--patience: expected at least 1 epoch without improvement before stopping, got 0"),
+    (["--recipe", "batchbald", "--patience", "0"], "--patience: expected at least 1 epoch"),
+    (["--patience", "3"], "early stopping needs both --patience and --valid-size"),
+    (["--valid-size", "30"], "early stopping needs both --patience and --valid-size"),
+    (["--recipe", "fast"], "--recipe: expected one of gal, batchbald, got 'fast'"),
+    (["--model", "batchbald", "--epoch-samples", "-3"], "--epoch-samples: expected an integer at least 1, got -3"),
+])
+def test_bad_early_stopping_options_write_nothing(shapes_npz, tmp_path, extra, message):
+    run = tmp_path / "bad"
+    r = runner.invoke(app, acquire_args(shapes_npz, run, "bald", *extra))
+    assert r.exit_code in (1, 2) and message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not run.exists()
+
+
+def test_bench_protocols_and_their_counting(capsys):
+    bench = _bench_al_mnist()
+    with pytest.raises(SystemExit, match="^error: --protocol: expected one of gal, batchbald, sba, got 'x'$"):
+        import sys
+
+        sys.argv = ["al_mnist.py", "--protocol", "x"]
+        bench.main()
+    assert bench.steps("powerbald:10,batchbald:5,bald", "sba") == {10: ["powerbald", "bald"], 5: ["batchbald"]}
+    with pytest.raises(SystemExit, match="name:b"):
+        bench.steps("bald:0", "sba")
+    # reached 95% at 200 labelled = 180 acquired beyond 20: BatchBALD's tables say 190 (size minus b = 10)
+    assert bench.paper_count("batchbald", 180, 20, 10) == 190 and bench.paper_count("sba", 180, 20, 10) == 200
+    curve = pd.DataFrame([dict(strategy="batchbald", repeat=0, round=k, n_labelled=20 + 10 * k,
+                               valid_accuracy=a, seconds=1.0) for k, a in enumerate([0.5, 0.91, 0.96])])
+    bench.print_table(curve, 20, "batchbald", 10)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("batchbald "))
+    # this project's 10 / 20 acquired; the paper's counting 20 / 30; its figures -/190
+    assert line.split()[1:7] == ["10", "20", "|", "20/30", "-/190", "|"]

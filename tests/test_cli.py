@@ -184,3 +184,13 @@ def test_train_without_even_batches_is_recorded(shapes_npz, tmp_path):
                "--no-even-batches")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["even_batches"] is False
+
+
+def test_score_refuses_a_model_without_dropout(shapes_npz, tmp_path):
+    run = tmp_path / "nodrop"
+    r = runner.invoke(app, ["train", "--data", str(shapes_npz), "--run", str(run), "--epochs", "1", "--dropout", "0"])
+    assert r.exit_code == 0, r.output
+    before = sorted(p.name for p in run.iterdir())
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4"])
+    assert r.exit_code == 1 and "model: this origin model has no dropout" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in run.iterdir()) == before

@@ -28,6 +28,24 @@ def test_head_passes_on_gpu_equal_cpu():
     np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-4, atol=1e-5)
 
 
+def test_dropout_in_the_convolutions_on_gpu_equals_cpu():
+    """The BatchBALD CNN's per-pass engine on CuPy (chainer's convolution) and on NumPy
+    (fastconv), the same masks: every pass's full convolution and the kept channels."""
+    import cupy
+
+    m = audit.build_model(3, (1, 20, 20), seed=0, arch="batchbald")
+    x = np.random.default_rng(0).random((10, 1, 20, 20), dtype=np.float32)
+    masks = mc.MaskSampler.for_model(m, samples=4, seed=0, mode="independent")(0, 10)
+    keeps = mc.MaskSampler.for_model(m, samples=4, seed=0, mode="shared").group(0)
+    a = m.trunk_array(x)
+    cpu = mc.make_head(m)(a, *masks), mc.make_head(m).kept(a, *keeps)
+    m.to_device("@cupy:0")
+    ag = m.trunk_array(cupy.asarray(x))
+    gpu = (mc.make_head(m)(ag, *map(cupy.asarray, masks)), mc.make_head(m).kept(ag, *map(cupy.asarray, keeps)))
+    for c, g in zip(cpu, gpu):
+        np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=1e-4, atol=1e-4)
+
+
 def test_mc_predict_on_gpu_is_seeded_and_sane():
     m = audit.build_model(4, (1, 12, 12), seed=0)
     x = np.random.default_rng(0).integers(0, 256, (300, 1, 12, 12), dtype=np.uint8)

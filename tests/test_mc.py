@@ -206,3 +206,27 @@ def test_pieces_on_group_boundaries_reproduce_the_whole_run_to_the_byte(model):
     for name in ("probs", *audit.metrics.SCORE_COLUMNS):
         joined = np.concatenate([getattr(p, name) for p in parts])
         assert joined.tobytes() == getattr(whole, name).tobytes(), name
+
+
+@pytest.mark.parametrize("masks", ["shared", "independent", "consistent"])
+def test_dropout_in_the_convolutions_runs_the_network_per_pass(masks):
+    """The BatchBALD CNN's channel dropout: the per-pass engine (kept channels only, or
+    every pass's full convolution) gives the numbers of the whole network, image by image
+    and pass by pass, in the paper's order through chainer's functions."""
+    m = audit.build_model(3, (1, 18, 18), seed=2, arch="batchbald")
+    x = np.random.default_rng(4).integers(0, 256, (40, 1, 18, 18), dtype=np.uint8)
+    offset = 1010 if masks == "shared" else 0  # crosses a group boundary
+    r = mc.mc_predict(m, x, samples=5, batch_size=16, seed=3, return_mc=True, masks=masks, offset=offset)
+    sampler = mc.MaskSampler.for_model(m, samples=5, seed=3, mode=masks)
+    ms = [np.broadcast_to(k, (len(x), *k.shape[1:])) for k in sampler(offset, offset + len(x))]
+    assert [k.shape[2] for k in ms] == [32, 64, 128]
+    ref = mc.reference_mc_probs(m, x, *ms)
+    np.testing.assert_allclose(r.mc_probs, ref, rtol=1e-5, atol=2e-6)
+    assert r.mutual_info.max() > 0
+
+
+def test_a_model_without_dropout_is_refused():
+    m = audit.build_model(3, (1, 12, 12), dropout=0.0)
+    with pytest.raises(AuditError, match=r"^model: this origin model has no dropout .* \(--dropout above 0\)$"):
+        mc.require_dropout(m)
+    mc.require_dropout(audit.build_model(3, (1, 12, 12), dropout=0.0, arch="gal"))  # its first dropout is 0.25

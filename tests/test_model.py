@@ -99,3 +99,55 @@ def test_gal_cnn_shapes():
     assert type(model_from_spec(m.spec)) is type(m)
     with pytest.raises(AuditError, match="^model: "):
         build_model(3, arch="resnet")
+
+
+def test_batchbald_cnn_shapes_and_spec():
+    m = build_model(10, (1, 28, 28), arch="batchbald")
+    # 28 -> conv5 24 -> pool 12 -> conv5 8 -> pool 4: 64*4*4 = 1024 -> 128 -> 10, as the paper's code
+    assert m.conv1.W.shape == (32, 1, 5, 5) and m.conv2.W.shape == (64, 32, 5, 5)
+    assert m.fc3.W.shape == (128, 1024) and m.fc4.W.shape == (10, 128)
+    assert m.dropout_layers() == ((32, 0.5), (64, 0.5), (128, 0.5))
+    from audit.model import model_from_spec
+
+    again = model_from_spec(m.spec)
+    assert type(again) is type(m) and again.fc3.W.shape == m.fc3.W.shape
+    with pytest.raises(AuditError, match="too small for the batchbald CNN"):
+        build_model(3, (1, 12, 12), arch="batchbald")
+
+
+def _batchbald_reference(m, x, masks):
+    """The paper's order through chainer's own functions: conv, channel dropout, max
+    pooling, ReLU (twice); dense, dropout, ReLU, dense. ``masks``: per-image scaled masks."""
+    m1, m2, m3 = masks
+    h = F.relu(F.max_pooling_2d(m.conv1(x) * m1[:, :, None, None], 2))
+    h = F.relu(F.max_pooling_2d(m.conv2(h) * m2[:, :, None, None], 2))
+    return m.fc4(F.relu(m.fc3(h) * m3))
+
+
+def test_batchbald_cnn_trains_with_the_papers_gradients(monkeypatch):
+    """Channel dropout after the pooling (where it commutes) and fastconv's kernels on the
+    CPU: the same logits and gradients as the paper's order in chainer's own functions,
+    with the same masks."""
+    from audit import model as model_mod
+
+    m = build_model(4, (1, 20, 20), seed=5, arch="batchbald")
+    x = np.random.default_rng(2).random((6, 1, 20, 20), dtype=np.float32)
+    rng = np.random.default_rng(7)
+    masks = [keep_mask(rng, (6, w), 0.5) * np.float32(2) for w in (32, 64, 128)]
+    drawn = iter(masks)
+
+    def fixed(rng_, shape, ratio, xp=np):  # hands out the masks above, in order
+        return (next(drawn) / np.float32(2)).reshape(shape)
+
+    monkeypatch.setattr(model_mod, "keep_mask", fixed)
+    grads, logits = [], []
+    for run in ("ours", "reference"):
+        m.cleargrads()
+        with chainer.using_config("train", True):
+            y = m(x, rng=np.random.default_rng(0)) if run == "ours" else _batchbald_reference(m, x, masks)
+        F.sum(y * y).backward()
+        logits.append(y.array)
+        grads.append({n: p.grad.copy() for n, p in m.namedparams()})
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    for name, g in grads[1].items():
+        np.testing.assert_allclose(grads[0][name], g, rtol=1e-4, atol=1e-4 * np.abs(g).max(), err_msg=name)

@@ -228,3 +228,55 @@ def build_model_like(ds, cfg):
     from audit.model import build_model
 
     return build_model(ds.n_classes, ds.image_shape, dropout=cfg.dropout, seed=cfg.seed, arch=cfg.model)
+
+
+def test_early_stopping_restores_the_best_epoch(shapes_npz, monkeypatch):
+    """Patience 2: training ends 2 epochs after the best early-stopping accuracy, and the
+    model is that epoch's (its accuracies are the best epoch's, measured again)."""
+    import importlib
+
+    from audit.data import Split
+    from audit.train import evaluate
+
+    ds = load_dataset(shapes_npz)
+    stop = Split(ds.valid.x[:45], ds.valid.y[:45])
+    seen = []
+    train_mod = importlib.import_module("audit.train")  # the module (audit.train is also the function)
+    real = train_mod.evaluate
+
+    def scripted(model, split, **kw):  # the early-stopping accuracies: best at epoch 2, then worse
+        loss, acc = real(model, split, **kw)
+        if split is stop:
+            seen.append({n: p.array.copy() for n, p in model.namedparams()})
+            return loss, [0.5, 0.8, 0.8, 0.7, 0.9][len(seen) - 1]
+        return loss, acc
+
+    monkeypatch.setattr(train_mod, "evaluate", scripted)
+    cfg = TrainConfig(epochs=5, batch_size=32, lr=1e-3, patience=2)
+    r = train(ds, cfg, validate=False, stop_split=stop)
+    monkeypatch.undo()
+    assert len(r.log) == 4 and r.best_epoch == 2 and r.stop_accuracy == 0.8  # a tie is no improvement
+    for name, p in r.model.namedparams():
+        np.testing.assert_array_equal(p.array, seen[1][name])
+    assert r.valid_accuracy == evaluate(r.model, ds.valid)[1]
+    assert not np.array_equal(seen[3]["/fc5/W"], seen[1]["/fc5/W"])  # training went on past it
+
+
+def test_epoch_samples_draw_with_replacement(shapes_npz):
+    ds = load_dataset(shapes_npz)
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=1e-3, epoch_samples=120, even_batches=False)
+    r = train(ds, cfg, subset=np.arange(40))
+    assert len(r.log) == 2 and r.n_train == 40
+    assert r.log[0].images_per_s > 0  # 120 draws an epoch from 40 images: three batches (50, 50, 20)
+
+
+def test_early_stopping_needs_its_split(shapes_npz):
+    with pytest.raises(AuditError, match="^--patience 3: early stopping needs an early-stopping split"):
+        train(load_dataset(shapes_npz), TrainConfig(epochs=2, batch_size=64, patience=3))
+
+
+@pytest.mark.parametrize("kwargs, option", [(dict(patience=0), "patience"), (dict(epoch_samples=0), "epoch_samples"),
+                                            (dict(model="resnet"), "model")])
+def test_bad_early_stopping_config(kwargs, option):
+    with pytest.raises(AuditError, match=f"^{option}: "):
+        TrainConfig(**kwargs)
