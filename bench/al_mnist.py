@@ -171,6 +171,7 @@ def main() -> None:
     if a.time_rounds:
         time_rounds(next(iter(configs.values())), [int(n) for n in a.time_rounds.split(",")])
         return
+    timed = time_choices()
     for b, cfg in configs.items():
         run = Path(a.run) if len(configs) == 1 else Path(a.run) / f"b{b}"
         if not a.resume:
@@ -182,6 +183,26 @@ def main() -> None:
               f"{cfg.repeats} repeats (from repeat {cfg.first_repeat + 1}), {settings(cfg.to_json())}, "
               f"data {data}, stop at error {cfg.stop_error}; wall {wall:.0f} s")
         print_table(res.curve, cfg.initial, a.protocol, b)
+    print("acquisition time per round (scoring the pool and choosing; training not included), mean over the "
+          "rounds this command ran: " + ", ".join(f"{s} {np.mean(v):.2f} s ({len(v)} rounds)"
+                                                   for s, v in timed.items()))
+
+
+def time_choices() -> dict[str, list[float]]:
+    """Seconds of each call of audit.active.choose_batch, by strategy, from now on."""
+    import audit.active as active
+
+    timed: dict[str, list[float]] = {}
+    real = active.choose_batch
+
+    def choose_batch(model, images, candidates, strategy, *args, **kw):
+        t0 = time.perf_counter()
+        out = real(model, images, candidates, strategy, *args, **kw)
+        timed.setdefault(strategy, []).append(time.perf_counter() - t0)
+        return out
+
+    active.choose_batch = choose_batch
+    return timed
 
 
 def steps(spec: str, protocol: str) -> dict[int, list[str]]:
