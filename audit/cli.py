@@ -425,9 +425,9 @@ def acquire(
                                                 "images with replacement (0: one pass over them)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping: stop after this many epochs "
                                            "without a better accuracy on the --valid-size images; best weights "
-                                           "restored (0: no early stopping)."),
+                                           "restored (at least 1; --valid-size 0 turns early stopping off)."),
     valid_size: Optional[int] = typer.Option(None, "--valid-size", help="Training images carved out for early "
-                                             "stopping, never in the pool (0: none)."),
+                                             "stopping, never in the pool (0: none, and no early stopping)."),
     consistent_masks: bool = typer.Option(False, "--consistent-masks", help="Score the pool with one set of T "
                                           "dropout masks for every image, for every strategy (batchbald always "
                                           "does)."),

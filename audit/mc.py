@@ -367,7 +367,8 @@ class ConvHead:
                 h = self._conv_pool(xp.take(a, i1, axis=1), w, self.b2[i2])  # (B, kept2, ph, pw)
                 ph, pw = h.shape[2:4]
                 w3 = self._w3(ph, pw)[i3][:, i2]
-            z = h.reshape(b, -1) @ w3.reshape(len(i3), -1).T
+            f = ph * pw * len(i2)  # features this pass keeps (explicit: any of the sets may be empty)
+            z = h.reshape(b, f) @ w3.reshape(len(i3), f).T
             z += self.b3[i3]
             xp.maximum(z, np.float32(0), out=z)
             y[:, p] = z @ self.w4[i3]

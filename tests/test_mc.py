@@ -209,11 +209,12 @@ def test_pieces_on_group_boundaries_reproduce_the_whole_run_to_the_byte(model):
 
 
 @pytest.mark.parametrize("masks", ["shared", "independent", "consistent"])
-def test_dropout_in_the_convolutions_runs_the_network_per_pass(masks):
+@pytest.mark.parametrize("dropout", [0.5, 0.97])  # 0.97: passes that keep no channel at all
+def test_dropout_in_the_convolutions_runs_the_network_per_pass(masks, dropout):
     """The BatchBALD CNN's channel dropout: the per-pass engine (kept channels only, or
     every pass's full convolution) gives the numbers of the whole network, image by image
     and pass by pass, in the paper's order through chainer's functions."""
-    m = audit.build_model(3, (1, 18, 18), seed=2, arch="batchbald")
+    m = audit.build_model(3, (1, 18, 18), seed=2, arch="batchbald", dropout=dropout)
     x = np.random.default_rng(4).integers(0, 256, (40, 1, 18, 18), dtype=np.uint8)
     offset = 1010 if masks == "shared" else 0  # crosses a group boundary
     r = mc.mc_predict(m, x, samples=5, batch_size=16, seed=3, return_mc=True, masks=masks, offset=offset)
