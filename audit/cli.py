@@ -271,9 +271,23 @@ def score(
         markup=False,
     )
     _print_flags(run)
+    _print_confident(run)
     _print_duplicates(run)
     _print_calibration(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
+
+
+def _print_confident(run: Path) -> None:
+    """cleanlab's estimate of the label errors per out-of-sample split."""
+    from .runs import RunStore
+
+    cl = (RunStore(run).meta().score or {}).get("confident_learning") or {}
+    parts = [f"{s}: skipped ({c['skipped']})" if "skipped" in c else
+             f"{s} {c['estimated_errors']:,} of {c['n']:,} estimated, {c['flagged']:,} called issues (cl_issue)"
+             for s, c in cl.items()]
+    if parts:
+        err.print("confident learning (cleanlab, out-of-sample probabilities): label errors " + "; ".join(parts),
+                  markup=False)
 
 
 def _print_calibration(run: Path) -> None:

@@ -232,7 +232,9 @@ def report_context(
             "fingerprint": meta.fingerprint,
             "device": meta.device,
             "versions": ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
-            "score": json.dumps(meta.score or {}, sort_keys=True),
+            # without confident learning's C x C matrices (its own section shows them; run.json has them)
+            "score": json.dumps({k: v for k, v in (meta.score or {}).items() if k != "confident_learning"},
+                                sort_keys=True),
         },
         "n_unique": len(uris),
         "uris": uris,
@@ -242,7 +244,25 @@ def report_context(
         "split_pages": len(names) > SPLIT_CLASSES,
         "duplicates": duplicates,
         "reliability": reliability_chart((meta.score or {}).get("calibration")),
+        "confident": confident_context(((meta.score or {}).get("confident_learning") or {}).get(split), names),
     }
+
+
+def confident_context(cl: dict | None, names) -> dict | None:
+    """run.json's confident-learning block of the report's split, for the page: per
+    class its threshold, images, estimated label errors and cleanlab's issues, and the
+    largest off-diagonal cells of the estimated joint."""
+    from .confident import top_pairs
+
+    if not cl:
+        return None
+    if "skipped" in cl:
+        return {"skipped": cl["skipped"]}
+    rows = [{"name": names[c], "threshold": cl["thresholds"][c], "images": cl["images"][c],
+             "estimated": cl["estimated_errors_per_class"][c], "flagged": cl["flagged_per_class"][c]}
+            for c in range(len(names))]
+    return {"n": cl["n"], "estimated": cl["estimated_errors"], "flagged": cl["flagged"], "rows": rows,
+            "pairs": top_pairs(cl, names), "probabilities": cl.get("probabilities", "")}
 
 
 def reliability_chart(cal: dict | None) -> dict | None:

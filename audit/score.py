@@ -28,7 +28,7 @@ SCORE_COLUMNS = (
     "split", "index", "fold", "label", "pred", "p_label",
     "entropy", "expected_entropy", "mutual_info", "variation_ratio", "mean_std", "margin",
 )
-FLAG_COLUMNS = ("mislabel_score", "flag", "suggested_label", "reason")
+FLAG_COLUMNS = ("mislabel_score", "flag", "suggested_label", "reason", "cl_issue")
 
 
 @dataclass(frozen=True)
@@ -394,6 +394,7 @@ def score_run(
             result = ScoreResult(scores, probs, time.perf_counter() - t1, "cpu")
         result = replace(result, workers=cluster.describe(n_workers(client)))
         scores = flag_issues(result.scores, result.probs, class_names=dataset.class_names, config=flags)
+        confident, scores = confident_summary(scores, result.probs, dataset.class_names, train_folds is not None)
         result = replace(result, scores=order_columns(scores))
         meta = store.meta()
         summary = {
@@ -410,6 +411,8 @@ def score_run(
         cal = calibration_summary(model, dataset, result, train_folds is not None, device)
         if cal:
             summary["calibration"] = cal
+        if confident:
+            summary["confident_learning"] = confident
         dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits})
         summary["duplicates"] = duplicate_summary(dupes)
         with store.transaction() as txn:
@@ -417,6 +420,34 @@ def score_run(
             txn.write_csv(runs.DUPLICATES, dupes)
             txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, result.probs, flags), versions=runs.versions()))
     return result
+
+
+def confident_summary(scores: pd.DataFrame, probs: np.ndarray, class_names, out_of_sample_train: bool
+                      ) -> tuple[dict, pd.DataFrame]:
+    """cleanlab's confident-learning estimates (:mod:`audit.confident`) for each scored
+    split whose probabilities are out of sample: the validation split always (the model
+    trained on the training images), the training split with fold models. Adds the
+    column ``cl_issue`` (1: cleanlab's filter calls it a label issue, 0: not; empty for
+    rows scored in sample). A split where a class has no images gets the reason instead."""
+    from .confident import confident_learning
+
+    out, scores = {}, scores.copy()
+    col = np.full(len(scores), np.nan)
+    for split in ("train", "valid"):
+        rows = (scores["split"] == split).to_numpy()
+        if not rows.any() or (split == "train" and not out_of_sample_train):
+            continue
+        try:
+            summary, issues = confident_learning(scores.loc[rows, "label"].to_numpy(), probs[rows], list(class_names))
+        except AuditError as e:
+            out[split] = {"skipped": str(e)}
+            continue
+        out[split] = {"probabilities": "MC mean, out of sample" + (" (fold models)" if split == "train" else ""),
+                      **summary}
+        col[rows] = issues
+    if out:
+        scores["cl_issue"] = pd.array(np.where(np.isnan(col), pd.NA, col), dtype="Int64")
+    return out, scores
 
 
 def calibration_summary(model, dataset: Dataset, result: "ScoreResult", out_of_sample_train: bool,

@@ -3,7 +3,8 @@
     python bench/al_batch.py curves [--strategies random,bald,powerbald,batchbald] [--step 100]
                                     [--rounds 9] [--repeats 3] [--first-repeat 0] [--pool-subset 2000]
                                     [--samples 100] [--epochs 50] [--out bench-out/al_batch.json]
-    python bench/al_batch.py pick [--pool 100000] [--k 100] [--samples 100] [--batchbald-pool 2000]
+    python bench/al_batch.py pick [--pool 100000] [--k 100] [--samples 100] [--batchbald-pool 2000,8000]
+                                  [--recipe gal|batchbald] [--consistent]
     python bench/al_batch.py table bench-out/a.json bench-out/b.json ...
 
 ``curves``: Gal et al.'s CNN trained as `audit acquire` trains (audit.active.AL_TRAIN),
@@ -99,34 +100,52 @@ def table(a) -> None:
 
 def pick(a) -> None:
     from audit.acquire import acquire, from_scores
+    from audit.data import Split
     from audit.mc import mc_predict
 
     ds = load_dataset("mnist", download=False)
     idx = np.resize(np.arange(len(ds.train)), a.pool)  # cycled past 60,000
     pool = ds.train.x[idx]
     start = audit.active.initial_set(ds.train.y, 20, 10, np.random.default_rng(0))
-    model = audit.train(ds, replace(AL_TRAIN, epochs=50), subset=start, validate=False).model
-    print(f"pool {a.pool:,} images of 28x28, k = {a.k}, T = {a.samples}; {threads()}")
+    train_cfg, held = active.recipe_config(a.recipe)
+    stop = None
+    if held:  # the recipe's early stopping, on images outside the start
+        rest = np.setdiff1d(np.arange(len(ds.train)), start)
+        h = np.random.default_rng(1).choice(rest, held, replace=False)
+        stop = Split(ds.train.x[h], ds.train.y[h])
+    model = audit.train(ds, train_cfg, subset=start, validate=False, stop_split=stop).model
+    masks = "consistent" if a.consistent else "shared"
+    print(f"pool {a.pool:,} images of 28x28, k = {a.k}, T = {a.samples}, recipe {a.recipe} ({train_cfg.model} CNN), "
+          f"{masks} masks; {threads()}")
     t0 = time.perf_counter()
-    r = mc_predict(model, pool, samples=a.samples, seed=1)
+    r = mc_predict(model, pool, samples=a.samples, seed=1, masks=masks)
     score_s = time.perf_counter() - t0
     print(f"  MC scoring of the pool (shared by every score-based strategy): {score_s:.1f} s "
           f"({a.pool / score_s:,.0f} images/s)")
+    choice = {}
     for s in ("bald", "powerbald", "softmaxbald", "entropy", "powerentropy"):
         t0 = time.perf_counter()
         from_scores(r.scores(), s, a.k, seed=2)
-        print(f"  {s:14s} choice {1e3 * (time.perf_counter() - t0):8.1f} ms")
+        choice[s] = time.perf_counter() - t0
+        print(f"  {s:14s} choice {1e3 * choice[s]:8.1f} ms")
     t0 = time.perf_counter()
     np.random.default_rng(0).choice(a.pool, a.k, replace=False)
     print(f"  {'random':14s} choice {1e3 * (time.perf_counter() - t0):8.1f} ms (no scoring)")
-    n = a.batchbald_pool
-    t0 = time.perf_counter()
-    rb = mc_predict(model, pool[:n], samples=a.samples, seed=1, masks="consistent", return_mc=True)
-    t1 = time.perf_counter()
-    acquire(rb.mc_probs, "batchbald", a.k, num_samples=2000)
-    t2 = time.perf_counter()
-    print(f"  batchbald on {n:,} of the pool: scoring with the passes kept {t1 - t0:.1f} s, greedy choice of "
-          f"{a.k} {t2 - t1:.1f} s (its choice grows with pool x k x 2,000 sampled configurations x T)")
+    greedy = {}
+    for n in (int(v) for v in str(a.batchbald_pool).split(",")):
+        t0 = time.perf_counter()
+        rb = mc_predict(model, pool[:n], samples=a.samples, seed=1, masks="consistent", return_mc=True)
+        t1 = time.perf_counter()
+        acquire(rb.mc_probs, "batchbald", a.k, num_samples=2000)
+        greedy[n] = time.perf_counter() - t1
+        print(f"  batchbald on {n:,} of the pool: scoring with the passes kept {t1 - t0:.1f} s, greedy choice of "
+              f"{a.k} {greedy[n]:.1f} s (its choice grows with pool x k x 2,000 sampled configurations x T)")
+    n, g = max(greedy.items())
+    whole = score_s + g * a.pool / n
+    power = score_s + choice["powerbald"]
+    print(f"  acquisition of {a.k} from the whole pool of {a.pool:,}: powerbald {power:.1f} s (scoring + choice); "
+          f"batchbald about {whole:.0f} s (scoring + its greedy choice on {n:,} scaled linearly to {a.pool:,}): "
+          f"powerbald takes {power / whole:.3f} of batchbald's time")
 
 
 def main() -> None:
@@ -152,7 +171,10 @@ def main() -> None:
     k.add_argument("--pool", type=int, default=100_000)
     k.add_argument("--k", type=int, default=100)
     k.add_argument("--samples", type=int, default=100)
-    k.add_argument("--batchbald-pool", type=int, default=2000)
+    k.add_argument("--batchbald-pool", default="2000", help="comma-separated pool sizes to time BatchBALD's "
+                   "greedy choice on (it grows linearly with the pool)")
+    k.add_argument("--recipe", default="gal", help="gal or batchbald: the model and how it trains on 20 images")
+    k.add_argument("--consistent", action="store_true", help="score the pool with consistent masks")
     k.set_defaults(fn=pick)
     a = p.parse_args()
     a.fn(a)

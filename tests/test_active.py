@@ -444,3 +444,15 @@ def test_bench_protocols_and_their_counting(capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("batchbald "))
     # this project's 10 / 20 acquired; the paper's counting 20 / 30; its figures -/190
     assert line.split()[1:7] == ["10", "20", "|", "20/30", "-/190", "|"]
+
+
+def test_recipes_travel_through_run_json():
+    """What a Dask worker and --resume rebuild from run.json's flat config is the config."""
+    from audit.active import recipe_config
+
+    for name in ("gal", "batchbald"):
+        train, held = recipe_config(name)
+        cfg = ALConfig(strategies=("powerbald",), train=train, valid_size=held, consistent=name == "batchbald")
+        assert ALConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    train, held = recipe_config("batchbald", valid_size=0, epoch_samples=0, lr=2e-3)
+    assert (held, train.patience, train.epoch_samples, train.lr, train.model) == (None, None, None, 2e-3, "batchbald")

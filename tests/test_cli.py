@@ -48,10 +48,13 @@ def test_score_writes_scores_and_summary(trained):
     assert list(df.columns) == [
         "split", "index", "fold", "label", "pred", "p_label", "entropy", "expected_entropy",
         "mutual_info", "variation_ratio", "mean_std", "margin",
-        "mislabel_score", "flag", "suggested_label", "reason",
+        "mislabel_score", "flag", "suggested_label", "reason", "cl_issue",
         "entropy_se", "expected_entropy_se", "mutual_info_se", "variation_ratio_se", "mean_std_se",
     ]
     assert (df.fold == -1).all()
+    # cleanlab's filter on the out-of-sample split only: the training rows were scored by a model that saw them
+    assert df[df.split == "train"].cl_issue.isna().all() and df[df.split == "valid"].cl_issue.isin([0, 1]).all()
+    assert "confident learning (cleanlab, out-of-sample probabilities): label errors valid " in r.output
     assert len(df) == 390 and df.split.tolist()[:1] == ["train"] and df.split.iloc[-1] == "valid"
     assert (df.pred == df.label).mean() > 0.9
     with np.load(trained / "mc_summary.npz") as z:
@@ -59,6 +62,9 @@ def test_score_writes_scores_and_summary(trained):
         np.testing.assert_array_equal(z["probs"].argmax(1), df.pred)
     meta = json.loads((trained / "run.json").read_text())
     assert meta["score"]["samples"] == 10 and meta["score"]["n_scored"] == 390
+    cl = meta["score"]["confident_learning"]
+    assert list(cl) == ["valid"] and cl["valid"]["n"] == 90 and len(cl["valid"]["joint"]) == 3
+    assert cl["valid"]["flagged"] == int(df[df.split == "valid"].cl_issue.sum())
 
 
 def test_score_one_split_with_paths(tmp_path):

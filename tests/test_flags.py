@@ -96,3 +96,29 @@ def test_planted_label_noise_is_found_out_of_sample():
     assert len(found) <= 20  # precision >= 0.75
     np.testing.assert_array_equal(found.set_index("index").loc[flipped, "suggested_label"], y_true[flipped])
     assert set(out.fold) == {0, 1, 2}
+
+
+def test_confident_learning_finds_planted_flips_and_names_an_empty_class():
+    """cleanlab's counts on probabilities that know the true class: the planted flips are
+    its issues, the estimated joint puts them in the (given, true) cells they came from."""
+    from audit.confident import confident_learning, top_pairs
+
+    rng = np.random.default_rng(1)
+    n, c = 3000, 4
+    y = rng.integers(0, c, n)
+    p = rng.dirichlet(np.full(c, 0.3), n) * 0.2
+    p[np.arange(n), y] += 0.8
+    flips = rng.choice(n, 90, replace=False)
+    given = y.copy()
+    given[flips] = (y[flips] + 1) % c  # class k's flips are labelled k + 1
+    names = ["a", "b", "c", "d"]
+    summary, issues = confident_learning(given, p, names)
+    found = set(np.flatnonzero(issues))
+    assert issues.dtype == bool and len(found & set(flips)) >= 80 and len(found - set(flips)) <= 5
+    assert summary["n"] == n and summary["flagged"] == len(found) == sum(summary["flagged_per_class"])
+    assert abs(summary["estimated_errors"] - 90) <= 10 and summary["images"] == np.bincount(given, minlength=c).tolist()
+    assert np.allclose(np.sum(summary["joint"]), 1) and len(summary["thresholds"]) == c
+    pairs = top_pairs(summary, names)
+    assert {(q["given"], q["true"]) for q in pairs[:4]} == {("b", "a"), ("c", "b"), ("d", "c"), ("a", "d")}
+    with pytest.raises(AuditError, match="^confident learning: class 'c' has no images in this split"):
+        confident_learning(np.array([0, 1, 3, 0]), np.full((4, 4), 0.25), names)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "audit"
 LAYERS = [
     {"_compat", "errors", "progress", "tables", "calibration"},
     {"metrics", "config", "device", "fastconv"},
-    {"data", "model", "acquire", "flags", "curves", "dupes"},
+    {"data", "model", "acquire", "flags", "curves", "dupes", "confident"},
     {"mc", "decisions"},
     {"runs", "cluster"},
     {"train"},

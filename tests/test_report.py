@@ -494,3 +494,21 @@ def test_exact_duplicates_and_leakage(tmp_path):
     r = runner.invoke(app, ["train", "--data", str(data), "--run", str(tmp_path / "r2"), "--epochs", "1"])
     r = runner.invoke(app, ["score", "--run", str(tmp_path / "r2"), "--samples", "2", "--splits", "train"])
     assert r.exit_code == 0 and "exact duplicates: none" in r.output
+
+
+def test_report_shows_confident_learning(scored_run, tmp_path):
+    """Scored with folds, both splits are out of sample: run.json holds cleanlab's
+    estimates for each, scores.csv its issues, and the page the report's split's table
+    (class names escaped)."""
+    import pandas as pd
+
+    meta = json.loads((scored_run / "run.json").read_text())
+    cl = meta["score"]["confident_learning"]
+    assert set(cl) == {"train", "valid"} and cl["train"]["n"] == 180 and "fold models" in cl["train"]["probabilities"]
+    scores = pd.read_csv(scored_run / "scores.csv")
+    assert scores.cl_issue.isin([0, 1]).all()
+    assert cl["train"]["flagged"] == int(scores[scores.split == "train"].cl_issue.sum())
+    html = write_report(scored_run, out=tmp_path / "rep", top=TOP).path.read_text()
+    assert "<h2>Confident learning (cleanlab)</h2>" in html
+    assert f"estimates <strong>{cl['valid']['estimated_errors']}</strong> label errors" in html  # the page's split
+    assert "<td>=&lt;script&gt;alert(1)&lt;/script&gt;</td>" in html and "<td>=<script>" not in html
