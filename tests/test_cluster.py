@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -103,34 +102,43 @@ def test_acquire_on_two_local_workers_draws_the_same_curves(data, acquired_in_pr
     same_curves(run, acquired_in_process)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def real_cluster(tmp_path):
-    """`dask scheduler` and two `dask worker` processes on localhost, as a user starts them."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    log = open(tmp_path / "cluster.log", "w")
-    procs = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
-                               "--scheduler-file", str(tmp_path / "scheduler.json")],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
-    for _ in range(2):
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                                       "--no-nanny", "--dashboard-address", ":0"],
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    from distributed import Client
+    """`dask scheduler` and two `dask worker` processes on localhost, as a user starts them.
 
-    with Client(address, timeout=30) as c:
-        c.wait_for_workers(2, timeout=60)
-    yield address, procs, tmp_path / "scheduler.json"
-    for p in procs:
-        with_kill(p)
-    log.close()
+    The scheduler picks its own port and says it in its scheduler file (a port chosen
+    here and bound later could be taken in between: that once failed CI)."""
+    import json
+    import time
+
+    scheduler_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster.log", "w")
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the dask scheduler did not start: {(tmp_path / 'cluster.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        time.sleep(0.2)  # the file is written whole, but give a slow disk a moment
+        address = json.loads(scheduler_file.read_text())["address"]
+        for _ in range(2):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                           str(scheduler_file), "--nthreads", "1", "--no-nanny",
+                                           "--dashboard-address", ":0"],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+        yield address, procs, scheduler_file
+    finally:
+        for p in procs:
+            with_kill(p)
+        log.close()
 
 
 def with_kill(p: subprocess.Popen) -> None:
