@@ -203,7 +203,8 @@ def run_active_learning(
     the repeat and round alone, so the curves are those of one uninterrupted run)."""
     progress = progress or NullProgress()
     dev = get_device(device)
-    dataset, fixed_start = check_plan(dataset, config)
+    check_plan(dataset, config)
+    dataset, fixed_start = loop_dataset(dataset)
     n_train = len(dataset.train)
     curve, acquired = [], []
     last_rep = config.first_repeat + config.repeats
@@ -257,31 +258,30 @@ def run_active_learning(
     return _in_order(curve, acquired, config)
 
 
-def check_plan(dataset: Dataset, config: ALConfig) -> tuple[Dataset, np.ndarray | None]:
-    """:func:`loop_dataset` of ``dataset``, once ``config``'s rounds and early-stopping
-    split are known to fit in it (one line naming the option otherwise)."""
-    dataset, fixed_start = loop_dataset(dataset)
-    if fixed_start is not None and config.initial != len(fixed_start):
-        raise bad_param("initial", f"with a labelled pool the training split is the initial set ({len(fixed_start)} "
-                        f"images), got {config.initial}")
-    n_train = len(dataset.train)
-    check_valid_size(config, n_train, fixed_start)
+def check_plan(dataset: Dataset, config: ALConfig) -> None:
+    """One line naming the option when ``config``'s rounds and early-stopping split do
+    not fit in ``dataset`` (sizes only: nothing is copied, so a command can check before
+    it writes anything)."""
+    fixed = dataset.pool is not None
+    n_train = len(dataset.train) + (len(dataset.pool) if fixed else 0)  # loop_dataset's training split
+    if fixed and config.initial != len(dataset.train):
+        raise bad_param("initial", f"with a labelled pool the training split is the initial set "
+                        f"({len(dataset.train)} images), got {config.initial}")
+    check_valid_size(config, n_train, fixed)
     held = config.valid_size or 0
     if config.initial + config.rounds * config.step + held > n_train:
-        where = "pool" if fixed_start is not None else "training"
         raise AuditError(
             f"--rounds: {config.initial} + {config.rounds} x {config.step} images exceed the "
-            f"{n_train - (config.initial if fixed_start is not None else held)} {where} images"
+            f"{n_train - (config.initial if fixed else held)} {'pool' if fixed else 'training'} images"
             + (f" left beside the {held} of --valid-size" if held else "")
         )
-    return dataset, fixed_start
 
 
-def check_valid_size(config: ALConfig, n_train: int, fixed_start: np.ndarray | None) -> None:
+def check_valid_size(config: ALConfig, n_train: int, fixed_start: bool) -> None:
     """One line when the early-stopping split cannot be carved from the labelled images."""
     if config.valid_size is None:
         return
-    if fixed_start is not None:
+    if fixed_start:
         raise bad_param("valid_size", "with a labelled pool the training split is the start, and every image of it "
                         "counts as labelled on the curve; leave out --valid-size (and --patience), or carve the "
                         "early-stopping images out of the data's training split yourself")

@@ -51,3 +51,11 @@ class Lines(NullProgress):
     def close(self, summary: str | None = None) -> None:
         if summary:
             print(summary, file=sys.stderr, flush=True)
+
+
+def stop_split(ds: Dataset, exclude: np.ndarray, size: int, seed: int) -> Split:
+    """``size`` training images outside ``exclude``, drawn with ``seed``: an early-stopping
+    split of labelled images the model does not train on (the batchbald recipe's)."""
+    rest = np.setdiff1d(np.arange(len(ds.train)), exclude)
+    held = np.random.default_rng(seed).choice(rest, size, replace=False)
+    return Split(ds.train.x[held], ds.train.y[held])

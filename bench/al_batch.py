@@ -41,7 +41,7 @@ from audit.active import AL_TRAIN, ALConfig, run_active_learning
 from audit.data import holdout, load_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import threads  # noqa: E402
+from _common import stop_split, threads  # noqa: E402
 
 
 def curves(a) -> None:
@@ -100,7 +100,6 @@ def table(a) -> None:
 
 def pick(a) -> None:
     from audit.acquire import acquire, from_scores
-    from audit.data import Split
     from audit.mc import mc_predict
 
     ds = load_dataset("mnist", download=False)
@@ -108,11 +107,7 @@ def pick(a) -> None:
     pool = ds.train.x[idx]
     start = audit.active.initial_set(ds.train.y, 20, 10, np.random.default_rng(0))
     train_cfg, held = active.recipe_config(a.recipe)
-    stop = None
-    if held:  # the recipe's early stopping, on images outside the start
-        rest = np.setdiff1d(np.arange(len(ds.train)), start)
-        h = np.random.default_rng(1).choice(rest, held, replace=False)
-        stop = Split(ds.train.x[h], ds.train.y[h])
+    stop = stop_split(ds, start, held, 1) if held else None  # the recipe's early stopping, outside the start
     model = audit.train(ds, train_cfg, subset=start, validate=False, stop_split=stop).model
     masks = "consistent" if a.consistent else "shared"
     print(f"pool {a.pool:,} images of 28x28, k = {a.k}, T = {a.samples}, recipe {a.recipe} ({train_cfg.model} CNN), "

@@ -59,15 +59,14 @@ import numpy as np
 import pandas as pd
 
 import audit  # noqa: F401
-from audit.config import TrainConfig
 from audit.active import AL_TRAIN, BATCHBALD_TRAIN, PAPER_TRAIN, ALConfig, _acquire_step, acquire_run, initial_set, pool_runs
 from audit.curves import last_accuracy, reach_table, versus
-from audit.data import Split, load_dataset
+from audit.data import load_dataset
 from audit.device import get_device
 from audit.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Lines  # noqa: E402
+from _common import Lines, stop_split  # noqa: E402
 
 # each paper's figures, in its own counting: (90% accuracy, 95%); None where not given
 PAPER = {
@@ -98,11 +97,7 @@ def time_rounds(cfg: ALConfig, sizes: list[int]) -> None:
           f"T={cfg.samples}, pool subset {cfg.pool_subset}, evaluation on {len(ds.valid)}):")
     for n in sizes:
         labelled = initial_set(ds.train.y, n, ds.n_classes, np.random.default_rng(n))
-        stop = None
-        if cfg.valid_size:  # early stopping on images outside the labelled set
-            held = np.random.default_rng(n + 1).choice(np.setdiff1d(np.arange(len(ds.train)), labelled),
-                                                        cfg.valid_size, replace=False)
-            stop = Split(ds.train.x[held], ds.train.y[held])
+        stop = stop_split(ds, labelled, cfg.valid_size, n + 1) if cfg.valid_size else None
         t0 = time.perf_counter()
         result = train(ds, cfg.train_config(n, 0), subset=labelled, validate=False, stop_split=stop)
         t_fit = time.perf_counter() - t0

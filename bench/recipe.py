@@ -15,14 +15,19 @@ paper's code did: those images are labels the other recipes do not get.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 import audit
 from audit.active import AL_TRAIN, BATCHBALD_TRAIN, PAPER_TRAIN, ALConfig, initial_set
-from audit.data import Split, holdout
+from audit.data import holdout
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import stop_split  # noqa: E402
 
 RECIPES = {
     "paper": ALConfig(train=replace(PAPER_TRAIN, even_batches=True)),  # Gal et al.'s code
@@ -63,11 +68,8 @@ def main() -> None:
             for seed in range(a.seeds):
                 subset = initial_set(ds.train.y, n, ds.n_classes, np.random.default_rng(2000 + seed))
                 cfg = recipe.train_config(n, seed)
-                stop = None
-                if recipe.valid_size:  # more labelled images, outside the subset, to stop on
-                    rest = np.setdiff1d(np.arange(len(ds.train)), subset)
-                    held = np.random.default_rng(3000 + seed).choice(rest, recipe.valid_size, replace=False)
-                    stop = Split(ds.train.x[held], ds.train.y[held])
+                # more labelled images, outside the subset, to stop on
+                stop = stop_split(ds, subset, recipe.valid_size, 3000 + seed) if recipe.valid_size else None
                 r = audit.train(ds, cfg, subset=subset, validate=False, stop_split=stop)
                 acc.append(r.valid_accuracy)
                 epochs.append(r.best_epoch or len(r.log))

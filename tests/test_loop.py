@@ -746,16 +746,23 @@ def test_a_pool_folder_with_classes_txt_starts_from_no_labels(tmp_path):
     assert r.exit_code == 0 and "no labelled images yet" in r.output, r.output
 
 
-def test_classes_option_starts_from_no_labels_and_stays_with_the_run(folder, tmp_path):
-    """--classes does what a classes.txt does: a manifest of pool rows only starts the loop;
-    run.json keeps the list, so the later rounds (and Dask workers) load the same data."""
+def _pool_only_run(folder, tmp_path, k: int):
+    """(manifest of pool rows only, loop run started on it with --classes and k picked)."""
     root, truth = folder
     m = root / "pool-only.csv"
     m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
     run = tmp_path / "loop"
-    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "6", "--classes", ",".join(NAMES),
+    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", str(k), "--classes", ",".join(NAMES),
                             *FAST])
     assert r.exit_code == 0, r.output
+    return m, run
+
+
+def test_classes_option_starts_from_no_labels_and_stays_with_the_run(folder, tmp_path):
+    """--classes does what a classes.txt does: a manifest of pool rows only starts the loop;
+    run.json keeps the list, so the later rounds (and Dask workers) load the same data."""
+    root, truth = folder
+    m, run = _pool_only_run(folder, tmp_path, 6)
     meta = json.loads((run / "run.json").read_text())
     assert meta["data"]["classes"] == list(NAMES) and meta["data"]["class_names"] == list(NAMES)
     f = labeller(run, truth, tmp_path / "l1.csv")
@@ -778,12 +785,7 @@ def test_a_tampered_classes_field_is_one_line(folder, tmp_path):
     """run.json's data.classes is read back on every round: a value that is not a list of
     names is one line naming the field, and nothing is written."""
     root, truth = folder
-    m = root / "pool-only.csv"
-    m.write_text("path,label,split\n" + "".join(f"{p},,pool\n" for p in sorted(truth)))
-    run = tmp_path / "loop"
-    r = runner.invoke(app, ["next", "--run", str(run), "--data", str(m), "--k", "4", "--classes", ",".join(NAMES),
-                            *FAST])
-    assert r.exit_code == 0, r.output
+    m, run = _pool_only_run(folder, tmp_path, 4)
     meta = json.loads((run / "run.json").read_text())
     meta["data"]["classes"] = "hbar,vbar,diag"
     (run / "run.json").write_text(json.dumps(meta))
