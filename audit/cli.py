@@ -236,6 +236,10 @@ def score(
     folds: int = typer.Option(0, "--folds", help="Score training images out of sample with K fold models (K >= 2; trains K models)."),
     confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
     flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
+    near_threshold: float = typer.Option(0.99, "--near-threshold", help="Near-duplicates: two images whose correlation "
+                                         "(centred, best over one-pixel shifts) is at least this."),
+    outlier_z: float = typer.Option(5.0, "--outlier-z", help="Outliers: images whose robust z-score of distance to "
+                                    "their nearest images (pixels or features) is at least this."),
     data: str = typer.Option("mnist", "--data", help="Data to train on when the run has no model yet."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
     workers: Optional[int] = WorkersOpt,
@@ -248,7 +252,8 @@ def score(
     from .flags import FlagConfig
     from .score import ScoreConfig, score_run
 
-    config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds, masks=masks)
+    config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds, masks=masks,
+                         near_threshold=near_threshold, outlier_z=outlier_z)
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = score_run(
         run,
@@ -273,6 +278,7 @@ def score(
     _print_flags(run)
     _print_confident(run)
     _print_duplicates(run)
+    _print_data_checks(run)
     _print_calibration(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
 
@@ -305,6 +311,26 @@ def _print_calibration(run: Path) -> None:
     else:
         parts.append("no temperature without --folds (it is fitted on images the model did not train on)")
     err.print(f"calibration on valid, ECE ({c['bins']} bins) / NLL: " + "; ".join(parts), markup=False)
+
+
+def _print_data_checks(run: Path) -> None:
+    """Near-duplicates, outliers and class imbalance, one line each."""
+    from .runs import RunStore
+
+    c = (RunStore(run).meta().score or {}).get("data_checks")
+    if not c:
+        return
+    n = c["near_duplicates"]
+    err.print(f"near-duplicates (correlation >= {n['threshold']}): {n['pairs']:,} pairs, "
+              f"{n['across train and valid']:,} across train and valid (leakage), {n['within train']:,} within train, "
+              f"{n['within valid']:,} within valid; listed in {run}/near_duplicates.csv", markup=False)
+    o = c["outliers"]
+    err.print(f"outliers (robust z >= {o['z']:g}): {o['flagged']:,} images; listed in {run}/outliers.csv, "
+              f"every image's outlier_score in scores.csv", markup=False)
+    i = c["imbalance"]
+    ratio = "a class has no training images" if i["ratio"] is None else f"largest/smallest class {i['ratio']:g}"
+    rare = f"; under a third of an even share: {', '.join(i['rare'])}" if i["rare"] else ""
+    err.print(f"class balance (train): {ratio}{rare}", markup=False)
 
 
 def _print_duplicates(run: Path) -> None:

@@ -199,6 +199,10 @@ def report_context(
     progress.close()
 
     duplicates = duplicate_context(store, dataset)
+    checks = data_checks_context(store, dataset)
+    if checks:  # their images travel with the duplicates' on the index page
+        duplicates = duplicates or {"summary": None, "groups": [], "images": [], "more": 0}
+        duplicates = {**duplicates, "images": duplicates["images"] + checks["images"]}
     per_split = [
         {"split": s, "n": int((scores["split"] == s).sum()),
          "accuracy": float((g["pred"] == g["label"]).mean()), "mean_entropy": float(g["entropy"].mean())}
@@ -243,6 +247,7 @@ def report_context(
         "storage_key": f"audit-review-{meta.fingerprint[:16]}-{split}",
         "split_pages": len(names) > SPLIT_CLASSES,
         "duplicates": duplicates,
+        "checks": checks,
         "reliability": reliability_chart((meta.score or {}).get("calibration")),
         "confident": confident_context(((meta.score or {}).get("confident_learning") or {}).get(split), names),
     }
@@ -316,6 +321,49 @@ def duplicate_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
         groups.append({"kind": d[d["group"] == gid]["kind"].iloc[0], "members": members})
     return {"summary": duplicate_summary(d), "groups": groups, "images": images,
             "more": max(0, int(d["group"].nunique()) - len(groups))}
+
+
+MAX_CHECK_ROWS = 30  # near-duplicate pairs and outliers shown; the CSVs have all
+
+
+def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
+    """Near-duplicate pairs (leakage first) and the most unlike images, from
+    near_duplicates.csv and outliers.csv, for the page (image keys ``n<k>``, ``o<k>``);
+    with run.json's counts and class balance. None for a run scored before these checks."""
+    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS
+    from .tables import restore_frame
+
+    checks = (store.meta().score or {}).get("data_checks")
+    if not checks or not store.has(runs.NEAR_DUPLICATES) or not store.has(runs.OUTLIERS):
+        return None
+    near = store.read_table(runs.NEAR_DUPLICATES, NEAR_COLUMNS, numeric=("pair", "index", "other_index", "similarity"),
+                            dtype={"split": str, "path": str, "other_split": str, "other_path": str, "kind": str},
+                            keep_default_na=False)
+    out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS, numeric=("index", "outlier_score", "pixel_z", "feature_z"),
+                           dtype={"split": str, "path": str, "label": str}, keep_default_na=False)
+    restore_frame(near, ["path", "other_path"])
+    restore_frame(out, ["path", "label"])
+    images, pairs, outliers = [], [], []
+
+    def image(prefix: str, split: str, index: int) -> str:
+        key = f"{prefix}{len(images)}"
+        images.append((key, png_data_uri(dataset.split(split).x[int(index)])))
+        return key
+
+    for r in near.drop_duplicates("pair").head(MAX_CHECK_ROWS).itertuples(index=False):
+        pairs.append({"kind": r.kind, "similarity": float(r.similarity),
+                      "members": [{"key": image("n", r.split, r.index), "split": r.split, "index": int(r.index)},
+                                  {"key": image("n", r.other_split, r.other_index), "split": r.other_split,
+                                   "index": int(r.other_index)}]})
+    for r in out.head(MAX_CHECK_ROWS).itertuples(index=False):
+        outliers.append({"key": image("o", r.split, r.index), "split": r.split, "index": int(r.index),
+                         "label": r.label, "score": float(r.outlier_score)})
+    counts = checks["imbalance"]["counts"]
+    balance = counts.get("train") or next(iter(counts.values()), [])
+    return {"summary": checks, "balance_split": "train" if "train" in counts else next(iter(counts), ""),
+            "balance": [(str(c), n) for c, n in zip(store.meta().class_names, balance)], "pairs": pairs, "outliers": outliers, "images": images,
+            "more_pairs": max(0, int(near["pair"].nunique()) - len(pairs)),
+            "more_outliers": max(0, len(out) - len(outliers))}
 
 
 STABILITY_DRAWS = 200

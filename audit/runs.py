@@ -68,8 +68,11 @@ MC_SUMMARY = "mc_summary.npz"
 FOLDS = "folds"
 AL_CURVE = "al_curve.csv"
 DUPLICATES = "duplicates.csv"
+NEAR_DUPLICATES = "near_duplicates.csv"
+OUTLIERS = "outliers.csv"
 ACQUIRED = "acquired.csv"
-KNOWN_FILES = (MODEL, TRAIN_LOG, SUBSET, DECISIONS, SCORES, MC_SUMMARY, AL_CURVE, ACQUIRED, DUPLICATES)
+KNOWN_FILES = (MODEL, TRAIN_LOG, SUBSET, DECISIONS, SCORES, MC_SUMMARY, AL_CURVE, ACQUIRED, DUPLICATES,
+               NEAR_DUPLICATES, OUTLIERS)
 
 SCHEMA_VERSION = 2  # 1: run.json before the store (no manifest, no version field)
 TXN_PREFIX = ".txn-"

@@ -28,7 +28,7 @@ SCORE_COLUMNS = (
     "split", "index", "fold", "label", "pred", "p_label",
     "entropy", "expected_entropy", "mutual_info", "variation_ratio", "mean_std", "margin",
 )
-FLAG_COLUMNS = ("mislabel_score", "flag", "suggested_label", "reason", "cl_issue")
+FLAG_COLUMNS = ("mislabel_score", "flag", "suggested_label", "reason", "cl_issue", "outlier_score")
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,13 @@ class ScoreConfig:
     # engine); "independent": every image its own (the dense engine, the origin's; runs made
     # before this option were scored so)
     masks: str = "shared"
+    # data checks beyond labels (audit.datachecks): near-duplicates at this correlation,
+    # outliers at this robust z-score
+    near_threshold: float = 0.99
+    outlier_z: float = 5.0
 
     def __post_init__(self) -> None:
+        from .datachecks import check_threshold, check_z
         from .train import check_int
 
         object.__setattr__(self, "splits", parse_splits(self.splits))
@@ -251,6 +256,8 @@ class ScoreConfig:
             raise bad_param("masks", f"expected shared or independent, got {self.masks!r}")
         if self.folds == 1:
             raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
+        check_threshold(self.near_threshold)
+        check_z(self.outlier_z)
 
 
 # Past these, one batch's (B, T, 1000) activations alone exceed any machine's memory: a
@@ -415,11 +422,47 @@ def score_run(
             summary["confident_learning"] = confident
         dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits})
         summary["duplicates"] = duplicate_summary(dupes)
+        checks, near, outliers, scores = data_checks(model, dataset, result.scores, config, device, progress)
+        result = replace(result, scores=scores)
+        summary["data_checks"] = checks
         with store.transaction() as txn:
             write_scores(txn, result.scores, result.probs, dataset.class_names)
             txn.write_csv(runs.DUPLICATES, dupes)
+            txn.write_csv(runs.NEAR_DUPLICATES, near)
+            txn.write_csv(runs.OUTLIERS, outliers)
             txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, result.probs, flags), versions=runs.versions()))
     return result
+
+
+def data_checks(model, dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, device: str,
+                progress: Progress | None) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Near-duplicates (leakage across the splits among them), outliers and class
+    imbalance of the scored splits (:mod:`audit.datachecks`): run.json's counts, the
+    near-duplicate pairs, the outliers at or above ``config.outlier_z`` (most unlike
+    first), and ``scores`` with each image's ``outlier_score``."""
+    from . import datachecks as dc
+    from .train import trunk_features
+
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    splits = {name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits}
+    near = dc.near_duplicates(splits, threshold=config.near_threshold)
+    features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
+                for name in config.splits}
+    o = dc.outlier_scores(splits, {n: dataset.split(n).y for n in config.splits}, features)
+    scores = scores.merge(o[["split", "index", "outlier_score"]], on=["split", "index"], how="left", validate="1:1")
+    flagged = o[o["outlier_score"] >= config.outlier_z].sort_values("outlier_score", ascending=False, kind="stable")
+    flagged = flagged.assign(label=[dataset.class_names[i] for i in flagged["label"]])
+    pairs = near.drop_duplicates("pair")
+    checks = {
+        "seconds": round(time.perf_counter() - t0, 3),
+        "near_duplicates": {"threshold": config.near_threshold, "pairs": int(len(pairs)),
+                            **{k: int((pairs["kind"] == k).sum()) for k in dc.KINDS}},
+        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)),
+                     **{n: int((flagged["split"] == n).sum()) for n in config.splits}},
+        "imbalance": dc.imbalance({n: dataset.split(n).y for n in config.splits}, dataset.class_names),
+    }
+    return checks, near, flagged.reset_index(drop=True), order_columns(scores)
 
 
 def confident_summary(scores: pd.DataFrame, probs: np.ndarray, class_names, out_of_sample_train: bool

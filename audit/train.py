@@ -143,6 +143,23 @@ def predict_probs(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 250, 
     return np.concatenate(out) if out else np.empty((0, c), np.float32)
 
 
+def trunk_features(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 1000, device: str = "cpu",
+                   progress: Progress | None = None) -> np.ndarray:
+    """(N, D) float32: the trunk's output for images ``x`` (what the MC head's passes
+    start from; deterministic), flattened."""
+    progress = progress or NullProgress()
+    dev = get_device(device) if isinstance(device, str) else device
+    out = []
+    progress.start(f"features of {len(x):,} images", len(x))
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        for sl in _batches(len(x), batch_size):
+            a = chainer.backend.CpuDevice().send(model.trunk_array(dev.send(to_float32(x[sl]))))
+            out.append(np.asarray(a, np.float32).reshape(len(a), -1))
+            progress.advance(len(a))
+    progress.close()
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+
 def train(
     dataset: Dataset,
     config: TrainConfig = TrainConfig(),

@@ -48,7 +48,7 @@ def test_score_writes_scores_and_summary(trained):
     assert list(df.columns) == [
         "split", "index", "fold", "label", "pred", "p_label", "entropy", "expected_entropy",
         "mutual_info", "variation_ratio", "mean_std", "margin",
-        "mislabel_score", "flag", "suggested_label", "reason", "cl_issue",
+        "mislabel_score", "flag", "suggested_label", "reason", "cl_issue", "outlier_score",
         "entropy_se", "expected_entropy_se", "mutual_info_se", "variation_ratio_se", "mean_std_se",
     ]
     assert (df.fold == -1).all()

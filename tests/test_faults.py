@@ -704,9 +704,10 @@ def test_user_text_in_csvs_is_neutralised(tmp_path):
     run = tmp_path / "r"
     assert invoke("train", "--data", root, "--run", run, *FAST).exit_code == 0
     assert invoke("score", "--run", run, *SCORE, "--confidence", "0.34").exit_code == 0
-    text = (run / "scores.csv").read_text()
-    cells = [c for line in text.splitlines() for c in line.split(",")]
-    assert not any(c.startswith(("=", "+", "@")) for c in cells)  # no cell a spreadsheet runs
+    for name in ("scores.csv", "duplicates.csv", "near_duplicates.csv", "outliers.csv"):
+        text = (run / name).read_text()
+        cells = [c for line in text.splitlines() for c in line.split(",")]
+        assert not any(c.startswith(("=", "+", "@")) for c in cells), name  # no cell a spreadsheet runs
     df = audit.score.read_scores(runs.RunStore(run), ("split", "index", "label", "pred", "path"))
     assert "train/=cmd/=HYPERLINK(1).png" in set(df["path"])  # read back as it was
     # a curated run's decisions.csv: the relabel to class "=cmd" and the path are neutralised

@@ -13,6 +13,7 @@ LAYERS = [
     {"_compat", "errors", "progress", "tables", "calibration"},
     {"metrics", "config", "device", "fastconv"},
     {"data", "model", "acquire", "flags", "curves", "dupes", "confident"},
+    {"datachecks"},
     {"mc", "decisions"},
     {"runs", "cluster"},
     {"train"},

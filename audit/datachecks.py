@@ -1,0 +1,302 @@
+"""Data problems beyond labels: near-duplicates (and leakage across the training and
+validation splits), outliers, and class imbalance. Pure: arrays in, tables and counts
+out. Exact duplicates are :mod:`audit.dupes`'s.
+
+Near-duplicates (two images of the same content, one shifted by a pixel, noised or with
+another contrast) are found in two steps:
+
+1. **Candidates** by nearest neighbours on a small pixel descriptor: each image moved
+   so that its centre of mass is at the centre (whole pixels, then the fraction by
+   bilinear interpolation: a shifted copy lands where its original does), blurred,
+   pooled 4x4, less its mean, unit length. Pairs whose descriptors have a cosine of at
+   least CANDIDATE_COSINE, each image keeping its ``NEIGHBOURS`` nearest, are
+   candidates. The search is exact and written here (:func:`similar_pairs`): chunks of
+   rows against all rows as one matrix product each, so memory is bounded by the
+   chunk; its time grows with N squared (about 15 s for 60,000 images on 2 cores).
+2. **Verified** in full resolution: the normalised cross-correlation of the two
+   (whole-pixel) centred images, best over shifts of up to one pixel, at least
+   ``threshold`` (default 0.99). Correlation ignores brightness and contrast; the
+   best shift absorbs what centring left.
+
+The network's features are not used for this: measured on MNIST, a noised and shifted
+copy is farther from its original in the trunk's features (cosine 0.79-0.91) than
+different writers' digits are from each other (0.95-0.997); the features describe the
+class, not the picture. Neither is cleanlab's near-duplicate check (it works on such
+features).
+
+Outliers: an image unlike anything in the data. Each image's mean distance to its
+``OUTLIER_NEIGHBOURS`` nearest among a seeded reference of at most REFERENCE images
+(exact copies counted once, so a block of identical blank images does not make each
+other typical) is turned into a robust z-score, (d - median) / (1.4826 MAD), in two
+spaces: the near-duplicate descriptors (they see inverted, blank and saturated images:
+a flat image has the zero descriptor, far from every image with a shape) and the
+trunk's features, reduced to 64 dimensions by scikit-learn's PCA (what no class looks
+like). The outlier score is the larger z; images at or above ``z`` (default 5) are
+listed. Measured on MNIST (bench/data_issues.py) this misses digits rotated by 90
+degrees and random strokes: they look enough like digits to both spaces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .data import to_float32
+from .errors import bad_param
+
+NEIGHBOURS = 5
+NEAR_THRESHOLD = 0.99
+CANDIDATE_COSINE = 0.98  # descriptor cosine a pair must reach to be verified
+REFERENCE = 10000  # rows an outlier score compares each image with
+OUTLIER_NEIGHBOURS = 30
+OUTLIER_Z = 5.0
+FEATURE_DIMS = 64
+NEAR_COLUMNS = ("pair", "split", "index", "path", "other_split", "other_index", "other_path", "similarity", "kind")
+OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z")
+KINDS = ("across train and valid", "within train", "within valid")
+_CHUNK = 4096
+
+
+def check_threshold(threshold: float) -> None:
+    if not (0.0 < threshold <= 1.0):
+        raise bad_param("near_threshold", f"expected a correlation in (0, 1], got {threshold}")
+
+
+def check_z(z: float) -> None:
+    if not (np.isfinite(z) and z > 0):
+        raise bad_param("outlier_z", f"expected a positive robust z-score, got {z}")
+
+
+def _gray(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) images as (N, H, W) float32 in [0, 1], channels averaged."""
+    return to_float32(x).mean(axis=1, dtype=np.float32)
+
+
+def centred(x: np.ndarray) -> np.ndarray:
+    """Each image (N, C, H, W) rolled by whole pixels so that its centre of mass sits at
+    the centre (channels averaged for the mass); (N, C, H, W) float32. An image with no
+    mass stays where it is."""
+    g = _gray(x)
+    n, h, w = g.shape
+    mass = g.sum(axis=(1, 2))
+    safe = np.where(mass > 0, mass, 1)
+    cy = (g.sum(axis=2) * np.arange(h)).sum(axis=1) / safe
+    cx = (g.sum(axis=1) * np.arange(w)).sum(axis=1) / safe
+    dy = np.where(mass > 0, np.floor((h - 1) / 2 - cy + 0.5), 0).astype(int)
+    dx = np.where(mass > 0, np.floor((w - 1) / 2 - cx + 0.5), 0).astype(int)
+    out = to_float32(x).copy()
+    for sy, sx in set(zip(dy.tolist(), dx.tolist())):
+        if sy or sx:
+            rows = np.flatnonzero((dy == sy) & (dx == sx))
+            out[rows] = np.roll(out[rows], (sy, sx), axis=(2, 3))
+    return out
+
+
+def _pool2(g: np.ndarray) -> np.ndarray:
+    n, h, w = g.shape
+    return g[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = v - v.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.where(norm > 1e-6, v / np.maximum(norm, 1e-12), 0).astype(np.float32)
+
+
+def _subpixel(g: np.ndarray) -> np.ndarray:
+    """(N, H, W) images moved by the fraction of a pixel (bilinear) that brings each
+    one's centre of mass to the centre; what whole-pixel centring leaves, so a copy
+    shifted by a pixel gets the same descriptor as its original."""
+    n, h, w = g.shape
+    mass = np.maximum(g.sum(axis=(1, 2)), 1e-12)
+    fy = ((h - 1) / 2 - (g.sum(axis=2) * np.arange(h)).sum(axis=1) / mass)[:, None, None]
+    fx = ((w - 1) / 2 - (g.sum(axis=1) * np.arange(w)).sum(axis=1) / mass)[:, None, None]
+    for f, axis in ((fy, 1), (fx, 2)):
+        toward = np.where(f > 0, np.roll(g, 1, axis=axis), np.roll(g, -1, axis=axis))
+        g = (1 - np.abs(f)) * g + np.abs(f) * toward
+    return g.astype(np.float32)
+
+
+def descriptors(c: np.ndarray) -> np.ndarray:
+    """Near-duplicate descriptors of centred images (N, C, H, W): moved to the exact
+    centre of mass, blurred (3x3 box), pooled 4x4, less the mean, unit length;
+    (N, D) float32."""
+    g = _subpixel(c.mean(axis=1, dtype=np.float32))
+    n, h, w = g.shape
+    p = np.pad(g, ((0, 0), (1, 1), (1, 1)))
+    blur = sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / np.float32(9)
+    return _unit(_pool2(_pool2(blur)).reshape(n, -1))
+
+
+def best_correlation(a: np.ndarray, b: np.ndarray, reach: int = 1) -> np.ndarray:
+    """Normalised cross-correlation of image pairs a[i], b[i] ((P, C, H, W) float), best
+    over shifts of b by up to ``reach`` pixels each way (wrapping); 0 where either
+    image is flat."""
+    n = len(a)
+    ua = _unit(a.reshape(n, -1))
+    best = np.full(n, -1.0, np.float32)
+    for sy in range(-reach, reach + 1):
+        for sx in range(-reach, reach + 1):
+            ub = _unit(np.roll(b, (sy, sx), axis=(2, 3)).reshape(n, -1))
+            best = np.maximum(best, np.einsum("ij,ij->i", ua, ub))
+    return best
+
+
+def _kind(s1: str, s2: str) -> str:
+    return "across train and valid" if s1 != s2 else f"within {s1}"
+
+
+def _unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the first of each group of identical images, and each image's group."""
+    from .dupes import image_hashes
+
+    seen: dict[bytes, int] = {}
+    inverse = np.empty(len(x), np.int64)
+    first = []
+    for i, h in enumerate(image_hashes(x)):
+        if h not in seen:
+            seen[h] = len(first)
+            first.append(i)
+        inverse[i] = seen[h]
+    return np.asarray(first, np.int64), inverse
+
+
+def _stack(splits: dict):
+    names = list(splits)
+    x = np.concatenate([splits[s][0] for s in names]) if len(names) > 1 else splits[names[0]][0]
+    where = [(s, i) for s in names for i in range(len(splits[s][0]))]
+    return x, where
+
+
+def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """Pairs (i, j), i < j, of rows of ``d`` (N, D) unit vectors whose cosine is at
+    least ``at_least``, each row keeping its ``neighbours`` most similar; (P, 2) int64.
+    Exact, in chunks of rows (memory bounded by the chunk times N)."""
+    pairs = []
+    step = max(1, min(_CHUNK, (1 << 25) // max(len(d), 1)))  # at most 32M similarities a chunk
+    for a in range(0, len(d), step):
+        s = d[a:a + step] @ d.T
+        s[np.arange(len(s)), np.arange(a, a + len(s))] = -np.inf  # not with itself
+        rows, cols = np.nonzero(s >= at_least)
+        if not len(rows):
+            continue
+        sims = s[rows, cols]
+        # the most similar first within each row, then at most `neighbours` a row
+        order = np.lexsort((-sims, rows))
+        rows, cols = rows[order], cols[order]
+        start = np.searchsorted(rows, rows, side="left")
+        keep = (np.arange(len(rows)) - start) < neighbours
+        i, j = rows[keep] + a, cols[keep]
+        pairs.append(np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1))
+    if not pairs:
+        return np.empty((0, 2), np.int64)
+    return np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
+
+
+def near_duplicates(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], *,
+                    threshold: float = NEAR_THRESHOLD, neighbours: int = NEIGHBOURS) -> pd.DataFrame:
+    """Pairs of near-duplicate images among ``splits`` ({name: (images, paths)}): one row
+    per image of a pair (NEAR_COLUMNS, two rows share ``pair``), pairs across train and
+    valid first, then by similarity. Identical images are one image here (they are
+    exact duplicates, :mod:`audit.dupes`); a pair names the first copy of each."""
+    check_threshold(threshold)
+    x, where = _stack(splits)
+    empty = pd.DataFrame(columns=list(NEAR_COLUMNS))
+    if len(x) < 2:
+        return empty
+    first, _ = _unique_rows(x)
+    c = np.concatenate([centred(x[first[a:a + _CHUNK]]) for a in range(0, len(first), _CHUNK)])
+    p = similar_pairs(descriptors(c), at_least=CANDIDATE_COSINE, neighbours=neighbours)
+    if not len(p):
+        return empty
+    sim = np.concatenate([best_correlation(c[p[a:a + _CHUNK, 0]], c[p[a:a + _CHUNK, 1]])
+                          for a in range(0, len(p), _CHUNK)])
+    keep = sim >= threshold
+    found = []
+    for (u, v), s in zip(p[keep].tolist(), sim[keep].tolist()):
+        (s1, i1), (s2, i2) = where[first[u]], where[first[v]]
+        found.append((KINDS.index(_kind(s1, s2)), -s, s1, i1, s2, i2))
+    found.sort()
+    recs = []
+    for pair, (kind, neg, s1, i1, s2, i2) in enumerate(found):
+        p1, p2 = splits[s1][1], splits[s2][1]
+        for a, b, ia, ib, pa, pb in ((s1, s2, i1, i2, p1, p2), (s2, s1, i2, i1, p2, p1)):
+            recs.append({"pair": pair, "split": a, "index": ia, "path": pa[ia] if pa else "", "other_split": b,
+                         "other_index": ib, "other_path": pb[ib] if pb else "", "similarity": round(-neg, 5),
+                         "kind": KINDS[kind]})
+    return pd.DataFrame(recs, columns=list(NEAR_COLUMNS)) if recs else empty
+
+
+def robust_z(d: np.ndarray) -> np.ndarray:
+    med = np.median(d)
+    mad = np.median(np.abs(d - med)) * 1.4826
+    return ((d - med) / max(mad, 1e-12)).astype(np.float32)
+
+
+def knn_mean_distance(f: np.ndarray, k: int, *, reference: int = REFERENCE, seed: int = 0) -> np.ndarray:
+    """Each row's mean Euclidean distance to its ``k`` nearest other rows of ``f`` (N, D),
+    the others drawn from a reference of at most ``reference`` rows (seeded): a score of
+    typicality that costs N x reference, not N x N. In chunks of rows."""
+    n = len(f)
+    ref = np.arange(n) if n <= reference else np.sort(np.random.default_rng(seed).choice(n, reference, replace=False))
+    k = min(k, len(ref) - 1)
+    if k < 1:
+        return np.zeros(n, np.float32)
+    r = f[ref].astype(np.float32)
+    rr = (r * r).sum(axis=1)
+    out = np.empty(n, np.float32)
+    step = max(1, min(_CHUNK, (1 << 25) // len(ref)))
+    for a in range(0, n, step):
+        q = f[a:a + step].astype(np.float32)
+        d2 = (q * q).sum(axis=1)[:, None] + rr[None, :] - 2 * (q @ r.T)
+        mine = np.flatnonzero((ref >= a) & (ref < a + len(q)))  # a row is not its own neighbour
+        d2[ref[mine] - a, mine] = np.inf
+        near = np.partition(d2, k - 1, axis=1)[:, :k]
+        out[a:a + len(q)] = np.sqrt(np.maximum(near, 0)).mean(axis=1)
+    return out
+
+
+def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> np.ndarray:
+    """Features (N, D) reduced by PCA (scikit-learn, randomized, fitted on at most
+    20,000 rows drawn by ``seed``) to ``dims`` dimensions; as they are when D <= dims."""
+    from sklearn.decomposition import PCA
+
+    f = np.asarray(f, np.float32)
+    if f.shape[1] <= dims or len(f) <= dims:
+        return f
+    rng = np.random.default_rng(seed)
+    fit = f if len(f) <= 20000 else f[np.sort(rng.choice(len(f), 20000, replace=False))]
+    pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(fit)
+    return pca.transform(f).astype(np.float32)
+
+
+def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], labels: dict[str, np.ndarray],
+                   features: dict[str, np.ndarray], *, neighbours: int = OUTLIER_NEIGHBOURS) -> pd.DataFrame:
+    """Every image's outlier score (OUTLIER_COLUMNS; higher = more unlike the rest), in
+    the order of ``splits``. ``features``: the trunk's (N, D) per split."""
+    x, where = _stack(splits)
+    first, inverse = _unique_rows(x)
+    pix = np.concatenate([descriptors(centred(x[first[a:a + _CHUNK]])) for a in range(0, len(first), _CHUNK)])
+    f = np.concatenate([np.asarray(features[s], np.float32) for s in splits])
+    f = reduce_features(f)[first]
+    pixel_z = robust_z(knn_mean_distance(pix, neighbours))[inverse]
+    feature_z = robust_z(knn_mean_distance(f, neighbours))[inverse]
+    paths = [(splits[s][1][i] if splits[s][1] else "") for s, i in where]
+    return pd.DataFrame({
+        "split": [s for s, _ in where], "index": np.array([i for _, i in where], np.int64), "path": paths,
+        "label": np.concatenate([np.asarray(labels[s], np.int64) for s in splits]),
+        "outlier_score": np.maximum(pixel_z, feature_z), "pixel_z": pixel_z, "feature_z": feature_z,
+    }, columns=list(OUTLIER_COLUMNS))
+
+
+def imbalance(labels: dict[str, np.ndarray], class_names) -> dict:
+    """Images per class and split, the ratio of the largest class to the smallest in
+    the training split, and the classes with under a third of an even share."""
+    c = len(class_names)
+    counts = {s: np.bincount(np.asarray(y, np.int64), minlength=c).tolist() for s, y in labels.items()}
+    train = counts.get("train") or next(iter(counts.values()))
+    total = sum(train)
+    rare = [str(class_names[i]) for i, n in enumerate(train) if total and n < total / c / 3]
+    smallest = min(train) if train else 0
+    return {"counts": counts, "ratio": (round(max(train) / smallest, 3) if smallest else None),
+            "rare": rare, "empty": [str(class_names[i]) for i, n in enumerate(train) if n == 0]}

@@ -1,0 +1,188 @@
+"""Near-duplicates, leakage, outliers and class imbalance (audit.datachecks) and their
+place in `audit score`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from audit import datachecks as dc
+from audit.cli import app
+from conftest import assert_one_line_error, write_shapes_npz
+
+
+def blobs(n: int, *, size: int = 20, seed: int = 0) -> np.ndarray:
+    """(n, 1, size, size) uint8: each image two or three soft strokes (Gaussian blobs
+    along a line), every one different; smooth, like handwriting, unlike pixel noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.zeros((n, 1, size, size), np.uint8)
+    for i in range(n):
+        img = np.zeros((size, size))
+        for _ in range(rng.integers(2, 4)):
+            (r0, c0), (r1, c1) = rng.uniform(4, size - 4, (2, 2))
+            for t in np.linspace(0, 1, 12):
+                img += np.exp(-((yy - (r0 + t * (r1 - r0))) ** 2 + (xx - (c0 + t * (c1 - c0))) ** 2) / 2.0)
+        out[i, 0] = np.clip(255 * img / img.max(), 0, 255).astype(np.uint8)
+    return out
+
+
+def test_centring_makes_a_shifted_copy_describe_as_its_original():
+    x = blobs(1)
+    shifted = np.roll(x, (1, -1), axis=(2, 3))
+    d = dc.descriptors(dc.centred(np.concatenate([x, shifted])))
+    assert float(d[0] @ d[1]) > 0.99
+    other = dc.descriptors(dc.centred(blobs(1, seed=5)))
+    assert float(d[0] @ other[0]) < 0.9
+
+
+def test_correlation_ignores_contrast_and_a_pixel_of_shift_and_is_zero_for_flat_images():
+    a = blobs(2).astype(np.float32)
+    b = np.roll(a * 0.6 + 10, 1, axis=3)
+    s = dc.best_correlation(a, b)
+    assert s == pytest.approx([1.0, 1.0], abs=1e-5)
+    flat = np.zeros_like(a)
+    assert dc.best_correlation(a, flat) == pytest.approx([0.0, 0.0])
+    assert dc.best_correlation(a, a[::-1].copy()).max() < 0.9
+
+
+def test_similar_pairs_is_the_brute_force_answer():
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(300, 6)).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    got = dc.similar_pairs(d, at_least=0.8, neighbours=3)
+    s = d @ d.T
+    np.fill_diagonal(s, -np.inf)
+    want = set()
+    for i in range(len(d)):
+        top = [j for j in np.argsort(-s[i], kind="stable")[:3] if s[i, j] >= 0.8]
+        want.update((min(i, j), max(i, j)) for j in top)
+    assert set(map(tuple, got.tolist())) == want
+
+
+def test_near_duplicates_across_splits_within_and_not_exact_copies():
+    x = blobs(60, seed=1)
+    v = blobs(20, seed=2)
+    v[3] = np.roll(x[10], 1, axis=2)  # shifted: leakage
+    v[4] = (x[11] * 0.6).astype(np.uint8)  # contrast
+    noisy = x[12].astype(np.float32) + np.random.default_rng(0).normal(0, 2, x[12].shape)
+    v[5] = np.clip(noisy, 0, 255).astype(np.uint8)  # noised
+    x[40] = np.roll(x[41], -1, axis=2)  # within train
+    x[50] = x[51]  # identical: an exact duplicate, not listed here
+    paths = tuple(f"t/{i}.png" for i in range(len(x)))
+    near = dc.near_duplicates({"train": (x, paths), "valid": (v, None)})
+    pairs = near[near["split"] == "valid"][["other_index", "index", "kind"]]
+    assert set(map(tuple, pairs.to_numpy().tolist())) == {
+        (10, 3, "across train and valid"), (11, 4, "across train and valid"), (12, 5, "across train and valid")}
+    within = near[near["kind"] == "within train"]
+    assert set(within["index"]) == {40, 41} and within["pair"].nunique() == 1
+    assert near["kind"].iloc[0] == "across train and valid"  # leakage first
+    assert set(near.loc[near["split"] == "train", "path"]) == {"t/10.png", "t/11.png", "t/12.png", "t/40.png",
+                                                                "t/41.png"}
+    assert (near["similarity"] >= 0.99).all()
+    # a stricter threshold keeps fewer; one at 1 keeps only exact correlations
+    assert len(dc.near_duplicates({"train": (x, None), "valid": (v, None)}, threshold=0.99999)) < len(near)
+
+
+def test_no_near_duplicates_among_different_images():
+    assert dc.near_duplicates({"train": (blobs(80, seed=3), None)}).empty
+    assert dc.near_duplicates({"train": (blobs(1), None)}).empty
+
+
+def test_knn_mean_distance_is_the_brute_force_answer_and_a_reference_never_counts_itself():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(200, 4)).astype(np.float32)
+    d = np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    want = np.sort(d, axis=1)[:, :5].mean(axis=1)
+    np.testing.assert_allclose(dc.knn_mean_distance(f, 5), want, rtol=1e-4)
+    sub = dc.knn_mean_distance(f, 5, reference=50, seed=3)
+    ref = np.sort(np.random.default_rng(3).choice(200, 50, replace=False))
+    dr = d[:, ref]
+    np.testing.assert_allclose(sub, np.sort(dr, axis=1)[:, :5].mean(axis=1), rtol=1e-4)
+
+
+def test_outliers_stand_out_even_in_a_block_of_identical_ones():
+    proto = blobs(10, seed=4)  # ten kinds of image, twenty jittered copies of each
+    rng = np.random.default_rng(4)
+    x = np.stack([np.clip(np.roll(proto[i % 10], rng.integers(-1, 2, 2), axis=(1, 2)).astype(np.float32)
+                          + rng.normal(0, 12, proto[0].shape), 0, 255).astype(np.uint8) for i in range(200)])
+    x[[5, 6, 7, 8, 9, 10]] = 0  # six blank images: identical, counted once
+    x[20] = 255 - x[20]  # inverted
+    y = np.zeros(200, np.int64)
+    feats = x.reshape(200, -1).astype(np.float32)  # pixels as features here
+    o = dc.outlier_scores({"train": (x, None)}, {"train": y}, {"train": feats}, neighbours=10)
+    top = set(o.nlargest(7, "outlier_score")["index"])
+    assert top == {5, 6, 7, 8, 9, 10, 20}
+    assert list(o.columns) == list(dc.OUTLIER_COLUMNS) and len(o) == 200
+
+
+def test_imbalance_counts_ratio_and_rare_classes():
+    y = {"train": np.array([0] * 90 + [1] * 30 + [2] * 5), "valid": np.array([0, 1, 2])}
+    i = dc.imbalance(y, ["a", "b", "c"])
+    assert i["counts"] == {"train": [90, 30, 5], "valid": [1, 1, 1]}
+    assert i["ratio"] == 18.0 and i["rare"] == ["c"] and i["empty"] == []
+    i = dc.imbalance({"train": np.array([0, 0, 1])}, ["a", "b", "c"])
+    assert i["ratio"] is None and i["empty"] == ["c"]
+
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_score_writes_the_data_checks(tmp_path):
+    x = blobs(150, seed=6)
+    y = np.arange(150) % 3
+    v = blobs(30, seed=7)
+    v[0] = np.roll(x[1], 1, axis=2)  # leakage
+    x[2] = 255  # saturated
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:, 0], y_train=y, x_valid=v[:, 0], y_valid=np.arange(30) % 3)
+    run = tmp_path / "r"
+    assert invoke("train", "--data", npz, "--run", run, "--epochs", "1").exit_code == 0
+    r = invoke("score", "--run", run, "-T", "4")
+    assert r.exit_code == 0, r.output
+    assert "near-duplicates (correlation >= 0.99): 1 pairs, 1 across train and valid (leakage)" in r.output
+    assert "outliers (robust z >= 5): " in r.output and "class balance (train): largest/smallest class 1" in r.output
+    near = pd.read_csv(run / "near_duplicates.csv", keep_default_na=False)
+    assert sorted(zip(near["split"], near["index"])) == [("train", 1), ("valid", 0)]
+    out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
+    assert ("train", 2) in set(zip(out["split"], out["index"]))
+    assert out["outlier_score"].is_monotonic_decreasing and (out["outlier_score"] >= 5).all()
+    scores = pd.read_csv(run / "scores.csv")
+    assert scores["outlier_score"].notna().all() and len(scores) == 180
+    checks = json.loads((run / "run.json").read_text())["score"]["data_checks"]
+    assert checks["near_duplicates"]["across train and valid"] == 1
+    assert checks["outliers"]["flagged"] == len(out)
+    assert checks["imbalance"]["counts"]["train"] == [50, 50, 50]
+    r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "3")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "<h2>Near-duplicates</h2>" in page and "1 pairs at a correlation of at least 0.99" in page
+    assert "<h2>Outliers</h2>" in page and "train #2 · 2 · z " in page
+    assert "Images per class (train): 0 50, 1 50, 2 50." in page
+    # other thresholds: recorded, and fewer outliers at a higher z
+    r = invoke("score", "--run", run, "-T", "4", "--outlier-z", "1000", "--near-threshold", "0.999999")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((run / "run.json").read_text())["score"]
+    assert meta["outlier_z"] == 1000 and meta["data_checks"]["outliers"]["flagged"] == 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--near-threshold", "0"), "--near-threshold: expected a correlation in (0, 1], got 0.0"),
+    (("--near-threshold", "1.5"), "--near-threshold: expected a correlation in (0, 1], got 1.5"),
+    (("--outlier-z", "0"), "--outlier-z: expected a positive robust z-score, got 0.0"),
+    (("--outlier-z", "nan"), "--outlier-z: expected a positive robust z-score, got nan"),
+])
+def test_bad_thresholds_are_one_line_and_write_nothing(tmp_path, args, fragment):
+    npz = write_shapes_npz(tmp_path / "s.npz", 10, 5)
+    r = invoke("score", "--data", npz, "--run", tmp_path / "r", *args)
+    assert_one_line_error(r, fragment, code=2)
+    assert not (tmp_path / "r").exists()
