@@ -38,6 +38,8 @@ degrees and random strokes: they look enough like digits to both spaces.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import pandas as pd
 
@@ -161,11 +163,27 @@ def _unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(first, np.int64), inverse
 
 
-def _stack(splits: dict):
-    names = list(splits)
-    x = np.concatenate([splits[s][0] for s in names]) if len(names) > 1 else splits[names[0]][0]
-    where = [(s, i) for s in names for i in range(len(splits[s][0]))]
-    return x, where
+class Images:
+    """The scored splits stacked, with what both checks need, each computed once:
+    ``where`` (split, index) of each row, ``first`` (the first row of each group of
+    identical images) and ``inverse`` (each row's group), the unique images
+    ``centred`` and their ``descriptors``."""
+
+    def __init__(self, splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]]) -> None:
+        names = list(splits)
+        self.splits = splits
+        self.x = np.concatenate([splits[s][0] for s in names]) if len(names) > 1 else splits[names[0]][0]
+        self.where = [(s, i) for s in names for i in range(len(splits[s][0]))]
+        self.first, self.inverse = _unique_rows(self.x)
+
+    @cached_property
+    def centred(self) -> np.ndarray:
+        f = self.first
+        return np.concatenate([centred(self.x[f[a:a + _CHUNK]]) for a in range(0, len(f), _CHUNK)])
+
+    @cached_property
+    def descriptors(self) -> np.ndarray:
+        return descriptors(self.centred)
 
 
 def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOURS) -> np.ndarray:
@@ -194,19 +212,20 @@ def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
 
 
 def near_duplicates(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], *,
-                    threshold: float = NEAR_THRESHOLD, neighbours: int = NEIGHBOURS) -> pd.DataFrame:
+                    threshold: float = NEAR_THRESHOLD, neighbours: int = NEIGHBOURS,
+                    images: Images | None = None) -> pd.DataFrame:
     """Pairs of near-duplicate images among ``splits`` ({name: (images, paths)}): one row
     per image of a pair (NEAR_COLUMNS, two rows share ``pair``), pairs across train and
     valid first, then by similarity. Identical images are one image here (they are
-    exact duplicates, :mod:`audit.dupes`); a pair names the first copy of each."""
+    exact duplicates, :mod:`audit.dupes`); a pair names the first copy of each.
+    ``images``: the splits prepared already (:class:`Images`)."""
     check_threshold(threshold)
-    x, where = _stack(splits)
+    images = images or Images(splits)
+    where, first, c = images.where, images.first, images.centred
     empty = pd.DataFrame(columns=list(NEAR_COLUMNS))
-    if len(x) < 2:
+    if len(first) < 2:
         return empty
-    first, _ = _unique_rows(x)
-    c = np.concatenate([centred(x[first[a:a + _CHUNK]]) for a in range(0, len(first), _CHUNK)])
-    p = similar_pairs(descriptors(c), at_least=CANDIDATE_COSINE, neighbours=neighbours)
+    p = similar_pairs(images.descriptors, at_least=CANDIDATE_COSINE, neighbours=neighbours)
     if not len(p):
         return empty
     sim = np.concatenate([best_correlation(c[p[a:a + _CHUNK, 0]], c[p[a:a + _CHUNK, 1]])
@@ -271,15 +290,16 @@ def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> n
 
 
 def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], labels: dict[str, np.ndarray],
-                   features: dict[str, np.ndarray], *, neighbours: int = OUTLIER_NEIGHBOURS) -> pd.DataFrame:
+                   features: dict[str, np.ndarray], *, neighbours: int = OUTLIER_NEIGHBOURS,
+                   images: Images | None = None) -> pd.DataFrame:
     """Every image's outlier score (OUTLIER_COLUMNS; higher = more unlike the rest), in
-    the order of ``splits``. ``features``: the trunk's (N, D) per split."""
-    x, where = _stack(splits)
-    first, inverse = _unique_rows(x)
-    pix = np.concatenate([descriptors(centred(x[first[a:a + _CHUNK]])) for a in range(0, len(first), _CHUNK)])
-    f = np.concatenate([np.asarray(features[s], np.float32) for s in splits])
+    the order of ``splits``. ``features``: the trunk's (N, D) per split; ``images``: the
+    splits prepared already (:class:`Images`)."""
+    images = images or Images(splits)
+    where, first, inverse = images.where, images.first, images.inverse
+    f = np.concatenate([np.asarray(features[s], np.float32).reshape(len(features[s]), -1) for s in splits])
     f = reduce_features(f)[first]
-    pixel_z = robust_z(knn_mean_distance(pix, neighbours))[inverse]
+    pixel_z = robust_z(knn_mean_distance(images.descriptors, neighbours))[inverse]
     feature_z = robust_z(knn_mean_distance(f, neighbours))[inverse]
     paths = [(splits[s][1][i] if splits[s][1] else "") for s, i in where]
     return pd.DataFrame({

@@ -192,6 +192,18 @@ def _channel_dropout(h, ratio: float, rng):
     return F.dropout(h, mask=xp.ascontiguousarray(mask))
 
 
+def _start(model: "MCDropoutNet", spec: ModelSpec, initializer, seed: int | None):
+    """Check ``spec``, give it to ``model``, and return the factory of its initial
+    weights: one seeded generator for every layer, so the same seed gives the same
+    weights."""
+    _check(spec.n_classes, spec.dropout)
+    if spec.arch == "gal":
+        _check(spec.n_classes, spec.dropout_conv)
+    model.spec = spec
+    rng = np.random.RandomState(seed)
+    return lambda: initializer(rng=rng)
+
+
 def _check(n_classes: int, dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
         raise bad_param("dropout", f"expected a ratio in [0, 1), got {dropout}")
@@ -218,14 +230,8 @@ class OriginCNN(MCDropoutNet):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        _check(n_classes, dropout)
-        self.spec = ModelSpec(int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden))
-        # One seeded generator for every initial weight: same seed, same weights.
-        rng = np.random.RandomState(seed)
-
-        def w():
-            return initializers.LeCunNormal(rng=rng)
-
+        w = _start(self, ModelSpec(int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden)),
+                   initializers.LeCunNormal, seed)
         c = image_shape[0]
         with self.init_scope():
             self.conv1 = L.Convolution2D(c, 16, 3, initialW=w())
@@ -276,15 +282,9 @@ class GalCNN(MCDropoutNet):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        _check(n_classes, dropout)
-        _check(n_classes, dropout_conv)
-        self.spec = ModelSpec(
-            int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden), "gal", float(dropout_conv)
-        )
-        rng = np.random.RandomState(seed)
-
-        def w():
-            return initializers.GlorotUniform(rng=rng)  # Keras' default, as in the paper's code
+        spec = ModelSpec(int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden), "gal",
+                         float(dropout_conv))
+        w = _start(self, spec, initializers.GlorotUniform, seed)  # Keras' default, as in the paper's code
 
         with self.init_scope():
             self.conv1 = L.Convolution2D(image_shape[0], 32, 4, initialW=w())
@@ -337,13 +337,8 @@ class BatchBALDCNN(MCDropoutNet):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        _check(n_classes, dropout)
-        self.spec = ModelSpec(int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden),
-                              "batchbald", 0.0)
-        rng = np.random.RandomState(seed)
-
-        def w():
-            return initializers.LeCunNormal(rng=rng)
+        spec = ModelSpec(int(n_classes), tuple(int(s) for s in image_shape), float(dropout), int(hidden), "batchbald", 0.0)
+        w = _start(self, spec, initializers.LeCunNormal, seed)
 
         with self.init_scope():
             self.conv1 = L.Convolution2D(image_shape[0], 32, 5, initialW=w())

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runs
-from .data import Dataset
+from .data import SPLITS, Dataset
 from .errors import AuditError, bad_param
 from .flags import pair_counts
 from .progress import NullProgress, Progress
@@ -200,9 +200,6 @@ def report_context(
 
     duplicates = duplicate_context(store, dataset)
     checks = data_checks_context(store, dataset)
-    if checks:  # their images travel with the duplicates' on the index page
-        duplicates = duplicates or {"summary": None, "groups": [], "images": [], "more": 0}
-        duplicates = {**duplicates, "images": duplicates["images"] + checks["images"]}
     per_split = [
         {"split": s, "n": int((scores["split"] == s).sum()),
          "accuracy": float((g["pred"] == g["label"]).mean()), "mean_entropy": float(g["entropy"].mean())}
@@ -309,6 +306,7 @@ def duplicate_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     d = store.read_table(runs.DUPLICATES, DUPLICATE_COLUMNS, numeric=("group", "index"),
                          dtype={"split": str, "path": str, "kind": str}, keep_default_na=False)
     restore_frame(d, ["path"])
+    check_rows(store.path / runs.DUPLICATES, d["split"], d["index"], dataset)
     rank = {k: i for i, k in enumerate(KINDS)}
     order = d.drop_duplicates("group").assign(_r=lambda f: f["kind"].map(rank)).sort_values(["_r", "group"])
     groups, images = [], []
@@ -321,6 +319,16 @@ def duplicate_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
         groups.append({"kind": d[d["group"] == gid]["kind"].iloc[0], "members": members})
     return {"summary": duplicate_summary(d), "groups": groups, "images": images,
             "more": max(0, int(d["group"].nunique()) - len(groups))}
+
+
+def check_rows(path, splits, indices, dataset: Dataset) -> None:
+    """Every (split, index) of a table the report shows names an image of the run's
+    data: one line naming the file and the first row that does not."""
+    sizes = {name: len(dataset.split(name)) for name in SPLITS}
+    for i, (split, index) in enumerate(zip(splits, indices)):
+        if split not in sizes or not np.isfinite(index) or not (0 <= index < sizes[split]) or index != int(index):
+            raise AuditError(f"{path}: line {i + 2}: {split} #{index} is not an image of this run's data; "
+                             "rerun `audit score`")
 
 
 MAX_CHECK_ROWS = 30  # near-duplicate pairs and outliers shown; the CSVs have all
@@ -343,6 +351,10 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
                            dtype={"split": str, "path": str, "label": str}, keep_default_na=False)
     restore_frame(near, ["path", "other_path"])
     restore_frame(out, ["path", "label"])
+    for name, df, pairs_of in ((runs.NEAR_DUPLICATES, near, (("split", "index"), ("other_split", "other_index"))),
+                               (runs.OUTLIERS, out, (("split", "index"),))):
+        for split_col, index_col in pairs_of:
+            check_rows(store.path / name, df[split_col], df[index_col], dataset)
     images, pairs, outliers = [], [], []
 
     def image(prefix: str, split: str, index: int) -> str:
@@ -361,7 +373,7 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     counts = checks["imbalance"]["counts"]
     balance = counts.get("train") or next(iter(counts.values()), [])
     return {"summary": checks, "balance_split": "train" if "train" in counts else next(iter(counts), ""),
-            "balance": [(str(c), n) for c, n in zip(store.meta().class_names, balance)], "pairs": pairs, "outliers": outliers, "images": images,
+            "balance": list(zip(dataset.class_names, balance)), "pairs": pairs, "outliers": outliers, "images": images,
             "more_pairs": max(0, int(near["pair"].nunique()) - len(pairs)),
             "more_outliers": max(0, len(out) - len(outliers))}
 
@@ -411,7 +423,8 @@ def render_pages(ctx: dict) -> dict[str, str]:
 
     def page(classes: list[dict], kind: str) -> str:
         ids = sorted({i for c in classes for i in c["images"]})
-        dup = ctx["duplicates"]["images"] if ctx["duplicates"] and kind != "class" else []
+        # the index page's sections (exact duplicates, data checks) bring their own images
+        dup = [] if kind == "class" else [im for sec in ("duplicates", "checks") if ctx[sec] for im in ctx[sec]["images"]]
         return render_report({**base, "page_classes": classes, "page": kind,
                               "images": [(f"p{i}", ctx["uris"][i]) for i in ids] + dup,
                               "info_json": script_json({str(i): ctx["info"][i] for i in ids})})

@@ -355,7 +355,7 @@ def score_run(
     on Dask (:mod:`audit.cluster`), with the same bytes out as in-process.
     """
     from .cluster import ClusterConfig, connect, n_workers
-    from .train import TrainConfig, train_into
+    from .train import TrainConfig, train_into, trunk_features
 
     cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
@@ -415,14 +415,18 @@ def score_run(
             "accuracy": result.accuracy,
             "mean_entropy": float(result.scores["entropy"].mean()),
         }
-        cal = calibration_summary(model, dataset, result, train_folds is not None, device)
+        t1 = time.perf_counter()
+        features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
+                    for name in config.splits}  # for calibration's deterministic network and the data checks
+        summary["features_seconds"] = round(time.perf_counter() - t1, 3)
+        cal = calibration_summary(model, dataset, result, train_folds is not None, device, features.get("valid"))
         if cal:
             summary["calibration"] = cal
         if confident:
             summary["confident_learning"] = confident
         dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits})
         summary["duplicates"] = duplicate_summary(dupes)
-        checks, near, outliers, scores = data_checks(model, dataset, result.scores, config, device, progress)
+        checks, near, outliers, scores = data_checks(dataset, result.scores, config, features)
         result = replace(result, scores=scores)
         summary["data_checks"] = checks
         with store.transaction() as txn:
@@ -434,22 +438,20 @@ def score_run(
     return result
 
 
-def data_checks(model, dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, device: str,
-                progress: Progress | None) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, features: dict[str, np.ndarray]
+                ) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Near-duplicates (leakage across the splits among them), outliers and class
     imbalance of the scored splits (:mod:`audit.datachecks`): run.json's counts, the
     near-duplicate pairs, the outliers at or above ``config.outlier_z`` (most unlike
-    first), and ``scores`` with each image's ``outlier_score``."""
+    first), and ``scores`` with each image's ``outlier_score``. ``features``: the
+    trunk's output for each scored split."""
     from . import datachecks as dc
-    from .train import trunk_features
 
-    progress = progress or NullProgress()
     t0 = time.perf_counter()
     splits = {name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits}
-    near = dc.near_duplicates(splits, threshold=config.near_threshold)
-    features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
-                for name in config.splits}
-    o = dc.outlier_scores(splits, {n: dataset.split(n).y for n in config.splits}, features)
+    images = dc.Images(splits)
+    near = dc.near_duplicates(splits, threshold=config.near_threshold, images=images)
+    o = dc.outlier_scores(splits, {n: dataset.split(n).y for n in config.splits}, features, images=images)
     scores = scores.merge(o[["split", "index", "outlier_score"]], on=["split", "index"], how="left", validate="1:1")
     flagged = o[o["outlier_score"] >= config.outlier_z].sort_values("outlier_score", ascending=False, kind="stable")
     flagged = flagged.assign(label=[dataset.class_names[i] for i in flagged["label"]])
@@ -494,13 +496,14 @@ def confident_summary(scores: pd.DataFrame, probs: np.ndarray, class_names, out_
 
 
 def calibration_summary(model, dataset: Dataset, result: "ScoreResult", out_of_sample_train: bool,
-                        device: str) -> dict | None:
+                        device: str, features: np.ndarray | None = None) -> dict | None:
     """ECE (15 bins) and NLL on the validation split of the deterministic network, of the
     MC mean, and (when the training images were scored out of sample, by fold models) of
     the MC mean at the temperature fitted on those training scores. None when the
-    validation split was not scored."""
+    validation split was not scored. ``features``: the trunk's output for the
+    validation split, where it is computed already."""
     from . import calibration as cal
-    from .train import predict_probs
+    from .train import head_probs, predict_probs
 
     scores = result.scores
     valid = (scores["split"] == "valid").to_numpy()
@@ -508,7 +511,9 @@ def calibration_summary(model, dataset: Dataset, result: "ScoreResult", out_of_s
         return None
     y = scores.loc[valid, "label"].to_numpy()
     mc = result.probs[valid]
-    det = predict_probs(model, dataset.valid.x[scores.loc[valid, "index"].to_numpy()], device=device)
+    rows = scores.loc[valid, "index"].to_numpy()
+    det = (predict_probs(model, dataset.valid.x[rows], device=device) if features is None
+           else head_probs(model, features[rows], device=device))
     out = {"split": "valid", "bins": cal.BINS,
            "deterministic": {"ece": cal.ece(det, y), "nll": cal.nll(det, y), "bins": cal.reliability(det, y)},
            "mc_mean": {"ece": cal.ece(mc, y), "nll": cal.nll(mc, y), "bins": cal.reliability(mc, y)}}

@@ -137,16 +137,28 @@ def predict_probs(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 250, 
     out = []
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         for sl in _batches(len(x), batch_size):
-            y = model.head(model.trunk_array(dev.send(to_float32(x[sl]))))
-            out.append(chainer.backend.CpuDevice().send(F.softmax(y).array))
+            out.append(_head_softmax(model, model.trunk_array(dev.send(to_float32(x[sl])))))
     c = model.spec.n_classes
     return np.concatenate(out) if out else np.empty((0, c), np.float32)
 
 
-def trunk_features(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 1000, device: str = "cpu",
+def _head_softmax(model: MCDropoutNet, a) -> np.ndarray:
+    return chainer.backend.CpuDevice().send(F.softmax(model.head(a)).array)
+
+
+def head_probs(model: MCDropoutNet, features: np.ndarray, *, batch_size: int = 250, device: str = "cpu") -> np.ndarray:
+    """:func:`predict_probs` from the trunk's output (:func:`trunk_features`)."""
+    dev = get_device(device) if isinstance(device, str) else device
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        out = [_head_softmax(model, dev.send(features[sl])) for sl in _batches(len(features), batch_size)]
+    return np.concatenate(out) if out else np.empty((0, model.spec.n_classes), np.float32)
+
+
+def trunk_features(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 250, device: str = "cpu",
                    progress: Progress | None = None) -> np.ndarray:
-    """(N, D) float32: the trunk's output for images ``x`` (what the MC head's passes
-    start from; deterministic), flattened."""
+    """The trunk's output for images ``x`` (what the MC head's passes start from;
+    deterministic), float32 on the host: (N, D), or (N, C, H, W) for a trunk that ends
+    in a convolution's output."""
     progress = progress or NullProgress()
     dev = get_device(device) if isinstance(device, str) else device
     out = []
@@ -154,7 +166,7 @@ def trunk_features(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 1000
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         for sl in _batches(len(x), batch_size):
             a = chainer.backend.CpuDevice().send(model.trunk_array(dev.send(to_float32(x[sl]))))
-            out.append(np.asarray(a, np.float32).reshape(len(a), -1))
+            out.append(np.asarray(a, np.float32))
             progress.advance(len(a))
     progress.close()
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)

@@ -56,7 +56,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run).parts)}
 
 
-VOLATILE_JSON = ("created", "timings", "seconds", "fold_training_seconds", "resumed")
+VOLATILE_JSON = ("created", "timings", "seconds", "fold_training_seconds", "features_seconds", "resumed")
 VOLATILE_CSV_COLUMNS = ("seconds", "images_per_s")
 
 
@@ -516,6 +516,23 @@ def test_scores_rows_out_of_range_are_refused(scored, column, value, fragment):
     buf = df.to_csv(index=False).encode()
     _rewrite_with_manifest(scored, "scores.csv", buf)
     one_line_error(invoke("report", "--run", scored, "--out", scored.parent / "rep"), fragment, code=1)
+    assert not (scored.parent / "rep").exists()
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("near_duplicates.csv", "pair,split,index,path,other_split,other_index,other_path,similarity,kind\n"
+     "0,train,0,,valid,5000,,0.995,across train and valid\n0,valid,5000,,train,0,,0.995,across train and valid\n",
+     "line 3: valid #5000 is not an image of this run's data"),
+    ("outliers.csv", "split,index,path,label,outlier_score,pixel_z,feature_z\ntrain,-1,,0,9.0,9.0,1.0\n",
+     "line 2: train #-1 is not an image of this run's data"),
+    ("duplicates.csv", "group,split,index,path,kind\n0,test,1,,within test\n0,test,2,,within test\n",
+     "line 2: test #1 is not an image of this run's data"),
+])
+def test_data_check_tables_naming_no_image_are_refused(scored, name, text, fragment):
+    """A table the report shows images from, edited with its manifest entry to name an
+    image the data does not have: one line naming the file, no report."""
+    _rewrite_with_manifest(scored, name, text.encode())
+    one_line_error(invoke("report", "--run", scored, "--out", scored.parent / "rep"), name, fragment, code=1)
     assert not (scored.parent / "rep").exists()
 
 
