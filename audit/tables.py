@@ -71,6 +71,7 @@ def parse_table(data: bytes, path: Path, columns, *, hint: str = "", numeric=(),
     not numeric where ``numeric`` says."""
     import pandas as pd
 
+    read_kw.setdefault("low_memory", False)  # the whole file is read anyway: one type a column, no DtypeWarning
     try:
         df = pd.read_csv(io.BytesIO(data), **read_kw)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
