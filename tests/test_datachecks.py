@@ -166,7 +166,7 @@ def test_score_writes_the_data_checks(tmp_path):
     assert r.exit_code == 0, r.output
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "<h2>Near-duplicates</h2>" in page and "1 pairs at a correlation of at least 0.99" in page
-    assert "<h2>Outliers</h2>" in page and "train #2 · 2 · z " in page
+    assert "<h2>Outliers</h2>" in page and "#2 · 2<br>train · z " in page
     assert "Images per class (train): 0 50, 1 50, 2 50." in page
     # other thresholds: recorded, and fewer outliers at a higher z
     r = invoke("score", "--run", run, "-T", "4", "--outlier-z", "1000", "--near-threshold", "0.999999")
