@@ -360,6 +360,8 @@ def _print_flags(run: Path) -> None:
         text += (f"; {sum(cut.values()):,} more left out by --flag-top {summary.get('flag_top')} "
                  f"({', '.join(f'{k.replace(chr(47), chr(32))} {n:,}' for k, n in cut.items())}; "
                  "--flag-top 0 keeps all)")
+    if summary.get("probabilities", "MC mean") != "MC mean":
+        text += f"; decided on the {summary['probabilities']}"
     err.print(f"flagged: {text}", markup=False)
 
 

@@ -400,7 +400,13 @@ def score_run(
                                              progress or NullProgress())
             result = ScoreResult(scores, probs, time.perf_counter() - t1, "cpu")
         result = replace(result, workers=cluster.describe(n_workers(client)))
-        scores = flag_issues(result.scores, result.probs, class_names=dataset.class_names, config=flags)
+        t1 = time.perf_counter()
+        features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
+                    for name in config.splits}  # for calibration's deterministic network and the data checks
+        features_seconds = round(time.perf_counter() - t1, 3)
+        cal = calibration_summary(model, dataset, result, train_folds is not None, device, features.get("valid"))
+        scores = flag_issues(result.scores, flag_probs(result.probs, cal), class_names=dataset.class_names,
+                             config=flags)
         confident, scores = confident_summary(scores, result.probs, dataset.class_names, train_folds is not None)
         result = replace(result, scores=order_columns(scores))
         meta = store.meta()
@@ -415,11 +421,7 @@ def score_run(
             "accuracy": result.accuracy,
             "mean_entropy": float(result.scores["entropy"].mean()),
         }
-        t1 = time.perf_counter()
-        features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
-                    for name in config.splits}  # for calibration's deterministic network and the data checks
-        summary["features_seconds"] = round(time.perf_counter() - t1, 3)
-        cal = calibration_summary(model, dataset, result, train_folds is not None, device, features.get("valid"))
+        summary["features_seconds"] = features_seconds
         if cal:
             summary["calibration"] = cal
         if confident:
@@ -434,7 +436,9 @@ def score_run(
             txn.write_csv(runs.DUPLICATES, dupes)
             txn.write_csv(runs.NEAR_DUPLICATES, near)
             txn.write_csv(runs.OUTLIERS, outliers)
-            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, result.probs, flags), versions=runs.versions()))
+            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, flag_probs(result.probs, cal), flags,
+                                                                     temperature(cal)),
+                                   versions=runs.versions()))
     return result
 
 
@@ -571,13 +575,37 @@ def read_scores(store: runs.RunStore, columns=("split", "index", "label", "pred"
     return restore_frame(df, [c for c in ("path", "reason") if c in df.columns])
 
 
-def flag_summary(scores: pd.DataFrame, probs: np.ndarray, config: FlagConfig) -> dict:
-    """run.json's ``flags``: the settings, the counts per split and kind, and how many
-    flags ``flag_top`` left out (so a capped worklist never looks complete)."""
+def temperature(calibration: dict | None) -> float | None:
+    """The temperature `audit score` fitted out of sample (run.json's
+    ``score.calibration.calibrated``), or None where it fitted none."""
+    t = ((calibration or {}).get("calibrated") or {}).get("temperature")
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (np.isfinite(t) and t > 0):
+        raise AuditError(f"run.json: field 'score.calibration.calibrated.temperature': expected a positive number, "
+                         f"found {t!r}; rerun `audit score`")
+    return float(t)
+
+
+def flag_probs(probs: np.ndarray, calibration: dict | None) -> np.ndarray:
+    """What the flags are decided on: the MC mean at the fitted temperature where there
+    is one (calibrated, out of sample), else the MC mean."""
+    from .calibration import with_temperature
+
+    t = temperature(calibration)
+    return probs if t is None else with_temperature(probs, t)
+
+
+def flag_summary(scores: pd.DataFrame, probs: np.ndarray, config: FlagConfig, calibrated_at: float | None = None
+                 ) -> dict:
+    """run.json's ``flags``: the settings, the probabilities they were decided on, the
+    counts per split and kind, and how many flags ``flag_top`` left out (so a capped
+    worklist never looks complete)."""
     from .flags import left_out
 
     counts = scores.groupby(["split", "flag"]).size()
     return {
+        "probabilities": "MC mean" if calibrated_at is None else f"MC mean at temperature {calibrated_at:.4f} (calibrated)",
         "confidence": config.confidence,
         "flag_top": config.flag_top,
         "counts": {f"{s}/{f or 'none'}": int(n) for (s, f), n in counts.items()},
@@ -599,9 +627,10 @@ def flag_run(run: str | os.PathLike = "runs/default", *, flags: FlagConfig = Fla
         if probs.ndim != 2 or len(probs) != len(scores) or not np.isfinite(probs).all():
             raise AuditError(f"{store.path / runs.MC_SUMMARY}: probs {probs.shape} do not match the "
                              f"{len(scores)} rows of {runs.SCORES}; rerun `audit score`")
-        scores = order_columns(flag_issues(scores, probs, class_names=names, config=flags))
         meta = store.meta()
+        cal = (meta.score or {}).get("calibration")
+        scores = order_columns(flag_issues(scores, flag_probs(probs, cal), class_names=names, config=flags))
         with store.transaction() as txn:
             write_scores(txn, scores, probs, names)
-            txn.commit(meta.evolve(flags=flag_summary(scores, probs, flags)))
+            txn.commit(meta.evolve(flags=flag_summary(scores, flag_probs(probs, cal), flags, temperature(cal))))
     return scores

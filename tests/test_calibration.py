@@ -90,3 +90,42 @@ def test_reliability_bins_and_the_report_diagram(tmp_path):
     n_points = sum(len(c[k]["bins"]) for k in ("deterministic", "mc_mean", "calibrated"))
     svg = html[html.index('<svg class="reliability"'):html.index("</svg>", html.index('<svg class="reliability"'))]
     assert svg.count("<circle") == n_points
+
+
+def test_flags_are_decided_on_the_calibrated_probabilities(tmp_path):
+    """With --folds the flags use the MC mean at the fitted temperature (run.json and the
+    output say so); `audit flag` applies the same temperature; a tampered temperature is
+    one line."""
+    import pandas as pd
+
+    from audit.flags import FlagConfig, flag_issues
+    from conftest import assert_one_line_error
+
+    runner = CliRunner()
+    data = write_shapes_npz(tmp_path / "d.npz", 30, 10)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--data", str(data), "--run", str(run), "--epochs", "2",
+                               "--batch-size", "32", "--lr", "1e-3"]).exit_code == 0
+    r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4", "--folds", "2", "--confidence", "0.4"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((run / "run.json").read_text())
+    t = meta["score"]["calibration"]["calibrated"]["temperature"]
+    assert meta["flags"]["probabilities"] == f"MC mean at temperature {t:.4f} (calibrated)"
+    assert f"decided on the MC mean at temperature {t:.4f} (calibrated)" in r.output
+    scores = pd.read_csv(run / "scores.csv", keep_default_na=False)
+    with np.load(run / "mc_summary.npz") as z:
+        probs = z["probs"]
+    config = FlagConfig(confidence=0.4)
+    want = flag_issues(scores.drop(columns=["flag"]), cal.with_temperature(probs, t), config=config)
+    assert scores["flag"].tolist() == want["flag"].tolist()
+    np.testing.assert_allclose(scores["mislabel_score"], want["mislabel_score"], atol=1e-5)
+    plain = flag_issues(scores.drop(columns=["flag"]), probs, config=config)
+    assert not np.allclose(want["mislabel_score"], plain["mislabel_score"])  # the temperature changed them
+    before = (run / "scores.csv").read_bytes()
+    assert runner.invoke(app, ["flag", "--run", str(run), "--confidence", "0.4"]).exit_code == 0
+    assert (run / "scores.csv").read_bytes() == before  # the same temperature, the same flags
+    meta["score"]["calibration"]["calibrated"]["temperature"] = -1
+    (run / "run.json").write_text(json.dumps(meta))
+    assert_one_line_error(runner.invoke(app, ["flag", "--run", str(run)]),
+                          "field 'score.calibration.calibrated.temperature': expected a positive number, found -1", code=1)
+    assert (run / "scores.csv").read_bytes() == before
