@@ -226,7 +226,12 @@ def train(
 @handle_errors
 def score(
     run: Path = RunOpt,
-    samples: int = typer.Option(50, "--samples", "-T", help="Stochastic passes per image."),
+    samples: str = typer.Option("50", "--samples", "-T", help="Stochastic passes per image, or auto: passes are "
+                                "added to each image until its scores' standard errors are within --tolerance."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="With --samples auto: the standard error "
+                                              "each image's entropy and mutual information must reach [0.02]."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="With --samples auto: the most passes an "
+                                              "image gets [100]."),
     splits: str = typer.Option("train,valid", "--splits", help="Comma-separated: train, valid."),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(128, "--batch-size", help="Images per batch of the dense engine (--masks independent)."),
@@ -252,8 +257,9 @@ def score(
     from .flags import FlagConfig
     from .score import ScoreConfig, score_run
 
-    config = ScoreConfig(samples=samples, splits=splits, batch_size=batch_size, seed=seed, folds=folds, masks=masks,
-                         near_threshold=near_threshold, outlier_z=outlier_z)
+    samples_n, tol = parse_samples(samples, tolerance, max_samples)
+    config = ScoreConfig(samples=samples_n, splits=splits, batch_size=batch_size, seed=seed, folds=folds, masks=masks,
+                         near_threshold=near_threshold, outlier_z=outlier_z, tolerance=tol)
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = score_run(
         run,
@@ -268,8 +274,10 @@ def score(
     )
     df = result.scores
     per_split = ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts(sort=False).items())
+    passes = (f"{df['passes'].mean():.1f} passes on average (auto: standard errors within {tol:g}, at most "
+              f"{samples_n})") if tol is not None else f"{samples_n} passes"
     err.print(
-        f"scored {len(df):,} images ({per_split}) x {samples} passes in {result.seconds:.1f} s "
+        f"scored {len(df):,} images ({per_split}) x {passes} in {result.seconds:.1f} s "
         f"({len(df) / result.seconds:,.0f} images/s on {result.device}"
         f"{'' if cluster.in_process else ', ' + result.workers}); accuracy of the MC mean "
         f"{result.accuracy:.4f}; mean entropy {df['entropy'].mean():.4f}",
@@ -311,6 +319,23 @@ def _print_calibration(run: Path) -> None:
     else:
         parts.append("no temperature without --folds (it is fitted on images the model did not train on)")
     err.print(f"calibration on valid, ECE ({c['bins']} bins) / NLL: " + "; ".join(parts), markup=False)
+
+
+def parse_samples(samples: str, tolerance: float | None, max_samples: int | None) -> tuple[int, float | None]:
+    """--samples N, or --samples auto with its --tolerance and --max-samples: (passes or
+    the cap, the tolerance or None)."""
+    from .mc import AutoSamples
+
+    if samples.strip().lower() == "auto":
+        a = AutoSamples(**{k: v for k, v in (("tolerance", tolerance), ("cap", max_samples)) if v is not None})
+        return a.cap, a.tolerance
+    for name, given in (("--tolerance", tolerance), ("--max-samples", max_samples)):
+        if given is not None:
+            raise AuditError(f"{name}: applies with --samples auto; --samples is {samples}", usage=True)
+    try:
+        return int(samples), None
+    except ValueError:
+        raise AuditError(f"--samples: expected a number of passes or auto, got {samples!r}", usage=True) from None
 
 
 def _print_data_checks(run: Path) -> None:

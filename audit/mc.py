@@ -69,6 +69,29 @@ MASK_MODES = ("shared", "independent", "consistent")
 
 
 @dataclass(frozen=True)
+class AutoSamples:
+    """``--samples auto``: each image gets passes, ``first`` and then ``step`` at a time,
+    until the Monte-Carlo standard errors of its entropy and its mutual information
+    (:func:`metrics.jackknife_se`) are both at most ``tolerance``, or it has ``cap``.
+    An image's passes are the first of its group's ``cap`` shared passes (independent
+    from pass to pass), so an image that reaches the cap has exactly the scores of a
+    fixed run at T = ``cap``."""
+
+    tolerance: float = 0.02  # chosen on MNIST's training images (bench/samples_auto.py)
+    cap: int = 100
+    first: int = 10
+    step: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
+                or not (np.isfinite(self.tolerance) and self.tolerance > 0):
+            raise bad_param("tolerance", f"expected a standard error > 0, got {self.tolerance}")
+        if isinstance(self.cap, bool) or not isinstance(self.cap, (int, np.integer)) or self.cap < 2:
+            raise bad_param("max_samples", f"expected at least 2 passes (a standard error needs two), got {self.cap}")
+        object.__setattr__(self, "first", max(2, min(self.first, self.cap)))
+
+
+@dataclass(frozen=True)
 class MCResult:
     """What :func:`mc_predict` returns; arrays are NumPy, on the host.
 
@@ -92,13 +115,16 @@ class MCResult:
     mutual_info_se: np.ndarray | None = None
     variation_ratio_se: np.ndarray | None = None
     mean_std_se: np.ndarray | None = None
+    passes: np.ndarray | None = None  # (N,) passes each image got, with AutoSamples
 
     def scores(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in metrics.SCORE_NAMES}
 
     def columns(self) -> dict[str, np.ndarray]:
-        """The scores and their standard errors, as scores.csv has them."""
-        return {name: getattr(self, name) for name in metrics.SCORE_COLUMNS}
+        """The scores and their standard errors, as scores.csv has them (and each
+        image's passes, with AutoSamples)."""
+        cols = {name: getattr(self, name) for name in metrics.SCORE_COLUMNS}
+        return cols if self.passes is None else {**cols, "passes": self.passes}
 
 
 class MaskSampler:
@@ -409,8 +435,10 @@ def mc_predict(
     workers: int | None = None,
     offset: int = 0,
     progress: Progress | None = None,
+    auto: AutoSamples | None = None,
 ) -> MCResult:
-    """MC-dropout predictions of ``model`` for images ``x`` (N, C, H, W), T = ``samples``.
+    """MC-dropout predictions of ``model`` for images ``x`` (N, C, H, W), T = ``samples``
+    (with ``auto``: as many as each image needs, at most ``auto.cap``; shared masks only).
 
     Returns the (N, C) mean probabilities and every label-free score, (N,) each
     (higher = more uncertain); with ``return_mc`` also the (N, T, C) pass-wise
@@ -435,17 +463,23 @@ def mc_predict(
             f"x: expected images of shape (N, {', '.join(map(str, model.spec.image_shape))}) for this model, "
             f"got {x.shape}"
         )
+    if auto is not None:
+        if masks != "shared" or return_mc:
+            raise AuditError("samples: auto needs shared masks (--masks shared) and no per-pass output")
+        samples = auto.cap
     progress = progress or NullProgress()
     dev = get_device(device) if isinstance(device, str) else device
     model.to_device(dev)
     n, c = x.shape[0], model.spec.n_classes
     out = {"probs": np.empty((n, c), np.float32)}
     out.update({k: np.empty(n, np.float32) for k in metrics.SCORE_COLUMNS})
+    if auto is not None:
+        out["passes"] = np.empty(n, np.int32)
     mc = np.empty((n, samples, c), np.float32) if return_mc else None
 
     def make_worker():
         sampler = MaskSampler.for_model(model, samples=samples, seed=seed, mode=masks, device=dev)
-        return _Worker(model, sampler, x, dev, offset)
+        return _Worker(model, sampler, x, dev, offset, auto)
 
     def store(start, stop, scores_b, probs_b):
         for k, v in scores_b.items():
@@ -470,12 +504,18 @@ def mc_predict(
 class _Worker:
     """Scores batches [start, stop) of x: trunk, masks, head, reduction."""
 
-    def __init__(self, model: MCDropoutNet, sampler: MaskSampler, x: np.ndarray, device, offset: int = 0) -> None:
+    def __init__(self, model: MCDropoutNet, sampler: MaskSampler, x: np.ndarray, device, offset: int = 0,
+                 auto: AutoSamples | None = None) -> None:
         self.model, self.sampler, self.x, self.device, self.offset = model, sampler, x, device, offset
-        self.head = make_head(model)
+        self.head, self.auto = make_head(model), auto
 
     def __call__(self, start: int, stop: int):
         a = self.model.trunk_array(self.device.send(to_float32(self.x[start:stop])))  # (B, H)
+        if self.auto is not None:
+            parts = [self._adaptive(a[lo - start - self.offset:hi - start - self.offset], self.sampler.group(g))
+                     for g, lo, hi in groups(start + self.offset, stop + self.offset)]
+            host = chainer.backend.CpuDevice()
+            return {k: np.concatenate([host.send(p[k]) for p in parts]) for k in parts[0]}, None
         if self.sampler.mode == "shared":
             pieces = [self.head.kept(a[lo - start - self.offset:hi - start - self.offset], *self.sampler.group(g))
                       for g, lo, hi in groups(start + self.offset, stop + self.offset)]
@@ -488,6 +528,35 @@ class _Worker:
         scores_b = metrics.all_scores(probs_b)  # reduced on the device: (B, C) and (B,) arrays
         host = chainer.backend.CpuDevice()
         return {k: host.send(v) for k, v in scores_b.items()}, host.send(probs_b)
+
+
+    def _adaptive(self, a, keep):
+        """Scores of images ``a`` (B, H) of one group, each from as many of the group's
+        passes (``keep``: its (T, D) keep-flags) as it needs: after the first passes and
+        every step, the images whose entropy and mutual information have standard
+        errors within the tolerance (or that reached the cap) keep the scores of the
+        passes so far and leave the batch."""
+        xp, auto = self.device.xp, self.auto
+        b = a.shape[0]
+        p = xp.empty((b, auto.cap, self.model.spec.n_classes), np.float32)
+        out: dict = {}
+        active = xp.arange(b)
+        done = 0
+        while len(active):
+            upto = min(auto.cap, done + (auto.first if done == 0 else auto.step))
+            p[active, done:upto] = softmax(self.head.kept(a[active], *(k[done:upto] for k in keep)))
+            done = upto
+            s = metrics.all_scores(p[active, :done])
+            finished = (xp.maximum(s["entropy_se"], s["mutual_info_se"]) <= auto.tolerance) | (done == auto.cap)
+            if not out:
+                out = {k: xp.empty((b, *v.shape[1:]), v.dtype) for k, v in s.items()}
+                out["passes"] = xp.empty(b, np.int32)
+            rows = active[finished]
+            for k, v in s.items():
+                out[k][rows] = v[finished]
+            out["passes"][rows] = done
+            active = active[~finished]
+        return out
 
 
 def _run_cpu(make_worker, bounds: list[tuple[int, int]], store, workers: int) -> None:

@@ -16,7 +16,7 @@ from .data import SPLITS, Dataset
 from .device import describe, get_device
 from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
-from .mc import DEFAULT_BATCH, SHARE_BLOCK, MaskMode, mc_predict, require_dropout
+from .mc import DEFAULT_BATCH, SHARE_BLOCK, AutoSamples, MaskMode, mc_predict, require_dropout
 from .dupes import duplicate_summary, exact_duplicates
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
@@ -70,8 +70,10 @@ def score_dataset(
     device: str = "cpu",
     train_folds: list[tuple[MCDropoutNet, np.ndarray]] | None = None,
     progress: Progress | None = None,
+    auto: AutoSamples | None = None,
 ) -> ScoreResult:
-    """Score every image of ``splits`` with T = ``samples`` MC-dropout passes.
+    """Score every image of ``splits`` with T = ``samples`` MC-dropout passes (with
+    ``auto``, as many as each image needs: :class:`~audit.mc.AutoSamples`).
 
     With ``train_folds`` — (model, training indices it did not see) pairs — each of
     those training images is scored by its fold's model (out of sample) and gets that
@@ -89,7 +91,7 @@ def score_dataset(
         s = dataset.split(split)
         whole = len(rows) == len(s)  # skip the gather (a copy of the images) when scoring all
         r = mc_predict(models[k], s.x if whole else s.x[rows], samples=samples, batch_size=batch_size,
-                       seed=stream_seed(seed, split, k), masks=masks, device=dev, progress=progress)
+                       seed=stream_seed(seed, split, k), masks=masks, device=dev, progress=progress, auto=auto)
         results[(split, k)] = (r.probs, r.columns())
     scores, probs = assemble(dataset, jobs, folds, results)
     return ScoreResult(scores, probs, time.perf_counter() - t0, describe(dev))
@@ -127,7 +129,8 @@ def assemble(dataset: Dataset, jobs, folds: dict, results: dict) -> tuple[pd.Dat
     for split, fold in folds.items():
         s = dataset.split(split)
         probs = np.empty((len(s), dataset.n_classes), np.float32)
-        cols = {k: np.empty(len(s), np.float32) for k in metrics.SCORE_COLUMNS}
+        first = next(iter(results.values()))[1]  # the columns every job has: the scores (and passes)
+        cols = {k: np.empty(len(s), v.dtype) for k, v in first.items()}
         for js, k, rows in jobs:
             if js != split:
                 continue
@@ -173,10 +176,11 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
     for split, k, rows in jobs:
         for a in range(0, len(rows), step):
             pieces.append((str(store.path.resolve()), model_names[k], split, rows[a:a + step], a, config.samples,
-                           config.batch_size, stream_seed(config.seed, split, k), config.masks))
+                           config.batch_size, stream_seed(config.seed, split, k), config.masks, config.tolerance))
             where.append((split, k, a))
+    names = {n: np.float32 for n in metrics.SCORE_COLUMNS} | ({"passes": np.int32} if config.tolerance else {})
     out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
-                        {n: np.empty(len(rows), np.float32) for n in metrics.SCORE_COLUMNS}) for split, k, rows in jobs}
+                        {n: np.empty(len(rows), t) for n, t in names.items()}) for split, k, rows in jobs}
     progress.start(f"score {sum(len(r) for *_, r in jobs):,} images x {config.samples} passes in {len(pieces)} pieces",
                    len(pieces))
 
@@ -209,7 +213,7 @@ def _worker_dataset(store: runs.RunStore) -> Dataset:
 
 
 def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset: int, samples: int,
-                batch_size: int, seed: int, masks: str = "shared"):
+                batch_size: int, seed: int, masks: str = "shared", tolerance: float | None = None):
     """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job)."""
     store = runs.RunStore(run)
     meta = store.meta()
@@ -217,8 +221,9 @@ def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset:
     if key not in _CACHE:
         _CACHE[key] = store.load_model(model_name)
     x = _worker_dataset(store).split(split).x
+    auto = None if tolerance is None else AutoSamples(tolerance=tolerance, cap=samples)
     r = mc_predict(_CACHE[key], x[rows], samples=samples, batch_size=batch_size, seed=seed, workers=1,
-                   offset=offset, masks=masks)
+                   offset=offset, masks=masks, auto=auto)
     return r.probs, r.columns()
 
 
@@ -226,8 +231,10 @@ def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset:
 class ScoreConfig:
     """Settings of :func:`score_run`; recorded in run.json's ``score``.
 
-    samples: T, MC passes per image. folds: K >= 2 scores training images out of sample
-    with K fold models (0: none). The rest as in :func:`score_dataset`."""
+    samples: T, MC passes per image (with ``tolerance``, the most an image gets: passes
+    are added until its scores' standard errors are within it, :class:`~audit.mc.AutoSamples`).
+    folds: K >= 2 scores training images out of sample with K fold models (0: none).
+    The rest as in :func:`score_dataset`."""
 
     samples: int = 50  # the origin's T
     splits: tuple[str, ...] = SPLITS
@@ -242,6 +249,9 @@ class ScoreConfig:
     # outliers at this robust z-score
     near_threshold: float = 0.99
     outlier_z: float = 5.0
+    # `--samples auto`: the standard error each image's entropy and mutual information
+    # must reach (None: every image gets `samples` passes)
+    tolerance: float | None = None
 
     def __post_init__(self) -> None:
         from .datachecks import check_threshold, check_z
@@ -258,6 +268,13 @@ class ScoreConfig:
             raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
         check_threshold(self.near_threshold)
         check_z(self.outlier_z)
+        if self.tolerance is not None:
+            if self.masks != "shared":
+                raise bad_param("samples", "auto needs --masks shared (the passes are added a group at a time)")
+            self.auto()  # checks the tolerance and the cap
+
+    def auto(self) -> AutoSamples | None:
+        return None if self.tolerance is None else AutoSamples(tolerance=self.tolerance, cap=self.samples)
 
 
 # Past these, one batch's (B, T, 1000) activations alone exceed any machine's memory: a
@@ -390,6 +407,7 @@ def score_run(
             result = score_dataset(
                 model, dataset, splits=config.splits, samples=config.samples, batch_size=config.batch_size,
                 seed=config.seed, masks=config.masks, device=device, train_folds=train_folds, progress=progress,
+                auto=config.auto(),
             )
         else:
             check_fits(model, dataset)
@@ -421,6 +439,8 @@ def score_run(
             "accuracy": result.accuracy,
             "mean_entropy": float(result.scores["entropy"].mean()),
         }
+        if config.tolerance is not None:
+            summary["mean_passes"] = round(float(result.scores["passes"].mean()), 3)
         summary["features_seconds"] = features_seconds
         if cal:
             summary["calibration"] = cal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -200,3 +201,33 @@ def test_score_refuses_a_model_without_dropout(shapes_npz, tmp_path):
     r = runner.invoke(app, ["score", "--run", str(run), "--samples", "4"])
     assert r.exit_code == 1 and "model: this origin model has no dropout" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in run.iterdir()) == before
+
+
+def test_score_with_samples_auto(trained, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "auto", "--tolerance", "0.01", "--max-samples", "40")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(run / "scores.csv")
+    assert df["passes"].between(10, 40).all() and (df["passes"] % 10 == 0).all()
+    assert f"x {df['passes'].mean():.1f} passes on average (auto: standard errors within 0.01, at most 40)" in r.output
+    score = json.loads((run / "run.json").read_text())["score"]
+    assert (score["samples"], score["tolerance"]) == (40, 0.01)
+    assert score["mean_passes"] == pytest.approx(df["passes"].mean(), abs=1e-3)
+    stopped = df["passes"] < 40
+    assert (df.loc[stopped, ["entropy_se", "mutual_info_se"]].max(axis=1) <= 0.01).all()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--samples", "auto", "--tolerance", "0"), "--tolerance: expected a standard error > 0, got 0.0"),
+    (("--samples", "auto", "--max-samples", "1"), "--max-samples: expected at least 2 passes"),
+    (("--samples", "20", "--tolerance", "0.01"), "--tolerance: applies with --samples auto; --samples is 20"),
+    (("--samples", "lots"), "--samples: expected a number of passes or auto, got 'lots'"),
+    (("--samples", "auto", "--masks", "independent"), "--samples: auto needs --masks shared"),
+])
+def test_bad_samples_auto_is_one_line_and_changes_nothing(trained, tmp_path, args, fragment):
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert_one_line_error(invoke("score", "--run", run, *args), fragment, code=2)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -95,6 +95,20 @@ def test_dense_engine_on_two_local_workers_is_byte_identical(trained, tmp_path):
     assert json.loads((runs[1] / "run.json").read_text())["score"]["masks"] == "independent"
 
 
+def test_samples_auto_on_two_local_workers_is_byte_identical(trained, tmp_path):
+    """--samples auto: each piece adds passes per image as in-process does."""
+    runs = []
+    for extra in ([], ["--workers", "2"]):
+        run = tmp_path / f"run{len(runs)}"
+        shutil.copytree(trained, run)
+        r = invoke("score", "--run", run, "--samples", "auto", "--tolerance", "0.02", "--max-samples", "30", *extra)
+        assert r.exit_code == 0, r.output
+        runs.append(run)
+    same_files(runs[0], runs[1], ("scores.csv", "mc_summary.npz"))
+    passes = pd.read_csv(runs[1] / "scores.csv")["passes"]
+    assert passes.min() >= 10 and passes.max() <= 30 and passes.nunique() > 1
+
+
 def test_acquire_on_two_local_workers_draws_the_same_curves(data, acquired_in_process, tmp_path):
     run = tmp_path / "al"
     r = invoke("acquire", "--data", data, "--run", run, *ACQ, "--workers", "2")

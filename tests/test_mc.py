@@ -231,3 +231,42 @@ def test_a_model_without_dropout_is_refused():
     with pytest.raises(AuditError, match=r"^model: this origin model has no dropout .* \(--dropout above 0\)$"):
         mc.require_dropout(m)
     mc.require_dropout(audit.build_model(3, (1, 12, 12), dropout=0.0, arch="gal"))  # its first dropout is 0.25
+
+
+def test_samples_auto_adds_passes_until_the_standard_errors_are_within_the_tolerance():
+    from audit.mc import AutoSamples, mc_predict
+    from conftest import make_shapes
+
+    x, _ = make_shapes(400, size=16)
+    m = audit.build_model(3, (1, 16, 16))
+    fixed = mc_predict(m, x, samples=30, seed=3)
+    # a tolerance nothing reaches: every image gets the cap, and exactly the fixed run's scores
+    full = mc_predict(m, x, seed=3, auto=AutoSamples(tolerance=1e-12, cap=30))
+    assert set(full.passes.tolist()) == {30}
+    for name, v in fixed.columns().items():
+        np.testing.assert_array_equal(full.columns()[name], v)
+    # one every image reaches at once: the first 10 passes each
+    assert set(mc_predict(m, x, seed=3, auto=AutoSamples(tolerance=1e9, cap=30)).passes.tolist()) == {10}
+    mid = mc_predict(m, x, seed=3, auto=AutoSamples(tolerance=0.02, cap=30))
+    assert set(mid.passes.tolist()) <= {10, 20, 30} and len(set(mid.passes.tolist())) > 1
+    stopped = mid.passes < 30
+    assert (np.maximum(mid.entropy_se, mid.mutual_info_se)[stopped] <= 0.02).all()
+    again = mc_predict(m, x, seed=3, auto=AutoSamples(tolerance=0.02, cap=30), workers=1)
+    np.testing.assert_array_equal(again.entropy, mid.entropy)  # same seed, any number of threads
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(tolerance=0), "tolerance: expected a standard error > 0, got 0"),
+    (dict(tolerance=float("inf")), "tolerance: expected a standard error > 0, got inf"),
+    (dict(cap=1), "max_samples: expected at least 2 passes"),
+])
+def test_bad_auto_samples(kw, fragment):
+    import re
+
+    from audit.mc import AutoSamples, mc_predict
+
+    with pytest.raises(AuditError, match=re.escape(fragment)):
+        AutoSamples(**kw)
+    with pytest.raises(AuditError, match="auto needs shared masks"):
+        mc_predict(audit.build_model(3, (1, 16, 16)), np.zeros((2, 1, 16, 16), np.uint8), masks="independent",
+                   auto=AutoSamples())
