@@ -82,31 +82,31 @@ def test_score_on_two_local_workers_is_byte_identical(trained, scored_in_process
     assert json.loads((run / "run.json").read_text())["score"]["workers"] == "2 workers of a local Dask cluster"
 
 
-def test_dense_engine_on_two_local_workers_is_byte_identical(trained, tmp_path):
-    """--masks independent (the dense reference engine): pieces on batch boundaries."""
-    runs = []
-    for extra in ([], ["--workers", "2"]):
-        run = tmp_path / f"run{len(runs)}"
-        shutil.copytree(trained, run)
-        r = invoke("score", "--run", run, "--samples", "4", "--batch-size", "7", "--masks", "independent", *extra)
-        assert r.exit_code == 0, r.output
-        runs.append(run)
-    same_files(runs[0], runs[1], ("scores.csv", "mc_summary.npz"))
-    assert json.loads((runs[1] / "run.json").read_text())["score"]["masks"] == "independent"
+def _dense_recorded(run):
+    assert json.loads((run / "run.json").read_text())["score"]["masks"] == "independent"
 
 
-def test_samples_auto_on_two_local_workers_is_byte_identical(trained, tmp_path):
-    """--samples auto: each piece adds passes per image as in-process does."""
-    runs = []
-    for extra in ([], ["--workers", "2"]):
-        run = tmp_path / f"run{len(runs)}"
-        shutil.copytree(trained, run)
-        r = invoke("score", "--run", run, "--samples", "auto", "--tolerance", "0.02", "--max-samples", "30", *extra)
-        assert r.exit_code == 0, r.output
-        runs.append(run)
-    same_files(runs[0], runs[1], ("scores.csv", "mc_summary.npz"))
-    passes = pd.read_csv(runs[1] / "scores.csv")["passes"]
+def _passes_vary(run):
+    passes = pd.read_csv(run / "scores.csv")["passes"]
     assert passes.min() >= 10 and passes.max() <= 30 and passes.nunique() > 1
+
+
+@pytest.mark.parametrize("args, check", [
+    # --masks independent (the dense reference engine): pieces on batch boundaries
+    (("--samples", "4", "--batch-size", "7", "--masks", "independent"), _dense_recorded),
+    # --samples auto: each piece adds passes per image as in-process does
+    (("--samples", "auto", "--tolerance", "0.02", "--max-samples", "30"), _passes_vary),
+], ids=["dense engine", "samples auto"])
+def test_other_engines_on_two_local_workers_are_byte_identical(trained, tmp_path, args, check):
+    runs = []
+    for extra in ([], ["--workers", "2"]):
+        run = tmp_path / f"run{len(runs)}"
+        shutil.copytree(trained, run)
+        r = invoke("score", "--run", run, *args, *extra)
+        assert r.exit_code == 0, r.output
+        runs.append(run)
+    same_files(runs[0], runs[1], ("scores.csv", "mc_summary.npz"))
+    check(runs[1])
 
 
 def test_acquire_on_two_local_workers_draws_the_same_curves(data, acquired_in_process, tmp_path):
