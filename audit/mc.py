@@ -488,7 +488,7 @@ def mc_predict(
             mc[start:stop] = probs_b
         progress.advance(stop - start)
 
-    progress.start(f"score {n:,} images x {samples} passes", n)
+    progress.start(f"score {n:,} images x {'up to ' if auto else ''}{samples} passes", n)
     if dev.xp is np:
         if masks == "shared":  # a group is the unit of work: the same products whatever the batch size
             bounds = [(lo - offset, hi - offset) for _, lo, hi in groups(offset, offset + n)] if n else []
@@ -528,7 +528,6 @@ class _Worker:
         scores_b = metrics.all_scores(probs_b)  # reduced on the device: (B, C) and (B,) arrays
         host = chainer.backend.CpuDevice()
         return {k: host.send(v) for k, v in scores_b.items()}, host.send(probs_b)
-
 
     def _adaptive(self, a, keep):
         """Scores of images ``a`` (B, H) of one group, each from as many of the group's

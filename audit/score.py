@@ -126,10 +126,11 @@ def plan_jobs(dataset: Dataset, splits, fold_rows: list[np.ndarray]):
 def assemble(dataset: Dataset, jobs, folds: dict, results: dict) -> tuple[pd.DataFrame, np.ndarray]:
     """scores.csv's rows and the (N, C) means, from each job's (probs, scores)."""
     frames, all_probs = [], []
+    # the columns every job has: the scores (and passes); the scores alone where nothing was scored
+    first = next(iter(results.values()), (None, {k: np.empty(0, np.float32) for k in metrics.SCORE_COLUMNS}))[1]
     for split, fold in folds.items():
         s = dataset.split(split)
         probs = np.empty((len(s), dataset.n_classes), np.float32)
-        first = next(iter(results.values()))[1]  # the columns every job has: the scores (and passes)
         cols = {k: np.empty(len(s), v.dtype) for k, v in first.items()}
         for js, k, rows in jobs:
             if js != split:
@@ -181,7 +182,8 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
     names = {n: np.float32 for n in metrics.SCORE_COLUMNS} | ({"passes": np.int32} if config.tolerance else {})
     out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
                         {n: np.empty(len(rows), t) for n, t in names.items()}) for split, k, rows in jobs}
-    progress.start(f"score {sum(len(r) for *_, r in jobs):,} images x {config.samples} passes in {len(pieces)} pieces",
+    progress.start(f"score {sum(len(r) for *_, r in jobs):,} images x {'up to ' if config.tolerance else ''}"
+                   f"{config.samples} passes in {len(pieces)} pieces",
                    len(pieces))
 
     t0, scored = time.perf_counter(), [0]

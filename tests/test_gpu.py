@@ -60,6 +60,19 @@ def test_mc_predict_on_gpu_is_seeded_and_sane():
     assert np.abs(a.probs - c.probs).mean() < 0.02
 
 
+def test_samples_auto_on_gpu_is_seeded_and_stops_within_the_tolerance():
+    m = audit.build_model(4, (1, 12, 12), seed=0)
+    x = np.random.default_rng(0).integers(0, 256, (1500, 1, 12, 12), dtype=np.uint8)
+    auto = mc.AutoSamples(tolerance=0.02, cap=40)
+    a = mc.mc_predict(m, x, device="gpu", seed=1, auto=auto)
+    b = mc.mc_predict(m, x, device="gpu", seed=1, auto=auto)
+    np.testing.assert_array_equal(a.entropy, b.entropy)
+    np.testing.assert_array_equal(a.passes, b.passes)
+    assert set(a.passes.tolist()) <= {10, 20, 30, 40}
+    stopped = a.passes < 40
+    assert (np.maximum(a.entropy_se, a.mutual_info_se)[stopped] <= 0.02).all()
+
+
 def test_train_and_score_on_gpu(shapes_npz):
     ds = audit.load_dataset(shapes_npz)
     r = audit.train(ds, audit.TrainConfig(epochs=4, batch_size=32, lr=1e-3), device="gpu")
