@@ -29,7 +29,7 @@ from .device import get_device
 from .errors import AuditError, bad_param
 from .mc import mc_predict, require_dropout
 from .progress import NullProgress, Progress
-from .score import MAX_SAMPLES
+from .mc import MAX_SAMPLES
 from .train import TrainConfig, check_int, check_run_free, train
 
 from .alstate import _differing, go_on_from, read_results, resumable, stored_config

@@ -64,6 +64,10 @@ CPU_HEAD_ROWS = 1600
 # gathered weight rows serve many images; a group is also the CPU engine's unit of work.
 SHARE_BLOCK = 1024
 
+# Past this many passes, one batch's (B, T, 1000) activations alone exceed any machine's
+# memory: a typo (an extra zero or three), not a setting.
+MAX_SAMPLES = 100_000
+
 MaskMode = Literal["shared", "independent", "consistent"]
 MASK_MODES = ("shared", "independent", "consistent")
 
@@ -88,6 +92,8 @@ class AutoSamples:
             raise bad_param("tolerance", f"expected a standard error > 0, got {self.tolerance}")
         if isinstance(self.cap, bool) or not isinstance(self.cap, (int, np.integer)) or self.cap < 2:
             raise bad_param("max_samples", f"expected at least 2 passes (a standard error needs two), got {self.cap}")
+        if self.cap > MAX_SAMPLES:
+            raise bad_param("max_samples", f"expected at most {MAX_SAMPLES} passes, got {self.cap}")
         object.__setattr__(self, "first", max(2, min(self.first, self.cap)))
 
 

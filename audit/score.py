@@ -16,7 +16,7 @@ from .data import SPLITS, Dataset
 from .device import describe, get_device
 from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
-from .mc import DEFAULT_BATCH, SHARE_BLOCK, AutoSamples, MaskMode, mc_predict, require_dropout
+from .mc import DEFAULT_BATCH, MAX_SAMPLES, SHARE_BLOCK, AutoSamples, MaskMode, mc_predict, require_dropout
 from .dupes import duplicate_summary, exact_duplicates
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
@@ -260,6 +260,7 @@ class ScoreConfig:
         from .train import check_int
 
         object.__setattr__(self, "splits", parse_splits(self.splits))
+        self.auto()  # with a tolerance: checks it and the cap, named as --tolerance and --max-samples
         check_int("samples", self.samples, 1, MAX_SAMPLES)
         check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         check_int("seed", self.seed, 0)
@@ -270,18 +271,15 @@ class ScoreConfig:
             raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
         check_threshold(self.near_threshold)
         check_z(self.outlier_z)
-        if self.tolerance is not None:
-            if self.masks != "shared":
-                raise bad_param("samples", "auto needs --masks shared (the passes are added a group at a time)")
-            self.auto()  # checks the tolerance and the cap
+        if self.tolerance is not None and self.masks != "shared":
+            raise bad_param("samples", "auto needs --masks shared (the passes are added a group at a time)")
 
     def auto(self) -> AutoSamples | None:
         return None if self.tolerance is None else AutoSamples(tolerance=self.tolerance, cap=self.samples)
 
 
-# Past these, one batch's (B, T, 1000) activations alone exceed any machine's memory: a
-# typo (an extra zero or three), not a setting.
-MAX_SAMPLES = 100_000
+# Past this (and mc.MAX_SAMPLES), one batch's (B, T, 1000) activations alone exceed any
+# machine's memory: a typo (an extra zero or three), not a setting.
 MAX_BATCH = 1_000_000
 
 

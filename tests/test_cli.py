@@ -221,6 +221,7 @@ def test_score_with_samples_auto(trained, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (("--samples", "auto", "--tolerance", "0"), "--tolerance: expected a standard error > 0, got 0.0"),
     (("--samples", "auto", "--max-samples", "1"), "--max-samples: expected at least 2 passes"),
+    (("--samples", "auto", "--max-samples", "1000000000"), "--max-samples: expected at most 100000 passes"),
     (("--samples", "20", "--tolerance", "0.01"), "--tolerance: applies with --samples auto; --samples is 20"),
     (("--samples", "lots"), "--samples: expected a number of passes or auto, got 'lots'"),
     (("--samples", "auto", "--masks", "independent"), "--samples: auto needs --masks shared"),
