@@ -27,9 +27,8 @@ from .acquire import BETA, STRATEGIES, acquire, from_scores, parse_strategy, ran
 from .data import Dataset, Split, load_dataset
 from .device import get_device
 from .errors import AuditError, bad_param
-from .mc import mc_predict, require_dropout
+from .mc import MAX_SAMPLES, mc_predict, require_dropout
 from .progress import NullProgress, Progress
-from .mc import MAX_SAMPLES
 from .train import TrainConfig, check_int, check_run_free, train
 
 from .alstate import _differing, go_on_from, read_results, resumable, stored_config
