@@ -7,6 +7,7 @@ exit status 1 (2 for a bad option value), never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -185,24 +186,40 @@ def train(
     data: str = typer.Option("mnist", "--data", help="mnist, an .npz file, a folder DIR/{train,valid}/<class>/*.png, or a CSV manifest path,label,split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
     run: Path = RunOpt,
-    epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(1000, "--batch-size"),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam's alpha."),
-    schedule: str = typer.Option("constant", "--schedule", help="constant, or cosine: alpha falls to 0 over the training."),
-    even_batches: bool = EvenBatchesOpt,
-    dropout: float = typer.Option(0.5, "--dropout", help="Dropout ratio of both dropout layers."),
-    seed: int = typer.Option(0, "--seed"),
+    recipe: str = typer.Option("origin", "--recipe", help="origin: the origin's settings (Adam 1e-4, batches of "
+                               "1,000, 10 epochs); strong: 99.4% on MNIST's test images in under twice the "
+                               "origin's time, and fit for fold models and small data (Adam 2e-3 along a cosine, "
+                               "batches of 500, 12 epochs, images moved by up to 2 pixels, at least 1,200 steps). "
+                               "The options below override its settings."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam's alpha (at the start, with --schedule cosine)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, or cosine: alpha falls to 0 over the "
+                                           "training."),
+    shift: Optional[int] = typer.Option(None, "--shift", help="Move each training image by a random offset of up "
+                                        "to this many pixels each way, each epoch (0: none)."),
+    min_steps: Optional[int] = typer.Option(None, "--min-steps", help="Small data: shrink the batches (to 32 at "
+                                            "least), then add epochs, until training takes this many steps (0: no "
+                                            "floor)."),
+    even_batches: Optional[bool] = typer.Option(None, "--even-batches/--no-even-batches", help="Near-equal batches "
+                                                "per epoch (130 images at 128: 65 + 65); --no-even-batches: full "
+                                                "batches and the remainder."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout ratio of both dropout layers."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = DeviceOpt,
     subset: Optional[Path] = typer.Option(None, "--subset", help="Train only on these training indices (one per line, or .npy)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     image_size: Optional[str] = ImageSizeOpt,
 ) -> None:
     """Train the origin CNN and write RUN/model.npz, train_log.csv and run.json."""
+    from .config import train_recipe
     from .data import parse_image_size
-    from .train import TrainConfig, train_run
+    from .train import train_run
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
-                         schedule=schedule, even_batches=even_batches)
+    config = train_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
+                          schedule=schedule, even_batches=even_batches, shift=shift, min_steps=min_steps or None)
+    if min_steps == 0:
+        config = dataclasses.replace(config, min_steps=None)
     result = train_run(
         run,
         data=data,

@@ -19,7 +19,7 @@ import chainer.functions as F
 from . import runs
 from .data import Dataset, Split, load_dataset, read_subset, to_float32
 from .device import describe, get_device, keep_freed_memory, make_rng
-from .config import SCHEDULES, TrainConfig, check_int, stored_train_config  # noqa: F401 (re-exported)
+from .config import MIN_BATCH, SCHEDULES, TrainConfig, check_int, stored_train_config  # noqa: F401 (re-exported)
 from .errors import AuditError
 from .model import MCDropoutNet, build_model
 from .progress import NullProgress, Progress
@@ -110,6 +110,45 @@ def _batches(n: int, batch_size: int, order: np.ndarray | None = None, *, even: 
         bounds = [*range(0, n, batch_size), n]
     for start, stop in zip(bounds[:-1], bounds[1:]):
         yield slice(start, stop) if order is None else order[start:stop]
+
+
+def plan(config: TrainConfig, n: int) -> tuple[int, int]:
+    """(epochs, batch size) of training on ``n`` images: ``config``'s, or, where those
+    would take fewer than ``config.min_steps`` optimiser steps, smaller batches (down to
+    MIN_BATCH, or ``batch_size`` if smaller), then more epochs, until they do not.
+
+    >>> plan(TrainConfig(epochs=12, batch_size=500, min_steps=1200), 15_000)
+    (12, 150)
+    >>> plan(TrainConfig(epochs=12, batch_size=500, min_steps=1200), 1_000)
+    (38, 32)
+    """
+    per_epoch = n if config.epoch_samples is None else config.epoch_samples
+    if config.min_steps is None:
+        return config.epochs, config.batch_size
+    batch = max(min(config.batch_size, MIN_BATCH), min(config.batch_size, -(-per_epoch * config.epochs // config.min_steps)))
+    return max(config.epochs, -(-config.min_steps // -(-per_epoch // batch))), batch
+
+
+def shifted(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """``x`` (N, C, H, W), each image moved by its own random offset of -shift..shift
+    pixels in each direction; what moves in from outside is 0.
+
+    >>> x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    >>> shifted(x, 1, np.random.default_rng(0)).shape
+    (1, 1, 3, 3)
+    """
+    if shift == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
+    dy, dx = rng.integers(0, 2 * shift + 1, size=(2, n))
+    out = np.empty_like(x)
+    offset = dy * (2 * shift + 1) + dx
+    for o in np.unique(offset):  # one slice copy per offset, not a gather per pixel
+        rows = np.flatnonzero(offset == o)
+        y0, x0 = divmod(int(o), 2 * shift + 1)
+        out[rows] = padded[rows, :, y0:y0 + h, x0:x0 + w]
+    return out
 
 
 def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device=None) -> tuple[float, float]:
@@ -213,36 +252,39 @@ def train(
                          "images kept out of training (--valid-size), got none")
     order_rng = np.random.default_rng(config.seed)
     mask_rng = make_rng(dev, [config.seed, 1])
+    shift_rng = np.random.default_rng([config.seed, 2])
     t_start = time.perf_counter()
     # single-threaded BLAS: OpenBLAS sums in another order with more threads, so this makes the
     # weights the same on any number of cores and in a Dask worker; fastconv spreads the
     # convolutions over the cores itself, and the small dense products lose nothing (bench)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), threadpool_limits(limits=1, user_api="blas"):
-        return _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
-                       validate, stop_split)
+        return _epochs(model, optimizer, dataset, config, idx_all, (order_rng, mask_rng, shift_rng), dev,
+                       progress, t_start, validate, stop_split)
 
 
-def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev, progress, t_start,
+def _epochs(model, optimizer, dataset, config, idx_all, rngs, dev, progress, t_start,
             validate, stop_split) -> TrainResult:
     """The epochs of :func:`train`."""
+    order_rng, mask_rng, shift_rng = rngs
     x_all, y_all = dataset.train.x, dataset.train.y
     n = len(idx_all)
     per_epoch = n if config.epoch_samples is None else config.epoch_samples
     log = []
-    steps_per_epoch = -(-per_epoch // config.batch_size)
-    total_steps, step = config.epochs * steps_per_epoch, 0
+    epochs, batch_size = plan(config, n)
+    steps_per_epoch = -(-per_epoch // batch_size)
+    total_steps, step = epochs * steps_per_epoch, 0
     stopper = _EarlyStop(model, config.patience) if config.patience is not None else None
-    for epoch in range(1, config.epochs + 1):
-        progress.start(f"epoch {epoch}/{config.epochs}", per_epoch)
+    for epoch in range(1, epochs + 1):
+        progress.start(f"epoch {epoch}/{epochs}", per_epoch)
         t0 = time.perf_counter()
         loss_sum = 0.0
         correct = seen = 0
         # an epoch: a permutation of the images, or epoch_samples of them drawn with replacement
         order = (order_rng.permutation(n) if config.epoch_samples is None
                  else order_rng.integers(0, n, size=config.epoch_samples))
-        for bi in _batches(per_epoch, config.batch_size, order, even=config.even_batches):
+        for bi in _batches(per_epoch, batch_size, order, even=config.even_batches):
             rows = np.sort(idx_all[bi])  # sorted gathers are faster; order within a batch is irrelevant
-            x = dev.send(to_float32(x_all[rows]))
+            x = dev.send(shifted(to_float32(x_all[rows]), config.shift, shift_rng))
             t = dev.send(y_all[rows])
             y = model(x, rng=mask_rng)
             loss = F.softmax_cross_entropy(y, t)
@@ -262,7 +304,7 @@ def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev
             elapsed = time.perf_counter() - t0
             progress.advance(b, loss=loss_sum / seen, acc=correct / seen, ips=seen / elapsed)
         train_seconds = time.perf_counter() - t0
-        if validate or (epoch == config.epochs and stopper is None):
+        if validate or (epoch == epochs and stopper is None):
             v_loss, v_acc = evaluate(model, dataset.valid, device=dev)
         else:
             v_loss = v_acc = float("nan")
@@ -280,7 +322,7 @@ def _epochs(model, optimizer, dataset, config, idx_all, order_rng, mask_rng, dev
         if stopper is not None:
             stop_note = f" | early-stopping acc {stopper.see(epoch, evaluate(model, stop_split, device=dev)[1]):.4f}"
         progress.close(
-            f"epoch {epoch}/{config.epochs}: loss {rec.train_loss:.4f} acc {rec.train_accuracy:.4f} "
+            f"epoch {epoch}/{epochs}: loss {rec.train_loss:.4f} acc {rec.train_accuracy:.4f} "
             f"| valid loss {rec.valid_loss:.4f} acc {rec.valid_accuracy:.4f}{stop_note} | {rec.images_per_s:,.0f} images/s"
         )
         if stopper is not None and stopper.done:

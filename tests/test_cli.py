@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import audit
 from audit.cli import app
 
 runner = CliRunner()
@@ -102,6 +103,10 @@ def test_score_trains_first_when_the_run_has_no_model(shapes_npz, tmp_path):
         (["train", "--device", "@cupy:7"], ["--device @cupy:7: this machine has"], 1),
         (["train", "--epochs", "0"], ["--epochs: expected an integer at least 1"], 2),
         (["train", "--data-dir", "/no/such/dir"], ["--data-dir: /no/such/dir is not a folder"], 1),
+        (["train", "--recipe", "fast"], ["--recipe: expected one of origin, strong, got 'fast'"], 2),
+        (["train", "--shift", "9"], ["--shift: expected an integer 0..8, got 9"], 2),
+        (["train", "--shift", "-1"], ["--shift: expected an integer 0..8, got -1"], 2),
+        (["train", "--min-steps", "-5"], ["--min-steps: expected an integer 1..10000000, got -5"], 2),
     ],
 )
 def test_bad_train_input(args, fragments, code, tmp_path):

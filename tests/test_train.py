@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -280,3 +281,39 @@ def test_early_stopping_needs_its_split(shapes_npz):
 def test_bad_early_stopping_config(kwargs, option):
     with pytest.raises(AuditError, match=f"^{option}: "):
         TrainConfig(**kwargs)
+
+
+def test_shifted_moves_each_image_by_its_own_offset():
+    from audit.train import shifted
+
+    x = np.random.default_rng(0).random((200, 2, 9, 7)).astype(np.float32)
+    out = shifted(x, 2, np.random.default_rng(5))
+    dy, dx = np.random.default_rng(5).integers(0, 5, size=(2, 200))
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    want = np.stack([padded[i, :, dy[i]:dy[i] + 9, dx[i]:dx[i] + 7] for i in range(200)])
+    np.testing.assert_array_equal(out, want)
+    assert len({(a, b) for a, b in zip(dy, dx)}) == 25  # every offset drawn, (2, 2) the image itself
+    assert shifted(x, 0, np.random.default_rng(5)) is x
+
+
+def test_plan_shrinks_batches_then_adds_epochs():
+    from audit.train import plan
+
+    base = TrainConfig(epochs=12, batch_size=500, min_steps=1200)
+    assert plan(base, 60_000) == (12, 500)  # 1,440 steps: enough
+    assert plan(base, 15_000) == (12, 150)
+    assert plan(base, 1_000) == (38, 32)  # batches of 32 at least, then epochs
+    assert plan(replace(base, min_steps=None), 1_000) == (12, 500)
+    assert plan(replace(base, batch_size=8), 100) == (93, 8)  # never a batch above the one asked for
+    assert plan(replace(base, epoch_samples=5056), 10) == (12, 51)  # epochs of draws: their size counts
+
+
+def test_shift_and_min_steps_change_the_training_and_stay_deterministic(shapes_npz):
+    ds = load_dataset(str(shapes_npz))
+    base = TrainConfig(epochs=1, batch_size=64)
+    plain = train(ds, base)
+    moved, again = train(ds, replace(base, shift=2)), train(ds, replace(base, shift=2))
+    assert not np.array_equal(plain.model.fc5.W.array, moved.model.fc5.W.array)
+    np.testing.assert_array_equal(moved.model.fc5.W.array, again.model.fc5.W.array)
+    longer = train(ds, replace(base, min_steps=20))
+    assert len(longer.log) == 2  # 300 images: 5 steps of 64 an epoch; in 32s 10 steps, so 2 epochs
