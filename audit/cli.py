@@ -300,12 +300,29 @@ def score(
         f"{result.accuracy:.4f}; mean entropy {df['entropy'].mean():.4f}",
         markup=False,
     )
+    _print_ensemble(run)
     _print_flags(run)
     _print_confident(run)
     _print_duplicates(run)
     _print_data_checks(run)
     _print_calibration(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
+
+
+def _print_ensemble(run: Path) -> None:
+    """How --folds scored the validation images: pooled over every model that did not see them."""
+    from .runs import RunStore
+
+    e = (RunStore(run).meta().score or {}).get("ensemble")
+    if not e:
+        return
+    if "skipped" in e:
+        err.print(f"validation images not pooled over the fold models: {e['skipped']}", markup=False)
+        return
+    v = e["valid"]
+    err.print(f"validation images: {v['passes']:,} passes pooled from {v['models']} models that did not see them "
+              f"(the run's and each fold's); mean disagreement between them {v['mean_disagreement']:.4f} nats "
+              "(column disagreement)", markup=False)
 
 
 def _print_confident(run: Path) -> None:

@@ -144,6 +144,19 @@ def jackknife_se(mc_probs) -> dict:
     return dict(zip(SE_NAMES, (se(h_loo), se(eh_loo), se(mi_loo), se(vr_loo), se(ms_loo))))
 
 
+def disagreement(model_probs):
+    """How much M models' predictive distributions of the same images differ, (N, M, C)
+    -> (N,): the generalized Jensen-Shannon divergence, the entropy of their average
+    less the average of their entropies (nats, 0 when they agree, at most log M). It is
+    the mutual information between the prediction and which model made it.
+
+    >>> float(disagreement(np.array([[[1.0, 0.0], [0.0, 1.0]]]))[0]) == float(np.log(2))
+    True
+    """
+    xp = get_array_module(model_probs)
+    return xp.maximum(entropy(model_probs.mean(axis=1)) - (-_xlogx_sum(model_probs)).mean(axis=1), 0)
+
+
 def all_scores(mc_probs) -> dict:
     """Every label-free score of ``mc_probs`` (N, T, C), with its standard error
     (:func:`jackknife_se`), plus ``probs`` (N, C).

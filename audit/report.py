@@ -246,6 +246,7 @@ def report_context(
         "duplicates": duplicates,
         "checks": checks,
         "reliability": reliability_chart((meta.score or {}).get("calibration")),
+        "ensemble": ((meta.score or {}).get("ensemble") or {}).get("valid") if split == "valid" else None,
         "confident": confident_context(((meta.score or {}).get("confident_learning") or {}).get(split), names),
     }
 

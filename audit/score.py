@@ -94,7 +94,52 @@ def score_dataset(
                        seed=stream_seed(seed, split, k), masks=masks, device=dev, progress=progress, auto=auto)
         results[(split, k)] = (r.probs, r.columns())
     scores, probs = assemble(dataset, jobs, folds, results)
+    if train_folds and "valid" in splits and auto is None:
+        scores, probs = pool_unseen(scores, probs, dataset, [model, *(m for m, _ in train_folds)], samples=samples,
+                                    batch_size=batch_size, seed=seed, masks=masks, device=dev, progress=progress)
     return ScoreResult(scores, probs, time.perf_counter() - t0, describe(dev))
+
+
+# the pooled passes of the models held in memory at once, (rows, models x T, C) float32
+POOL_BYTES = 256 << 20
+
+
+def pool_unseen(scores: pd.DataFrame, probs: np.ndarray, dataset: Dataset, models: list[MCDropoutNet], *,
+                samples: int, batch_size: int, seed: int, masks: MaskMode, device, progress: Progress | None = None
+                ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The validation images scored by every model that did not see them: the run's own
+    (``models[0]``) and each fold model. Their M x T passes are pooled into one
+    predictive distribution and every score (and its jackknife standard error, over the
+    pooled passes) is computed from it; ``disagreement`` is the models' generalized
+    Jensen-Shannon divergence (:func:`~audit.metrics.disagreement`, nats). Each model's
+    passes on an image are the ones it gives scoring alone (same mask streams: the run's
+    model's are the unpooled scores' exactly). Adds ``models`` (how many were pooled, 1
+    for images scored by one) and ``disagreement`` (empty there) to ``scores``."""
+    s = dataset.valid
+    rows = np.flatnonzero((scores["split"] == "valid").to_numpy())
+    n, c, m = len(s), dataset.n_classes, len(models)
+    chunk = max(SHARE_BLOCK, POOL_BYTES // (m * samples * c * 4) // SHARE_BLOCK * SHARE_BLOCK)
+    pooled = np.empty((n, c), np.float32)
+    cols = {name: np.empty(n, np.float32) for name in (*metrics.SCORE_COLUMNS, "disagreement")}
+    for a in range(0, n, chunk):
+        passes = [mc_predict(model, s.x[a:a + chunk], samples=samples, batch_size=batch_size,
+                             seed=stream_seed(seed, "valid", k - 1), masks=masks, device=device, return_mc=True,
+                             offset=a, progress=progress).mc_probs for k, model in enumerate(models)]
+        every = metrics.all_scores(np.concatenate(passes, axis=1))
+        pooled[a:a + chunk] = every.pop("probs")
+        for name, v in every.items():
+            cols[name][a:a + chunk] = v
+        cols["disagreement"][a:a + chunk] = metrics.disagreement(np.stack([p.mean(axis=1) for p in passes], axis=1))
+    scores, probs = scores.copy(), probs.copy()
+    probs[rows] = pooled
+    scores["models"] = np.where(scores["split"] == "valid", m, 1).astype(np.int32)
+    scores["disagreement"] = np.nan
+    for name, v in cols.items():
+        scores.loc[rows, name] = v
+    scores.loc[rows, "pred"] = metrics.pred(pooled).astype(np.int32)
+    scores.loc[rows, "p_label"] = metrics.p_label(pooled, s.y)
+    scores.loc[rows, "margin"] = metrics.margin(pooled, s.y)
+    return scores, probs
 
 
 def check_fits(model: MCDropoutNet, dataset: Dataset) -> None:
@@ -416,6 +461,11 @@ def score_run(
             names = {-1: runs.MODEL, **{k: runs.fold_model(config.folds, k) for k in range(config.folds)}}
             scores, probs = score_on_cluster(client, store, dataset, jobs, folds, config, names,
                                              progress or NullProgress())
+            if train_folds and "valid" in config.splits and config.tolerance is None:
+                # the pooled validation images are a small share of the work: scored here
+                scores, probs = pool_unseen(scores, probs, dataset, [model, *(m for m, _ in train_folds)],
+                                            samples=config.samples, batch_size=config.batch_size, seed=config.seed,
+                                            masks=config.masks, device=get_device(device), progress=progress)
             result = ScoreResult(scores, probs, time.perf_counter() - t1, "cpu")
         result = replace(result, workers=cluster.describe(n_workers(client)))
         t1 = time.perf_counter()
@@ -441,6 +491,8 @@ def score_run(
         }
         if config.tolerance is not None:
             summary["mean_passes"] = round(float(result.scores["passes"].mean()), 3)
+        if train_folds and "valid" in config.splits:
+            summary["ensemble"] = ensemble_summary(result.scores, config)
         summary["features_seconds"] = features_seconds
         if cal:
             summary["calibration"] = cal
@@ -460,6 +512,16 @@ def score_run(
                                                                      temperature(cal)),
                                    versions=runs.versions()))
     return result
+
+
+def ensemble_summary(scores: pd.DataFrame, config: "ScoreConfig") -> dict:
+    """run.json's ``score.ensemble``: how the validation images were scored with --folds."""
+    if config.tolerance is not None:
+        return {"skipped": "--samples auto scores each image with one model: the validation images by the run's"}
+    valid = scores[scores["split"] == "valid"]
+    return {"valid": {"models": int(valid["models"].iloc[0]) if len(valid) else config.folds + 1,
+                      "passes": (config.folds + 1) * config.samples,
+                      "mean_disagreement": round(float(valid["disagreement"].mean()), 6) if len(valid) else None}}
 
 
 def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, features: dict[str, np.ndarray]

@@ -84,6 +84,7 @@ def test_reliability_bins_and_the_report_diagram(tmp_path):
     assert r.exit_code == 0, r.output
     html = (tmp_path / "rep" / "index.html").read_text()
     assert '<svg class="reliability"' in html
+    assert "These validation images were scored by all 3 models that did not see them" in html
     assert [c in html for c in ('data-curve="deterministic"', 'data-curve="mc_mean"', 'data-curve="calibrated"')] \
         == [True, True, True]
     c = json.loads((run / "run.json").read_text())["score"]["calibration"]

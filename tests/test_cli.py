@@ -237,3 +237,60 @@ def test_bad_samples_auto_is_one_line_and_changes_nothing(trained, tmp_path, arg
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert_one_line_error(invoke("score", "--run", run, *args), fragment, code=2)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_train_recipe_strong_is_recorded_and_options_override_it(shapes_npz, tmp_path):
+    # strong's settings, with a floor of 40 steps: 300 training images in batches of at most 500
+    # for 2 epochs shrink to batches of 32 (10 steps an epoch), then 4 epochs reach 40 steps
+    run = tmp_path / "strong"
+    r = invoke("train", "--data", shapes_npz, "--run", run, "--recipe", "strong", "--epochs", "2", "--min-steps", "40")
+    assert r.exit_code == 0, r.output
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config | {"epochs": 2, "min_steps": 40} == config
+    assert (config["lr"], config["batch_size"], config["schedule"], config["shift"]) == (2e-3, 500, "cosine", 2)
+    assert "epoch 4/4" in r.output and len(pd.read_csv(run / "train_log.csv")) == 4
+    # --min-steps 0 takes the floor away: the 2 epochs asked for
+    r = invoke("train", "--data", shapes_npz, "--run", run, "--recipe", "strong", "--epochs", "2", "--min-steps", "0",
+               "--shift", "0", "--overwrite")
+    assert r.exit_code == 0, r.output
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["min_steps"] is None and config["shift"] == 0 and len(pd.read_csv(run / "train_log.csv")) == 2
+
+
+def test_folds_pool_the_validation_images_over_every_unseen_model(trained, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    assert invoke("score", "--run", run, "--samples", "6").exit_code == 0
+    alone = pd.read_csv(run / "scores.csv")
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(run / "scores.csv")
+    valid, train = df[df.split == "valid"], df[df.split == "train"]
+    assert (valid.models == 3).all() and (train.models == 1).all()
+    assert valid.disagreement.between(0, np.log(3)).all() and train.disagreement.isna().all()
+    # the pooled passes of three models are not the run's model's alone
+    assert not np.allclose(valid.entropy, alone[alone.split == "valid"].entropy)
+    e = json.loads((run / "run.json").read_text())["score"]["ensemble"]["valid"]
+    assert (e["models"], e["passes"]) == (3, 18) and e["mean_disagreement"] == pytest.approx(valid.disagreement.mean(), abs=1e-6)
+    assert "validation images: 18 passes pooled from 3 models that did not see them" in r.output
+    with np.load(run / "mc_summary.npz") as z:  # the pooled mean is what the flags and calibration saw
+        np.testing.assert_allclose(z["probs"][len(train):].argmax(1), valid.pred)
+    # --samples auto scores each image with one model, and says so
+    r = invoke("score", "--run", run, "--samples", "auto", "--max-samples", "20", "--folds", "2")
+    assert r.exit_code == 0 and "validation images not pooled over the fold models" in r.output, r.output
+    assert "models" not in pd.read_csv(run / "scores.csv").columns
+
+
+def test_pooling_one_model_gives_its_own_scores(shapes_npz):
+    from audit.device import get_device
+    from audit.score import pool_unseen, score_dataset
+
+    ds = audit.load_dataset(str(shapes_npz))
+    model = audit.train(ds, audit.TrainConfig(epochs=1, batch_size=64)).model
+    r = score_dataset(model, ds, samples=5)
+    scores, probs = pool_unseen(r.scores, r.probs, ds, [model], samples=5, batch_size=250, seed=0, masks="shared",
+                                device=get_device("cpu"))
+    cols = [c for c in r.scores.columns]
+    pd.testing.assert_frame_equal(scores[cols], r.scores, check_dtype=False)
+    np.testing.assert_array_equal(probs, r.probs)
+    assert (scores.disagreement[scores.split == "valid"] == 0).all()
