@@ -255,7 +255,11 @@ def score(
     seed: int = typer.Option(0, "--seed", help="Seed of the dropout masks."),
     masks: str = typer.Option("shared", "--masks", help="shared: 1,024 images share each pass's masks (the fast "
                               "kept-units engine); independent: every image its own (the dense reference)."),
-    folds: int = typer.Option(0, "--folds", help="Score training images out of sample with K fold models (K >= 2; trains K models)."),
+    folds: int = typer.Option(0, "--folds", help="Score training images out of sample with K fold models (K >= 2; "
+                              "trains K models); the validation images are scored by all K + 1 models, pooled."),
+    fold_repeats: int = typer.Option(1, "--fold-repeats", help="With --folds K: R partitions into K folds (R x K "
+                                     "models); each training image is scored by the R models that did not see it, "
+                                     "pooled."),
     confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
     flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
     near_threshold: float = typer.Option(0.99, "--near-threshold", help="Near-duplicates: two images whose correlation "
@@ -275,7 +279,8 @@ def score(
     from .score import ScoreConfig, score_run
 
     samples_n, tol = parse_samples(samples, tolerance, max_samples)
-    config = ScoreConfig(samples=samples_n, splits=splits, batch_size=batch_size, seed=seed, folds=folds, masks=masks,
+    config = ScoreConfig(samples=samples_n, splits=splits, batch_size=batch_size, seed=seed, folds=folds,
+                         fold_repeats=fold_repeats, masks=masks,
                          near_threshold=near_threshold, outlier_z=outlier_z, tolerance=tol)
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = score_run(
@@ -310,7 +315,7 @@ def score(
 
 
 def _print_ensemble(run: Path) -> None:
-    """How --folds scored the validation images: pooled over every model that did not see them."""
+    """How --folds scored: pooled over every model that did not see an image."""
     from .runs import RunStore
 
     e = (RunStore(run).meta().score or {}).get("ensemble")
@@ -319,10 +324,11 @@ def _print_ensemble(run: Path) -> None:
     if "skipped" in e:
         err.print(f"validation images not pooled over the fold models: {e['skipped']}", markup=False)
         return
-    v = e["valid"]
-    err.print(f"validation images: {v['passes']:,} passes pooled from {v['models']} models that did not see them "
-              f"(the run's and each fold's); mean disagreement between them {v['mean_disagreement']:.4f} nats "
-              "(column disagreement)", markup=False)
+    who = {"valid": "the run's and each fold's", "train": "one of each fold partition"}
+    for split, v in e.items():
+        err.print(f"{split} images: {v['passes']:,} passes pooled from {v['models']} models that did not see them "
+                  f"({who[split]}); mean disagreement between them {v['mean_disagreement']:.4f} nats (column "
+                  "disagreement)", markup=False)
 
 
 def _print_confident(run: Path) -> None:

@@ -8,7 +8,7 @@
     runs/NAME/decisions.csv    a curated run's review decisions
     runs/NAME/scores.csv       one row per scored image
     runs/NAME/mc_summary.npz   probs (N, C), aligned with scores.csv
-    runs/NAME/folds/K-k/model.npz   fold models of ``audit score --folds K``
+    runs/NAME/folds/K-k/model.npz   fold models of ``audit score --folds K`` (K-k-rR: --fold-repeats)
     runs/NAME/al_curve.csv     an acquire run's learning curves
     runs/NAME/acquired.csv     an acquire run's acquisitions (round 0: the initial set)
 
@@ -79,9 +79,14 @@ TXN_PREFIX = ".txn-"
 JOURNAL = "COMMIT"
 
 
-def fold_model(folds: int, k: int) -> str:
-    """The run-relative name of fold model k of K."""
-    return f"{FOLDS}/{folds}-{k}/{MODEL}"
+def fold_model(folds: int, k: int, repeat: int = 0) -> str:
+    """The run-relative name of fold model k of K (of the ``repeat``-th partition)."""
+    return f"{FOLDS}/{fold_key(folds, k, repeat)}/{MODEL}"
+
+
+def fold_key(folds: int, k: int, repeat: int = 0) -> str:
+    """run.json's ``folds`` key of a fold model: K-k, or K-k-rR for repeat R >= 1."""
+    return f"{folds}-{k}" if repeat == 0 else f"{folds}-{k}-r{repeat}"
 
 
 def check_name(name: str, where: str = "run.json") -> str:

@@ -71,6 +71,7 @@ def score_dataset(
     train_folds: list[tuple[MCDropoutNet, np.ndarray]] | None = None,
     progress: Progress | None = None,
     auto: AutoSamples | None = None,
+    more_folds: list[list[tuple[MCDropoutNet, np.ndarray]]] | None = None,
 ) -> ScoreResult:
     """Score every image of ``splits`` with T = ``samples`` MC-dropout passes (with
     ``auto``, as many as each image needs: :class:`~audit.mc.AutoSamples`).
@@ -78,7 +79,9 @@ def score_dataset(
     With ``train_folds`` — (model, training indices it did not see) pairs — each of
     those training images is scored by its fold's model (out of sample) and gets that
     fold's number in the ``fold`` column; every other image is scored by ``model``
-    (``fold`` -1).
+    (``fold`` -1). Then (but with ``auto``) the validation images are scored by every
+    model that did not see them, pooled (:func:`pool_unseen`), and with ``more_folds``
+    (further partitions' fold models) so are the training images.
     """
     progress = progress or NullProgress()
     check_fits(model, dataset)
@@ -94,9 +97,10 @@ def score_dataset(
                        seed=stream_seed(seed, split, k), masks=masks, device=dev, progress=progress, auto=auto)
         results[(split, k)] = (r.probs, r.columns())
     scores, probs = assemble(dataset, jobs, folds, results)
-    if train_folds and "valid" in splits and auto is None:
+    if train_folds and auto is None:
         scores, probs = pool_unseen(scores, probs, dataset, [model, *(m for m, _ in train_folds)], samples=samples,
-                                    batch_size=batch_size, seed=seed, masks=masks, device=dev, progress=progress)
+                                    batch_size=batch_size, seed=seed, masks=masks, device=dev, progress=progress,
+                                    repeats=[train_folds, *(more_folds or [])])
     return ScoreResult(scores, probs, time.perf_counter() - t0, describe(dev))
 
 
@@ -104,41 +108,77 @@ def score_dataset(
 POOL_BYTES = 256 << 20
 
 
-def pool_unseen(scores: pd.DataFrame, probs: np.ndarray, dataset: Dataset, models: list[MCDropoutNet], *,
-                samples: int, batch_size: int, seed: int, masks: MaskMode, device, progress: Progress | None = None
-                ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The validation images scored by every model that did not see them: the run's own
-    (``models[0]``) and each fold model. Their M x T passes are pooled into one
-    predictive distribution and every score (and its jackknife standard error, over the
-    pooled passes) is computed from it; ``disagreement`` is the models' generalized
-    Jensen-Shannon divergence (:func:`~audit.metrics.disagreement`, nats). Each model's
-    passes on an image are the ones it gives scoring alone (same mask streams: the run's
-    model's are the unpooled scores' exactly). Adds ``models`` (how many were pooled, 1
-    for images scored by one) and ``disagreement`` (empty there) to ``scores``."""
-    s = dataset.valid
-    rows = np.flatnonzero((scores["split"] == "valid").to_numpy())
-    n, c, m = len(s), dataset.n_classes, len(models)
-    chunk = max(SHARE_BLOCK, POOL_BYTES // (m * samples * c * 4) // SHARE_BLOCK * SHARE_BLOCK)
-    pooled = np.empty((n, c), np.float32)
+def pool_passes(x: np.ndarray, members, *, n_classes: int, samples: int, batch_size: int, masks: MaskMode, device,
+                progress: Progress | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Images ``x`` scored by several models each, their passes pooled.
+
+    ``members``: for each model an image gets, a list of (model, rows, mask seed) that
+    covers every row once (the run's model over all rows, or a partition's fold models
+    over their folds). Each model scores its rows as it would alone (the same mask
+    stream and positions), T passes each; the M x T passes of an image are pooled into
+    one predictive distribution, every score (and its jackknife standard error, over the
+    pooled passes) is computed from it, and ``disagreement`` is the models' generalized
+    Jensen-Shannon divergence (:func:`~audit.metrics.disagreement`). Returns the (N, C)
+    pooled means and the columns."""
+    n, m = len(x), len(members)
+    chunk = max(SHARE_BLOCK, POOL_BYTES // (m * samples * n_classes * 4) // SHARE_BLOCK * SHARE_BLOCK)
+    pooled = np.empty((n, n_classes), np.float32)
     cols = {name: np.empty(n, np.float32) for name in (*metrics.SCORE_COLUMNS, "disagreement")}
     for a in range(0, n, chunk):
-        passes = [mc_predict(model, s.x[a:a + chunk], samples=samples, batch_size=batch_size,
-                             seed=stream_seed(seed, "valid", k - 1), masks=masks, device=device, return_mc=True,
-                             offset=a, progress=progress).mc_probs for k, model in enumerate(models)]
+        b = min(n, a + chunk)
+        passes = []
+        for parts in members:
+            mc = np.empty((b - a, samples, n_classes), np.float32)
+            for model, rows, seed in parts:
+                lo, hi = np.searchsorted(rows, [a, b])
+                if lo < hi:
+                    mc[rows[lo:hi] - a] = mc_predict(
+                        model, x[rows[lo:hi]], samples=samples, batch_size=batch_size, seed=seed, masks=masks,
+                        device=device, return_mc=True, offset=int(lo), progress=progress).mc_probs
+            passes.append(mc)
         every = metrics.all_scores(np.concatenate(passes, axis=1))
-        pooled[a:a + chunk] = every.pop("probs")
+        pooled[a:b] = every.pop("probs")
         for name, v in every.items():
-            cols[name][a:a + chunk] = v
-        cols["disagreement"][a:a + chunk] = metrics.disagreement(np.stack([p.mean(axis=1) for p in passes], axis=1))
+            cols[name][a:b] = v
+        cols["disagreement"][a:b] = metrics.disagreement(np.stack([p.mean(axis=1) for p in passes], axis=1))
+    return pooled, cols
+
+
+def pool_unseen(scores: pd.DataFrame, probs: np.ndarray, dataset: Dataset, models: list[MCDropoutNet], *,
+                samples: int, batch_size: int, seed: int, masks: MaskMode, device, progress: Progress | None = None,
+                repeats: list[list[tuple[MCDropoutNet, np.ndarray]]] | None = None
+                ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Images scored by every model that did not see them, their passes pooled
+    (:func:`pool_passes`): the validation images by the run's own model
+    (``models[0]``) and each fold model; with ``repeats`` (the fold models of each K-fold
+    partition, [repeat][k] -> (model, held-out rows)), the training images by one model of
+    each partition. Each model's passes on an image are the ones it gives scoring alone
+    (the same mask streams: the unpooled scores are a single model's exactly). Adds
+    ``models`` (how many were pooled; 1 for images scored by one) and ``disagreement``
+    (empty there) to ``scores``."""
     scores, probs = scores.copy(), probs.copy()
-    probs[rows] = pooled
-    scores["models"] = np.where(scores["split"] == "valid", m, 1).astype(np.int32)
+    scores["models"] = np.int32(1)
     scores["disagreement"] = np.nan
-    for name, v in cols.items():
-        scores.loc[rows, name] = v
-    scores.loc[rows, "pred"] = metrics.pred(pooled).astype(np.int32)
-    scores.loc[rows, "p_label"] = metrics.p_label(pooled, s.y)
-    scores.loc[rows, "margin"] = metrics.margin(pooled, s.y)
+    todo = {}
+    if models and (scores["split"] == "valid").any():
+        todo["valid"] = [[(model, np.arange(len(dataset.valid)), stream_seed(seed, "valid", k - 1))]
+                         for k, model in enumerate(models)]
+    if repeats and len(repeats) > 1 and (scores["split"] == "train").any():
+        folds = len(repeats[0])
+        todo["train"] = [[(model, rows, stream_seed(seed, "train", k + folds * r)) for k, (model, rows) in
+                          enumerate(partition)] for r, partition in enumerate(repeats)]
+    for split, members in todo.items():
+        s = dataset.split(split)
+        rows = np.flatnonzero((scores["split"] == split).to_numpy())
+        pooled, cols = pool_passes(s.x, members, n_classes=dataset.n_classes, samples=samples,
+                                   batch_size=batch_size, masks=masks, device=device, progress=progress)
+        probs[rows] = pooled
+        scores.loc[rows, "models"] = len(members)
+        for name, v in cols.items():
+            scores.loc[rows, name] = v
+        scores.loc[rows, "pred"] = metrics.pred(pooled).astype(np.int32)
+        scores.loc[rows, "p_label"] = metrics.p_label(pooled, s.y)
+        scores.loc[rows, "margin"] = metrics.margin(pooled, s.y)
     return scores, probs
 
 
@@ -288,6 +328,9 @@ class ScoreConfig:
     batch_size: int = DEFAULT_BATCH
     seed: int = 0
     folds: int = 0
+    # more K-fold partitions of the training images, each its own K models: a training
+    # image is scored by one model of each, their passes pooled (1: one partition)
+    fold_repeats: int = 1
     # "shared": each group of mc.SHARE_BLOCK images shares each pass's masks (the kept-units
     # engine); "independent": every image its own (the dense engine, the origin's; runs made
     # before this option were scored so)
@@ -314,6 +357,12 @@ class ScoreConfig:
             raise bad_param("masks", f"expected shared or independent, got {self.masks!r}")
         if self.folds == 1:
             raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
+        check_int("fold_repeats", self.fold_repeats, 1, 20)
+        if self.fold_repeats > 1 and not self.folds:
+            raise bad_param("fold_repeats", f"{self.fold_repeats} repeats of the fold partition need --folds K")
+        if self.fold_repeats > 1 and self.tolerance is not None:
+            raise bad_param("fold_repeats", "pools fixed passes of several models; --samples auto gives each image "
+                            "its own number: give --samples a number")
         check_threshold(self.near_threshold)
         check_z(self.outlier_z)
         if self.tolerance is not None and self.masks != "shared":
@@ -333,18 +382,21 @@ def fold_models(
     dataset: Dataset,
     folds: int,
     *,
+    repeats: int = 1,
     device: str = "cpu",
     client=None,
     progress: Progress | None = None,
-) -> list[tuple[MCDropoutNet, np.ndarray]]:
-    """K models, each trained without one fold of the run's training images.
+) -> list[list[tuple[MCDropoutNet, np.ndarray]]]:
+    """K models, each trained without one fold of the run's training images, for each
+    of ``repeats`` partitions: [repeat][k] -> (model, the training indices it did not see).
 
     The folds are a seeded permutation of the run's training indices cut into K
-    parts; models are kept in RUN/folds/K-k/model.npz (each fold its own commit, so an
-    interrupted run keeps the folds it finished) and reused while the run's data and
-    settings are unchanged. With a Dask ``client`` the trainings run as pieces on its
-    workers (each fold's weights come back and are committed here). The caller holds
-    the run's lock.
+    parts (repeat 0 the same as without repeats, each further repeat its own
+    permutation); models are kept in RUN/folds/K-k/model.npz (K-k-rR/ for repeat R; each
+    fold its own commit, so an interrupted run keeps the folds it finished) and reused
+    while the run's data and settings are unchanged. With a Dask ``client`` the
+    trainings run as pieces on its workers (each fold's weights come back and are
+    committed here). The caller holds the run's lock.
     """
     from .train import stored_train_config, train
 
@@ -355,36 +407,45 @@ def fold_models(
     base = np.arange(len(dataset.train)) if base is None else base
     if folds > len(base):
         raise bad_param("folds", f"{folds} folds but only {len(base)} training images")
-    parts = [np.sort(p) for p in np.array_split(np.random.default_rng([config.seed, folds]).permutation(base), folds)]
-    keys = [{"fingerprint": dataset.fingerprint, "config": meta.config, "n_held_out": int(len(p))} for p in parts]
-    todo = [k for k in range(folds)
-            if not (store.meta().folds.get(f"{folds}-{k}") == keys[k] and store.has(runs.fold_model(folds, k)))]
+    all_parts = [[np.sort(p) for p in np.array_split(
+        np.random.default_rng([config.seed, folds] + ([r] if r else [])).permutation(base), folds)]
+        for r in range(repeats)]
+    keys = [[{"fingerprint": dataset.fingerprint, "config": meta.config, "n_held_out": int(len(p))} for p in parts]
+            for parts in all_parts]
+    todo = [(r, k) for r in range(repeats) for k in range(folds)
+            if not (store.meta().folds.get(runs.fold_key(folds, k, r)) == keys[r][k]
+                    and store.has(runs.fold_model(folds, k, r)))]
 
-    def commit(k: int, weights: bytes, summary: str) -> None:
+    def commit(r: int, k: int, weights: bytes, summary: str) -> None:
         meta = store.meta()
         with store.transaction() as txn:
-            txn.write_bytes(runs.fold_model(folds, k), weights)
-            txn.commit(meta.evolve(folds=dict(sorted({**meta.folds, f"{folds}-{k}": keys[k]}.items()))))
+            txn.write_bytes(runs.fold_model(folds, k, r), weights)
+            txn.commit(meta.evolve(folds=dict(sorted({**meta.folds, runs.fold_key(folds, k, r): keys[r][k]}.items()))))
         progress.close(summary)
 
-    def fold_config(k: int):
-        return replace(config, seed=config.seed + 1 + k)  # each fold its own initialisation
+    def fold_config(r: int, k: int):
+        return replace(config, seed=config.seed + 1 + k + folds * r)  # each fold its own initialisation
+
+    def name(r: int, k: int) -> str:
+        return f"fold {k + 1}/{folds}" + (f" of repeat {r + 1}/{repeats}" if repeats > 1 else "")
 
     if client is not None and todo:
         from .cluster import run_pieces
 
-        pieces = [(str(store.path.resolve()), asdict(fold_config(k)), np.setdiff1d(base, parts[k])) for k in todo]
-        run_pieces(client, train_piece, pieces, on_done=lambda i, r: commit(
-            todo[i], r[0], f"fold {todo[i] + 1}/{folds}: trained on {r[1]:,} images in {r[2]:.1f} s on a worker, "
-                           f"{len(parts[todo[i]]):,} held out; validation accuracy {r[3]:.4f}"))
+        pieces = [(str(store.path.resolve()), asdict(fold_config(r, k)), np.setdiff1d(base, all_parts[r][k]))
+                  for r, k in todo]
+        run_pieces(client, train_piece, pieces, on_done=lambda i, res: commit(
+            *todo[i], res[0], f"{name(*todo[i])}: trained on {res[1]:,} images in {res[2]:.1f} s on a worker, "
+                              f"{len(all_parts[todo[i][0]][todo[i][1]]):,} held out; validation accuracy {res[3]:.4f}"))
     else:
-        for k in todo:
-            result = train(dataset, fold_config(k), subset=np.setdiff1d(base, parts[k]), device=device,
+        for r, k in todo:
+            result = train(dataset, fold_config(r, k), subset=np.setdiff1d(base, all_parts[r][k]), device=device,
                            progress=progress)
-            commit(k, runs.model_bytes(result.model),
-                   f"fold {k + 1}/{folds}: trained on {result.n_train:,} images in {result.seconds:.1f} s, "
-                   f"{len(parts[k]):,} held out; validation accuracy {result.valid_accuracy:.4f}")
-    return [(store.load_model(runs.fold_model(folds, k)), parts[k]) for k in range(folds)]
+            commit(r, k, runs.model_bytes(result.model),
+                   f"{name(r, k)}: trained on {result.n_train:,} images in {result.seconds:.1f} s, "
+                   f"{len(all_parts[r][k]):,} held out; validation accuracy {result.valid_accuracy:.4f}")
+    return [[(store.load_model(runs.fold_model(folds, k, r)), all_parts[r][k]) for k in range(folds)]
+            for r in range(repeats)]
 
 
 def train_piece(run: str, config: dict, subset: np.ndarray):
@@ -443,16 +504,18 @@ def score_run(
         require_dropout(model)
         dataset = store.dataset(data_dir=data_dir, progress=progress)
         t0 = time.perf_counter()
-        train_folds = (
-            fold_models(store, dataset, config.folds, device=device, client=client, progress=progress)
+        repeated = (
+            fold_models(store, dataset, config.folds, repeats=config.fold_repeats, device=device, client=client,
+                        progress=progress)
             if config.folds and "train" in config.splits else None
         )
+        train_folds, more_folds = (repeated[0], repeated[1:]) if repeated else (None, None)
         fold_seconds = time.perf_counter() - t0
         if client is None:
             result = score_dataset(
                 model, dataset, splits=config.splits, samples=config.samples, batch_size=config.batch_size,
                 seed=config.seed, masks=config.masks, device=device, train_folds=train_folds, progress=progress,
-                auto=config.auto(),
+                auto=config.auto(), more_folds=more_folds,
             )
         else:
             check_fits(model, dataset)
@@ -461,11 +524,12 @@ def score_run(
             names = {-1: runs.MODEL, **{k: runs.fold_model(config.folds, k) for k in range(config.folds)}}
             scores, probs = score_on_cluster(client, store, dataset, jobs, folds, config, names,
                                              progress or NullProgress())
-            if train_folds and "valid" in config.splits and config.tolerance is None:
-                # the pooled validation images are a small share of the work: scored here
+            if train_folds and config.tolerance is None:
+                # pooling is scored here, in-process: the same numbers as without Dask
                 scores, probs = pool_unseen(scores, probs, dataset, [model, *(m for m, _ in train_folds)],
                                             samples=config.samples, batch_size=config.batch_size, seed=config.seed,
-                                            masks=config.masks, device=get_device(device), progress=progress)
+                                            masks=config.masks, device=get_device(device), progress=progress,
+                                            repeats=repeated)
             result = ScoreResult(scores, probs, time.perf_counter() - t1, "cpu")
         result = replace(result, workers=cluster.describe(n_workers(client)))
         t1 = time.perf_counter()
@@ -491,7 +555,7 @@ def score_run(
         }
         if config.tolerance is not None:
             summary["mean_passes"] = round(float(result.scores["passes"].mean()), 3)
-        if train_folds and "valid" in config.splits:
+        if train_folds:
             summary["ensemble"] = ensemble_summary(result.scores, config)
         summary["features_seconds"] = features_seconds
         if cal:
@@ -515,13 +579,18 @@ def score_run(
 
 
 def ensemble_summary(scores: pd.DataFrame, config: "ScoreConfig") -> dict:
-    """run.json's ``score.ensemble``: how the validation images were scored with --folds."""
+    """run.json's ``score.ensemble``: per split, how many models' passes --folds pooled
+    (and --fold-repeats for the training images), and their mean disagreement."""
     if config.tolerance is not None:
         return {"skipped": "--samples auto scores each image with one model: the validation images by the run's"}
-    valid = scores[scores["split"] == "valid"]
-    return {"valid": {"models": int(valid["models"].iloc[0]) if len(valid) else config.folds + 1,
-                      "passes": (config.folds + 1) * config.samples,
-                      "mean_disagreement": round(float(valid["disagreement"].mean()), 6) if len(valid) else None}}
+    out = {}
+    for split in config.splits:
+        rows = scores[scores["split"] == split]
+        if len(rows) and int(rows["models"].iloc[0]) > 1:
+            m = int(rows["models"].iloc[0])
+            out[split] = {"models": m, "passes": m * config.samples,
+                          "mean_disagreement": round(float(rows["disagreement"].mean()), 6)}
+    return out
 
 
 def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, features: dict[str, np.ndarray]

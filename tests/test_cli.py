@@ -272,7 +272,7 @@ def test_folds_pool_the_validation_images_over_every_unseen_model(trained, tmp_p
     assert not np.allclose(valid.entropy, alone[alone.split == "valid"].entropy)
     e = json.loads((run / "run.json").read_text())["score"]["ensemble"]["valid"]
     assert (e["models"], e["passes"]) == (3, 18) and e["mean_disagreement"] == pytest.approx(valid.disagreement.mean(), abs=1e-6)
-    assert "validation images: 18 passes pooled from 3 models that did not see them" in r.output
+    assert "valid images: 18 passes pooled from 3 models that did not see them" in r.output
     with np.load(run / "mc_summary.npz") as z:  # the pooled mean is what the flags and calibration saw
         np.testing.assert_allclose(z["probs"][len(train):].argmax(1), valid.pred)
     # --samples auto scores each image with one model, and says so
@@ -294,3 +294,37 @@ def test_pooling_one_model_gives_its_own_scores(shapes_npz):
     pd.testing.assert_frame_equal(scores[cols], r.scores, check_dtype=False)
     np.testing.assert_array_equal(probs, r.probs)
     assert (scores.disagreement[scores.split == "valid"] == 0).all()
+
+
+def test_fold_repeats_pool_the_training_images(trained, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "4", "--folds", "2", "--fold-repeats", "2")
+    assert r.exit_code == 0, r.output
+    assert "fold 2/2 of repeat 2/2: trained on" in r.output
+    df = pd.read_csv(run / "scores.csv")
+    train = df[df.split == "train"]
+    assert (train.models == 2).all() and train.disagreement.between(0, np.log(2)).all()
+    assert (df[df.split == "valid"].models == 3).all()  # the run's and repeat 0's two fold models
+    meta = json.loads((run / "run.json").read_text())
+    assert sorted(meta["folds"]) == ["2-0", "2-0-r1", "2-1", "2-1-r1"]
+    assert meta["score"]["ensemble"]["train"]["passes"] == 8 and meta["score"]["fold_repeats"] == 2
+    assert (run / "folds" / "2-1-r1" / "model.npz").is_file()
+    assert "train images: 8 passes pooled from 2 models that did not see them (one of each fold partition)" in r.output
+    # the models are kept and reused: a second scoring trains none
+    r = invoke("score", "--run", run, "--samples", "4", "--folds", "2", "--fold-repeats", "2")
+    assert r.exit_code == 0 and "trained on" not in r.output, r.output
+    pd.testing.assert_frame_equal(pd.read_csv(run / "scores.csv"), df)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--fold-repeats", "2"), "--fold-repeats: 2 repeats of the fold partition need --folds K"),
+    (("--folds", "2", "--fold-repeats", "0"), "--fold-repeats: expected an integer 1..20, got 0"),
+    (("--folds", "2", "--fold-repeats", "2", "--samples", "auto"), "--fold-repeats: pools fixed passes"),
+])
+def test_bad_fold_repeats_is_one_line_and_changes_nothing(trained, tmp_path, args, fragment):
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert_one_line_error(invoke("score", "--run", run, *args), fragment, code=2)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -26,7 +26,8 @@ runner = CliRunner()
 FAST = ["--epochs", "2", "--batch-size", "32", "--lr", "1e-3"]
 ACQ = ["--strategy", "bald,random", "--initial", "6", "--step", "3", "--rounds", "2", "--samples", "4",
        "--pool-subset", "30", "--epochs", "2", "--batch-size", "16", "--model", "origin", "--repeats", "2"]
-SCORED_FILES = ("scores.csv", "mc_summary.npz", "folds/2-0/model.npz", "folds/2-1/model.npz")
+SCORED_FILES = ("scores.csv", "mc_summary.npz", "folds/2-0/model.npz", "folds/2-1/model.npz", "folds/2-0-r1/model.npz",
+                "folds/2-1-r1/model.npz")
 
 
 def invoke(*args, env=None):
@@ -49,7 +50,7 @@ def trained(data, tmp_path_factory) -> Path:
 def scored_in_process(trained, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cl") / "ref"
     shutil.copytree(trained, run)
-    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--batch-size", "16")
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--fold-repeats", "2", "--batch-size", "16")
     assert r.exit_code == 0, r.output
     return run
 
@@ -75,7 +76,7 @@ def same_curves(a: Path, b: Path) -> None:
 def test_score_on_two_local_workers_is_byte_identical(trained, scored_in_process, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--batch-size", "16", "--workers", "2")
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--fold-repeats", "2", "--batch-size", "16", "--workers", "2")
     assert r.exit_code == 0, r.output
     assert "2 workers of a local Dask cluster" in r.output
     same_files(run, scored_in_process, SCORED_FILES)
@@ -166,7 +167,7 @@ def test_real_scheduler_and_workers_give_the_same_bytes(real_cluster, trained, s
     address, _, scheduler_file = real_cluster
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--batch-size", "16", "--scheduler", address)
+    r = invoke("score", "--run", run, "--samples", "6", "--folds", "2", "--fold-repeats", "2", "--batch-size", "16", "--scheduler", address)
     assert r.exit_code == 0, r.output
     assert f"2 workers of the Dask cluster at {address}" in r.output
     same_files(run, scored_in_process, SCORED_FILES)
