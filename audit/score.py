@@ -357,6 +357,9 @@ class ScoreConfig:
             raise bad_param("masks", f"expected shared or independent, got {self.masks!r}")
         if self.folds == 1:
             raise bad_param("folds", "expected at least 2 folds (or 0 for none), got 1")
+        if self.folds and "train" not in self.splits:
+            raise bad_param("folds", f"{self.folds} fold models score the training images out of sample (and fit the "
+                            "calibration temperature on them), but --splits has no train")
         check_int("fold_repeats", self.fold_repeats, 1, 20)
         if self.fold_repeats > 1 and not self.folds:
             raise bad_param("fold_repeats", f"{self.fold_repeats} repeats of the fold partition need --folds K")

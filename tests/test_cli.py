@@ -319,6 +319,8 @@ def test_fold_repeats_pool_the_training_images(trained, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (("--fold-repeats", "2"), "--fold-repeats: 2 repeats of the fold partition need --folds K"),
+    (("--folds", "2", "--splits", "valid"), "--folds: 2 fold models score the training images out of sample (and "
+                                            "fit the calibration temperature on them), but --splits has no train"),
     (("--folds", "2", "--fold-repeats", "0"), "--fold-repeats: expected an integer 1..20, got 0"),
     (("--folds", "2", "--fold-repeats", "2", "--samples", "auto"), "--fold-repeats: pools fixed passes"),
 ])
