@@ -230,8 +230,13 @@ def test_score_with_samples_auto(trained, tmp_path):
     (("--samples", "20", "--tolerance", "0.01"), "--tolerance: applies with --samples auto; --samples is 20"),
     (("--samples", "lots"), "--samples: expected a number of passes or auto, got 'lots'"),
     (("--samples", "auto", "--masks", "independent"), "--samples: auto needs --masks shared"),
+    (("--fold-repeats", "2"), "--fold-repeats: 2 repeats of the fold partition need --folds K"),
+    (("--folds", "2", "--splits", "valid"), "--folds: 2 fold models score the training images out of sample (and "
+                                            "fit the calibration temperature on them), but --splits has no train"),
+    (("--folds", "2", "--fold-repeats", "0"), "--fold-repeats: expected an integer 1..20, got 0"),
+    (("--folds", "2", "--fold-repeats", "2", "--samples", "auto"), "--fold-repeats: pools fixed passes"),
 ])
-def test_bad_samples_auto_is_one_line_and_changes_nothing(trained, tmp_path, args, fragment):
+def test_bad_score_options_are_one_line_and_change_nothing(trained, tmp_path, args, fragment):
     run = tmp_path / "r"
     shutil.copytree(trained, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -316,17 +321,3 @@ def test_fold_repeats_pool_the_training_images(trained, tmp_path):
     assert r.exit_code == 0 and "trained on" not in r.output, r.output
     pd.testing.assert_frame_equal(pd.read_csv(run / "scores.csv"), df)
 
-
-@pytest.mark.parametrize("args, fragment", [
-    (("--fold-repeats", "2"), "--fold-repeats: 2 repeats of the fold partition need --folds K"),
-    (("--folds", "2", "--splits", "valid"), "--folds: 2 fold models score the training images out of sample (and "
-                                            "fit the calibration temperature on them), but --splits has no train"),
-    (("--folds", "2", "--fold-repeats", "0"), "--fold-repeats: expected an integer 1..20, got 0"),
-    (("--folds", "2", "--fold-repeats", "2", "--samples", "auto"), "--fold-repeats: pools fixed passes"),
-])
-def test_bad_fold_repeats_is_one_line_and_changes_nothing(trained, tmp_path, args, fragment):
-    run = tmp_path / "r"
-    shutil.copytree(trained, run)
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    assert_one_line_error(invoke("score", "--run", run, *args), fragment, code=2)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
