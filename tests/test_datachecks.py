@@ -64,6 +64,33 @@ def test_similar_pairs_is_the_brute_force_answer():
     assert set(map(tuple, got.tolist())) == want
 
 
+def test_indexed_pairs_probing_every_list_is_exact_and_few_lists_find_nearly_all():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(20, 8))
+    d = (centres[rng.integers(0, 20, 3000)] + rng.normal(scale=0.35, size=(3000, 8))).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    exact = set(map(tuple, dc.similar_pairs(d, at_least=0.97).tolist()))
+    assert len(exact) > 500
+    every = dc.indexed_pairs(d, at_least=0.97, lists=12, probes=12)
+    assert set(map(tuple, every.tolist())) == exact
+    few = set(map(tuple, dc.indexed_pairs(d, at_least=0.97, lists=50, probes=4).tolist()))
+    assert len(few & exact) >= 0.97 * len(exact) and len(few - exact) <= 0.01 * len(exact)
+    assert dc.indexed_pairs(d[:1], at_least=0.97).shape == (0, 2)
+
+
+def test_near_duplicates_past_index_from_use_the_index(monkeypatch):
+    x = blobs(60, seed=1)
+    x[40] = np.roll(x[41], -1, axis=2)
+    want = dc.near_duplicates({"train": (x, None)})
+    calls = []
+    real = dc.indexed_pairs
+    monkeypatch.setattr(dc, "INDEX_FROM", 10)
+    monkeypatch.setattr(dc, "indexed_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = dc.near_duplicates({"train": (x, None)})
+    assert calls and len(want) and set(zip(got["index"], got["other_index"])) == set(zip(want["index"],
+                                                                                        want["other_index"]))
+
+
 def test_near_duplicates_across_splits_within_and_not_exact_copies():
     x = blobs(60, seed=1)
     v = blobs(20, seed=2)
