@@ -321,3 +321,21 @@ def test_fold_repeats_pool_the_training_images(trained, tmp_path):
     assert r.exit_code == 0 and "trained on" not in r.output, r.output
     pd.testing.assert_frame_equal(pd.read_csv(run / "scores.csv"), df)
 
+
+
+def test_pooled_passes_of_one_partition_are_its_fold_models_own(shapes_npz):
+    from audit.device import get_device
+    from audit.score import pool_passes, score_dataset, stream_seed
+
+    ds = audit.load_dataset(str(shapes_npz))
+    cfg = audit.TrainConfig(epochs=1, batch_size=64)
+    model = audit.train(ds, cfg).model
+    parts = np.array_split(np.random.default_rng(0).permutation(len(ds.train)), 2)
+    folds = [(audit.train(ds, cfg, subset=np.setdiff1d(np.arange(len(ds.train)), p)).model, np.sort(p))
+             for p in parts]
+    r = score_dataset(model, ds, samples=5, splits=("train",), train_folds=folds)
+    probs, cols = pool_passes(ds.train.x, [[(m, rows, stream_seed(0, "train", k)) for k, (m, rows) in
+                                            enumerate(folds)]], n_classes=3, samples=5, batch_size=250,
+                              masks="shared", device=get_device("cpu"))
+    np.testing.assert_array_equal(probs, r.probs)
+    np.testing.assert_array_equal(cols["mutual_info"], r.scores["mutual_info"].to_numpy())
