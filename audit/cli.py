@@ -176,6 +176,10 @@ SchedulerOpt = typer.Option(None, "--scheduler", metavar="ADDRESS", help="Run th
 ImageSizeOpt = typer.Option(None, "--image-size", metavar="HxW", help="Resize folder and manifest images to this "
                             "size with Pillow's Lanczos filter (default: the most common size of the train and valid "
                             "images).")
+FlagRuleOpt = typer.Option("cleanlab", "--flag-rule", help="Who calls an image mislabeled where it was scored out "
+                           "of sample (valid; train with --folds): cleanlab (cleanlab's filter, the cl_issue column) "
+                           "or confidence (another class gets at least --confidence). In-sample images always "
+                           "follow --confidence.")
 EvenBatchesOpt = typer.Option(True, "--even-batches/--no-even-batches", help="Near-equal batches per epoch (130 "
                               "images at 128: 65 + 65); --no-even-batches: full batches and the remainder.")
 
@@ -262,6 +266,7 @@ def score(
                                      "pooled."),
     confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
     flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
+    flag_rule: str = FlagRuleOpt,
     near_threshold: float = typer.Option(0.99, "--near-threshold", help="Near-duplicates: two images whose correlation "
                                          "(centred, best over one-pixel shifts) is at least this."),
     outlier_z: float = typer.Option(5.0, "--outlier-z", help="Outliers: images whose robust z-score of distance to "
@@ -287,7 +292,7 @@ def score(
         run,
         config,
         device=device,
-        flags=FlagConfig(confidence=confidence, flag_top=flag_top or None),
+        flags=FlagConfig(confidence=confidence, flag_top=flag_top or None, rule=flag_rule),
         data=data,
         data_dir=None if data_dir is None else str(data_dir),
         cluster=cluster,
@@ -427,6 +432,9 @@ def _print_flags(run: Path) -> None:
                  "--flag-top 0 keeps all)")
     if summary.get("probabilities", "MC mean") != "MC mean":
         text += f"; decided on the {summary['probabilities']}"
+    if summary.get("by_cleanlab"):
+        text += (f"; mislabeled by cleanlab's filter on the out-of-sample {' and '.join(summary['by_cleanlab'])} "
+                 "images (--flag-rule confidence: by --confidence)")
     err.print(f"flagged: {text}", markup=False)
 
 
@@ -436,12 +444,13 @@ def flag(
     run: Path = RunOpt,
     confidence: float = typer.Option(0.5, "--confidence", help="Flag as mislabeled when another class gets at least this p̄."),
     flag_top: int = typer.Option(50, "--flag-top", help="At most this many flags of each kind per split and class (0: no cap)."),
+    flag_rule: str = FlagRuleOpt,
 ) -> None:
     """Recompute the flags of RUN/scores.csv with other settings, without rescoring."""
     from .flags import FlagConfig
     from .score import flag_run
 
-    flag_run(run, flags=FlagConfig(confidence=confidence, flag_top=flag_top or None))
+    flag_run(run, flags=FlagConfig(confidence=confidence, flag_top=flag_top or None, rule=flag_rule))
     _print_flags(run)
     typer.echo(f"flags written to {run}/scores.csv")
 

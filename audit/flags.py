@@ -13,6 +13,13 @@ The rule, per image (``probs`` is the MC mean p̄, ``labels`` the given labels):
   mostly aleatoric (high expected entropy: the image itself is ambiguous) or epistemic
   (high mutual information: the model has seen nothing like it).
 
+With ``rule="cleanlab"`` (the default), rows whose probabilities are out of sample and
+were judged by cleanlab's filter (the ``cl_issue`` column: 1 or 0; empty elsewhere) are
+``mislabeled`` exactly when cleanlab calls them label issues (``find_label_issues``,
+pruning by the estimated noise rate: per class pair as many as the confident joint
+estimates); the other rows follow the confidence rule above. bench/label_noise.py
+measured both on planted noise: see the README for why cleanlab's filter is the default.
+
 ``flag_top`` keeps at most that many flags of each kind per split and class (the
 highest ``mislabel_score`` first), so a reviewer gets a worklist balanced over classes.
 """
@@ -28,6 +35,7 @@ from . import metrics
 from .errors import AuditError, bad_param
 
 FLAGS = ("mislabeled", "ambiguous")
+RULES = ("cleanlab", "confidence")
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,11 @@ class FlagConfig:
 
     confidence: float = 0.5  # p̄ an other class needs to be called the right one
     flag_top: int | None = 50  # flags of each kind per split and class; None: all
+    rule: str = "cleanlab"  # who calls an out-of-sample row mislabeled: cleanlab's filter, or the confidence rule
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise bad_param("flag_rule", f"expected one of {', '.join(RULES)}, got {self.rule!r}")
         if not 0.0 < self.confidence < 1.0:
             raise bad_param("confidence", f"expected a probability in (0, 1), got {self.confidence}")
         if self.flag_top is not None and self.flag_top < 1:
@@ -80,7 +91,8 @@ def flag_issues(
     other, p_other = metrics.strongest_other(probs, labels)  # the strongest class other than the label
     ml_score = -metrics.margin(probs, labels)
 
-    flag = uncapped_flags(probs, labels, config.confidence)
+    issues = cleanlab_issues(scores, config)
+    flag = uncapped_flags(probs, labels, config.confidence, issues)
 
     if config.flag_top is not None:
         # keep the flag_top most suspicious of each kind per split and class
@@ -94,7 +106,10 @@ def flag_issues(
     reasons = np.full(len(labels), "", dtype=object)
     for i in np.flatnonzero(flag != ""):
         o, lab = int(other[i]), int(labels[i])
-        if flag[i] == "mislabeled":
+        if flag[i] == "mislabeled" and issues is not None and issues[i] == 1:
+            reasons[i] = (f"a label issue by cleanlab's filter: p(label {names[lab]})={given[i]:.2f}; {names[o]} is "
+                          f"the likeliest other class, p={p_other[i]:.2f}")
+        elif flag[i] == "mislabeled":
             reasons[i] = f"predicted {names[o]} with p={p_other[i]:.2f}; p(label {names[lab]})={given[i]:.2f}"
         else:
             kind = "mostly aleatoric: the image itself is ambiguous" if eh[i] >= mi[i] else (
@@ -107,11 +122,28 @@ def flag_issues(
     return out
 
 
-def uncapped_flags(probs: np.ndarray, labels: np.ndarray, confidence: float) -> np.ndarray:
+def cleanlab_issues(scores: pd.DataFrame, config: FlagConfig) -> np.ndarray | None:
+    """With ``config.rule`` "cleanlab": (N,) of 1 (cleanlab's filter calls the row a
+    label issue), 0 (it does not) and NaN (not judged: in sample) from ``scores``'
+    ``cl_issue``; None with the confidence rule or no such column."""
+    if config.rule != "cleanlab" or "cl_issue" not in scores.columns:
+        return None
+    v = pd.to_numeric(scores["cl_issue"].replace("", np.nan), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    known = ~np.isnan(v)
+    if not np.isin(v[known], (0, 1)).all():
+        raise AuditError("scores: column cl_issue holds something other than 1, 0 or empty")
+    return v
+
+
+def uncapped_flags(probs: np.ndarray, labels: np.ndarray, confidence: float,
+                   issues: np.ndarray | None = None) -> np.ndarray:
     """The flag of every row before ``flag_top`` caps them: (N, C), (N,) -> (N,) of
-    "mislabeled", "ambiguous" or ""."""
+    "mislabeled", "ambiguous" or "". ``issues`` (:func:`cleanlab_issues`): where it is 1
+    or 0, cleanlab's filter decides "mislabeled" instead of ``confidence``."""
     given = probs[np.arange(len(labels)), labels]
     mislabeled = metrics.strongest_other(probs, labels)[1] >= confidence
+    if issues is not None:
+        mislabeled = np.where(np.isnan(issues), mislabeled, issues == 1)
     ambiguous = ~mislabeled & (given < confidence)
     return np.where(mislabeled, "mislabeled", np.where(ambiguous, "ambiguous", ""))
 
@@ -120,7 +152,7 @@ def left_out(scores: pd.DataFrame, probs: np.ndarray, config: FlagConfig) -> dic
     """How many flags ``config.flag_top`` left out, per "split/kind" (none: empty): what
     :func:`flag_issues` would have flagged without the cap, less what it kept."""
     labels = scores["label"].to_numpy().astype(np.int64)
-    every = uncapped_flags(np.asarray(probs, np.float32), labels, config.confidence)
+    every = uncapped_flags(np.asarray(probs, np.float32), labels, config.confidence, cleanlab_issues(scores, config))
     kept = scores["flag"].to_numpy()
     out = {}
     for split in dict.fromkeys(scores["split"]):

@@ -540,9 +540,10 @@ def score_run(
                     for name in config.splits}  # for calibration's deterministic network and the data checks
         features_seconds = round(time.perf_counter() - t1, 3)
         cal = calibration_summary(model, dataset, result, train_folds is not None, device, features.get("valid"))
-        scores = flag_issues(result.scores, flag_probs(result.probs, cal), class_names=dataset.class_names,
-                             config=flags)
-        confident, scores = confident_summary(scores, result.probs, dataset.class_names, train_folds is not None)
+        # cleanlab judges the probabilities the flags are decided on, and with --flag-rule cleanlab decides them
+        confident, scores = confident_summary(result.scores, flag_probs(result.probs, cal), dataset.class_names,
+                                              train_folds is not None, temperature(cal))
+        scores = flag_issues(scores, flag_probs(result.probs, cal), class_names=dataset.class_names, config=flags)
         result = replace(result, scores=order_columns(scores))
         meta = store.meta()
         summary = {
@@ -625,11 +626,12 @@ def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, fea
     return checks, near, flagged.reset_index(drop=True), order_columns(scores)
 
 
-def confident_summary(scores: pd.DataFrame, probs: np.ndarray, class_names, out_of_sample_train: bool
-                      ) -> tuple[dict, pd.DataFrame]:
+def confident_summary(scores: pd.DataFrame, probs: np.ndarray, class_names, out_of_sample_train: bool,
+                      calibrated_at: float | None = None) -> tuple[dict, pd.DataFrame]:
     """cleanlab's confident-learning estimates (:mod:`audit.confident`) for each scored
     split whose probabilities are out of sample: the validation split always (the model
-    trained on the training images), the training split with fold models. Adds the
+    trained on the training images), the training split with fold models. ``probs``:
+    the MC mean, at the fitted temperature ``calibrated_at`` where there is one. Adds the
     column ``cl_issue`` (1: cleanlab's filter calls it a label issue, 0: not; empty for
     rows scored in sample). A split where a class has no images gets the reason instead."""
     from .confident import confident_learning
@@ -645,7 +647,8 @@ def confident_summary(scores: pd.DataFrame, probs: np.ndarray, class_names, out_
         except AuditError as e:
             out[split] = {"skipped": str(e)}
             continue
-        out[split] = {"probabilities": "MC mean, out of sample" + (" (fold models)" if split == "train" else ""),
+        at = "" if calibrated_at is None else f" at temperature {calibrated_at:.4f}"
+        out[split] = {"probabilities": f"MC mean{at}, out of sample" + (" (fold models)" if split == "train" else ""),
                       **summary}
         col[rows] = issues
     if out:
@@ -702,7 +705,7 @@ def read_scores(store: runs.RunStore, columns=("split", "index", "label", "pred"
 
     if not store.has(runs.SCORES):
         raise AuditError(f"--run: {store.path} has no {runs.SCORES}; run `audit score --run {store.path}` first")
-    numeric = [c for c in columns if c not in ("split", "path", "flag", "reason")]
+    numeric = [c for c in columns if c not in ("split", "path", "flag", "reason", "cl_issue")]
     df = store.read_table(runs.SCORES, columns, hint=hint, numeric=numeric, keep_default_na=False)
     path = store.path / runs.SCORES
     meta = store.meta()
@@ -762,6 +765,9 @@ def flag_summary(scores: pd.DataFrame, probs: np.ndarray, config: FlagConfig, ca
         "probabilities": "MC mean" if calibrated_at is None else f"MC mean at temperature {calibrated_at:.4f} (calibrated)",
         "confidence": config.confidence,
         "flag_top": config.flag_top,
+        "rule": config.rule,
+        "by_cleanlab": sorted(set(scores.loc[scores["cl_issue"].notna(), "split"])) if (
+            config.rule == "cleanlab" and "cl_issue" in scores.columns) else [],
         "counts": {f"{s}/{f or 'none'}": int(n) for (s, f), n in counts.items()},
         "left_out": left_out(scores, probs, config),
     }
@@ -771,7 +777,18 @@ def flag_run(run: str | os.PathLike = "runs/default", *, flags: FlagConfig = Fla
     """Recompute the flags of a scored run with other settings, without rescoring (one commit)."""
     store = runs.RunStore(run).require()
     with store.writing():
-        scores = read_scores(store, ("split", "index", "label", "entropy", "expected_entropy", "mutual_info"))
+        header = store.read_bytes(runs.SCORES).split(b"\n", 1)[0].decode(errors="replace").strip().split(",")
+        scores = read_scores(store, ("split", "index", "label", "entropy", "expected_entropy", "mutual_info",
+                                     *(["cl_issue"] if "cl_issue" in header else [])))
+        if "cl_issue" in scores.columns:
+            text = scores["cl_issue"].astype(str).str.strip()
+            value = pd.to_numeric(text.replace("", np.nan), errors="coerce")
+            bad = (text != "") & ~value.isin([0, 1])
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise AuditError(f"{store.path / runs.SCORES}: line {i + 2}: cl_issue {text.iloc[i]!r} is not 1, 0 "
+                                 "or empty; rerun `audit score`")
+            scores["cl_issue"] = value.astype("Int64")
         if not store.has(runs.MC_SUMMARY):
             raise AuditError(f"--run: {store.path} has no {runs.MC_SUMMARY}; run `audit score --run {store.path}` first")
         z = store.read_npz(runs.MC_SUMMARY)

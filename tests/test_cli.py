@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -339,3 +340,35 @@ def test_pooled_passes_of_one_partition_are_its_fold_models_own(shapes_npz):
                               masks="shared", device=get_device("cpu"))
     np.testing.assert_array_equal(probs, r.probs)
     np.testing.assert_array_equal(cols["mutual_info"], r.scores["mutual_info"].to_numpy())
+
+
+def test_flags_follow_cleanlab_out_of_sample_and_confidence_on_request(trained, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "4", "--folds", "2", "--flag-top", "0")
+    assert r.exit_code == 0, r.output
+    assert "mislabeled by cleanlab's filter on the out-of-sample train and valid images" in r.output
+    df = pd.read_csv(run / "scores.csv")
+    np.testing.assert_array_equal(df.flag == "mislabeled", df.cl_issue == 1)
+    flags = json.loads((run / "run.json").read_text())["flags"]
+    assert flags["rule"] == "cleanlab" and flags["by_cleanlab"] == ["train", "valid"]
+    r = invoke("flag", "--run", run, "--flag-rule", "confidence", "--flag-top", "0")
+    assert r.exit_code == 0 and "cleanlab's filter" not in r.output, r.output
+    flags = json.loads((run / "run.json").read_text())["flags"]
+    assert flags["rule"] == "confidence" and flags["by_cleanlab"] == []
+    again = pd.read_csv(run / "scores.csv")
+    assert again.cl_issue.tolist() == df.cl_issue.tolist() and str(again.cl_issue.dtype) == "int64"
+    # a tampered cl_issue is one line naming the file and line, and changes nothing
+    text = (run / "scores.csv").read_text().splitlines()
+    col = text[0].split(",").index("cl_issue")
+    cells = text[3].split(",")
+    cells[col] = "7"
+    data = ("\n".join([*text[:3], ",".join(cells), *text[4:]]) + "\n").encode()
+    (run / "scores.csv").write_bytes(data)
+    meta = json.loads((run / "run.json").read_text())  # as one who edits the manifest too
+    meta["files"]["scores.csv"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (run / "run.json").write_text(json.dumps(meta))
+    before = (run / "run.json").read_bytes()
+    r = invoke("flag", "--run", run)
+    assert_one_line_error(r, "scores.csv: line 4: cl_issue '7' is not 1, 0 or empty; rerun `audit score`")
+    assert (run / "run.json").read_bytes() == before

@@ -33,6 +33,26 @@ def test_rule_known_answers():
     assert out.reason[2] == ""
 
 
+def test_cleanlab_rule_decides_mislabeled_where_cleanlab_judged():
+    probs = np.array([
+        [0.02, 0.97, 0.01],  # cleanlab: an issue -> mislabeled
+        [0.30, 0.60, 0.10],  # another class above confidence, but cleanlab: no issue -> ambiguous
+        [0.80, 0.15, 0.05],  # an issue although the label leads -> mislabeled, suggesting b
+        [0.30, 0.60, 0.10],  # not judged (in sample): the confidence rule -> mislabeled
+        [0.90, 0.05, 0.05],  # fine
+    ], np.float32)
+    df = _df([0] * 5).assign(cl_issue=pd.array([1, 0, 1, pd.NA, 0], dtype="Int64"))
+    out = flag_issues(df, probs, class_names=["a", "b", "c"])
+    assert out.flag.tolist() == ["mislabeled", "ambiguous", "mislabeled", "mislabeled", ""]
+    assert out.suggested_label.tolist() == [1, 1, 1, 1, -1]
+    assert out.reason[2] == "a label issue by cleanlab's filter: p(label a)=0.80; b is the likeliest other class, p=0.15"
+    assert out.reason[3] == "predicted b with p=0.60; p(label a)=0.30"
+    plain = flag_issues(df, probs, class_names=["a", "b", "c"], config=FlagConfig(rule="confidence"))
+    assert plain.flag.tolist() == ["mislabeled", "mislabeled", "", "mislabeled", ""]
+    with pytest.raises(AuditError, match="cl_issue holds something other than 1, 0 or empty"):
+        flag_issues(df.assign(cl_issue=[1, 0, 2, 0, 0]), probs)
+
+
 def test_epistemic_reason():
     probs = np.array([[0.45, 0.40, 0.15]], np.float32)
     out = flag_issues(_df([0], eh=0.2, mi=0.6), probs)
@@ -56,7 +76,8 @@ def test_flag_top_balances_classes():
     assert pair_counts(out, ["x", "y"]) == [{"given": "x", "suggested": "y", "n": 3}, {"given": "y", "suggested": "x", "n": 3}]
 
 
-@pytest.mark.parametrize("kwargs, option", [(dict(confidence=1.0), "confidence"), (dict(flag_top=0), "flag_top")])
+@pytest.mark.parametrize("kwargs, option", [(dict(confidence=1.0), "confidence"), (dict(flag_top=0), "flag_top"),
+                                            (dict(rule="vote"), "flag_rule")])
 def test_bad_config(kwargs, option):
     with pytest.raises(AuditError, match=f"^{option}: "):
         FlagConfig(**kwargs)
