@@ -46,7 +46,7 @@ import pandas as pd  # noqa: E402
 import audit  # noqa: E402
 from audit import runs  # noqa: E402
 from audit.config import TRAIN_RECIPES  # noqa: E402
-from audit.flags import FlagConfig  # noqa: E402
+from audit.flags import FlagConfig, uncapped_flags  # noqa: E402
 from audit.score import ScoreConfig, flag_probs, score_run  # noqa: E402
 from audit.train import predict_probs, train_run  # noqa: E402
 
@@ -138,6 +138,11 @@ def cell(ds, n: int, noise: str, rate: float, a) -> dict:
         "cleanlab (MC)": find_label_issues(y, mc, filter_by="prune_by_noise_rate", n_jobs=1),
         "cleanlab (det)": find_label_issues(y, det, filter_by="prune_by_noise_rate", n_jobs=1),
     }
+    # what --confidence trades: the same calibrated probabilities flagged at other levels
+    sweep = []
+    for conf in (0.5, 0.6, 0.7, 0.8, 0.9):
+        p_, r_, f1_, n_ = prf(uncapped_flags(mc, y, conf) == "mislabeled", is_flip)
+        sweep.append(f"{conf:.1f}: {n_} flagged, P {p_:.3f} R {r_:.3f} F1 {f1_:.3f}")
     out = {"size": n, "noise": noise, "rate": rate, "flips": k, "main_acc": main.valid_accuracy,
            "seconds": time.perf_counter() - t0, "train_s": t_main, "folds_and_score_s": t_score}
     print(f"\n{noise} {rate:.0%} of {n:,} ({k} flips): run trained in {t_main:.0f} s (test accuracy "
@@ -150,6 +155,7 @@ def cell(ds, n: int, noise: str, rate: float, a) -> dict:
         p, r, f1, nf = prf(flags[name], is_flip)
         print(f"  {name:16s} {au:7.4f} {pk:7.4f} | {nf:6d} {p:6.3f} {r:6.3f} {f1:6.3f}", flush=True)
         out.update({f"{name} auroc": au, f"{name} prec@k": pk, f"{name} F1": f1, f"{name} P": p, f"{name} R": r})
+    print("  audit's rule at --confidence " + "; ".join(sweep), flush=True)
     return out
 
 
