@@ -34,6 +34,14 @@ def trained(shapes_npz, tmp_path_factory):
     return run
 
 
+@pytest.fixture
+def run(trained, tmp_path):
+    """A copy of the trained run to change."""
+    copy = tmp_path / "r"
+    shutil.copytree(trained, copy)
+    return copy
+
+
 def test_train_prints_progress_and_where(trained, shapes_npz, tmp_path):
     run = tmp_path / "again"
     r = invoke("train", "--data", shapes_npz, "--run", run, *FAST)
@@ -209,9 +217,7 @@ def test_score_refuses_a_model_without_dropout(shapes_npz, tmp_path):
     assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in run.iterdir()) == before
 
 
-def test_score_with_samples_auto(trained, tmp_path):
-    run = tmp_path / "r"
-    shutil.copytree(trained, run)
+def test_score_with_samples_auto(run):
     r = invoke("score", "--run", run, "--samples", "auto", "--tolerance", "0.01", "--max-samples", "40")
     assert r.exit_code == 0, r.output
     df = pd.read_csv(run / "scores.csv")
@@ -237,9 +243,7 @@ def test_score_with_samples_auto(trained, tmp_path):
     (("--folds", "2", "--fold-repeats", "0"), "--fold-repeats: expected an integer 1..20, got 0"),
     (("--folds", "2", "--fold-repeats", "2", "--samples", "auto"), "--fold-repeats: pools fixed passes"),
 ])
-def test_bad_score_options_are_one_line_and_change_nothing(trained, tmp_path, args, fragment):
-    run = tmp_path / "r"
-    shutil.copytree(trained, run)
+def test_bad_score_options_are_one_line_and_change_nothing(run, args, fragment):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert_one_line_error(invoke("score", "--run", run, *args), fragment, code=2)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
@@ -263,9 +267,7 @@ def test_train_recipe_strong_is_recorded_and_options_override_it(shapes_npz, tmp
     assert config["min_steps"] is None and config["shift"] == 0 and len(pd.read_csv(run / "train_log.csv")) == 2
 
 
-def test_folds_pool_the_validation_images_over_every_unseen_model(trained, tmp_path):
-    run = tmp_path / "r"
-    shutil.copytree(trained, run)
+def test_folds_pool_the_validation_images_over_every_unseen_model(run):
     assert invoke("score", "--run", run, "--samples", "6").exit_code == 0
     alone = pd.read_csv(run / "scores.csv")
     r = invoke("score", "--run", run, "--samples", "6", "--folds", "2")
@@ -302,9 +304,7 @@ def test_pooling_one_model_gives_its_own_scores(shapes_npz):
     assert (scores.disagreement[scores.split == "valid"] == 0).all()
 
 
-def test_fold_repeats_pool_the_training_images(trained, tmp_path):
-    run = tmp_path / "r"
-    shutil.copytree(trained, run)
+def test_fold_repeats_pool_the_training_images(run):
     r = invoke("score", "--run", run, "--samples", "4", "--folds", "2", "--fold-repeats", "2")
     assert r.exit_code == 0, r.output
     assert "fold 2/2 of repeat 2/2: trained on" in r.output
@@ -342,9 +342,7 @@ def test_pooled_passes_of_one_partition_are_its_fold_models_own(shapes_npz):
     np.testing.assert_array_equal(cols["mutual_info"], r.scores["mutual_info"].to_numpy())
 
 
-def test_flags_follow_cleanlab_out_of_sample_and_confidence_on_request(trained, tmp_path):
-    run = tmp_path / "r"
-    shutil.copytree(trained, run)
+def test_flags_follow_cleanlab_out_of_sample_and_confidence_on_request(run):
     r = invoke("score", "--run", run, "--samples", "4", "--folds", "2", "--flag-top", "0")
     assert r.exit_code == 0, r.output
     assert "mislabeled by cleanlab's filter on the out-of-sample train and valid images" in r.output
