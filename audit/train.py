@@ -125,7 +125,8 @@ def plan(config: TrainConfig, n: int) -> tuple[int, int]:
     per_epoch = n if config.epoch_samples is None else config.epoch_samples
     if config.min_steps is None:
         return config.epochs, config.batch_size
-    batch = max(min(config.batch_size, MIN_BATCH), min(config.batch_size, -(-per_epoch * config.epochs // config.min_steps)))
+    fits = -(-per_epoch * config.epochs // config.min_steps)  # the batch that gives min_steps in `epochs`
+    batch = max(min(config.batch_size, MIN_BATCH), min(config.batch_size, fits))
     return max(config.epochs, -(-config.min_steps // -(-per_epoch // batch))), batch
 
 
