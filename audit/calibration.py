@@ -63,11 +63,12 @@ def reliability(probs, labels, bins: int = BINS) -> list[dict]:
 
 
 def nll(probs, labels) -> float:
-    """Mean negative log-likelihood of the labels (probabilities floored at 1e-12)."""
+    """Mean negative log-likelihood of the labels (probabilities floored at 1e-12 and
+    capped at 1: a float32 mean can land a hair above it, which read as a negative NLL)."""
     probs, labels = _check(probs, labels)
     if not len(labels):
         return float("nan")
-    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean())
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean()) + 0.0  # not -0.0
 
 
 def with_temperature(probs, t: float) -> np.ndarray:

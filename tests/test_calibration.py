@@ -130,3 +130,9 @@ def test_flags_are_decided_on_the_calibrated_probabilities(tmp_path):
     assert_one_line_error(runner.invoke(app, ["flag", "--run", str(run)]),
                           "field 'score.calibration.calibrated.temperature': expected a positive number, found -1", code=1)
     assert (run / "scores.csv").read_bytes() == before
+
+
+def test_nll_is_never_negative():
+    p = np.array([[1.0000001, 0.0], [0.9999999, 1e-7]], np.float32)
+    assert cal.nll(p, np.array([0, 0])) >= 0.0 and f"{cal.nll(p, np.array([0, 0])):.4f}" == "0.0000"
+    assert f"{cal.nll(np.array([[1.0, 0.0]], np.float32), np.array([0])):.4f}" == "0.0000"
