@@ -541,9 +541,10 @@ def score_run(
         features_seconds = round(time.perf_counter() - t1, 3)
         cal = calibration_summary(model, dataset, result, train_folds is not None, device, features.get("valid"))
         # cleanlab judges the probabilities the flags are decided on, and with --flag-rule cleanlab decides them
-        confident, scores = confident_summary(result.scores, flag_probs(result.probs, cal), dataset.class_names,
+        decided_on = flag_probs(result.probs, cal)
+        confident, scores = confident_summary(result.scores, decided_on, dataset.class_names,
                                               train_folds is not None, temperature(cal))
-        scores = flag_issues(scores, flag_probs(result.probs, cal), class_names=dataset.class_names, config=flags)
+        scores = flag_issues(scores, decided_on, class_names=dataset.class_names, config=flags)
         result = replace(result, scores=order_columns(scores))
         meta = store.meta()
         summary = {
@@ -576,7 +577,7 @@ def score_run(
             txn.write_csv(runs.DUPLICATES, dupes)
             txn.write_csv(runs.NEAR_DUPLICATES, near)
             txn.write_csv(runs.OUTLIERS, outliers)
-            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, flag_probs(result.probs, cal), flags,
+            txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, decided_on, flags,
                                                                      temperature(cal)),
                                    versions=runs.versions()))
     return result
@@ -800,8 +801,9 @@ def flag_run(run: str | os.PathLike = "runs/default", *, flags: FlagConfig = Fla
                              f"{len(scores)} rows of {runs.SCORES}; rerun `audit score`")
         meta = store.meta()
         cal = (meta.score or {}).get("calibration")
-        scores = order_columns(flag_issues(scores, flag_probs(probs, cal), class_names=names, config=flags))
+        decided_on = flag_probs(probs, cal)
+        scores = order_columns(flag_issues(scores, decided_on, class_names=names, config=flags))
         with store.transaction() as txn:
             write_scores(txn, scores, probs, names)
-            txn.commit(meta.evolve(flags=flag_summary(scores, flag_probs(probs, cal), flags, temperature(cal))))
+            txn.commit(meta.evolve(flags=flag_summary(scores, decided_on, flags, temperature(cal))))
     return scores
