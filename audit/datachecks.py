@@ -35,8 +35,10 @@ other typical) is turned into a robust z-score, (d - median) / (1.4826 MAD), in 
 spaces: the near-duplicate descriptors (they see inverted, blank and saturated images:
 a flat image has the zero descriptor, far from every image with a shape) and the
 trunk's features, reduced to 64 dimensions by scikit-learn's PCA (what no class looks
-like). The outlier score is the larger z; images at or above ``z`` (default 5) are
-listed. Measured on MNIST (bench/data_issues.py) this misses digits rotated by 90
+like). A flat image (one value in every pixel: blank, saturated, one colour, a failed
+decode) gets the largest pixel distance unit descriptors can have, 2, so it is
+always listed. The outlier score is the larger z; images at or above ``z`` (default 5)
+are listed. Measured on MNIST (bench/data_issues.py) this misses digits rotated by 90
 degrees and random strokes: they look enough like digits to both spaces.
 """
 
@@ -57,6 +59,7 @@ REFERENCE = 10000  # rows an outlier score compares each image with
 OUTLIER_NEIGHBOURS = 30
 OUTLIER_Z = 5.0
 FEATURE_DIMS = 64
+FLAT_DISTANCE = 2.0  # a flat image's pixel distance: that of two opposite unit descriptors
 NEAR_COLUMNS = ("pair", "split", "index", "path", "other_split", "other_index", "other_path", "similarity", "kind")
 OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z")
 KINDS = ("across train and valid", "within train", "within valid")
@@ -188,6 +191,17 @@ class Images:
     @cached_property
     def descriptors(self) -> np.ndarray:
         return descriptors(self.centred)
+
+    @cached_property
+    def flat(self) -> np.ndarray:
+        """(unique images,) bool: one value in every pixel and channel."""
+        f = self.first
+        out = np.empty(len(f), bool)
+        for a in range(0, len(f), _CHUNK):
+            x = np.asarray(self.x[f[a:a + _CHUNK]])
+            x = x.reshape(len(x), -1)
+            out[a:a + len(x)] = (x == x[:, :1]).all(axis=1)
+        return out
 
 
 def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOURS) -> np.ndarray:
@@ -372,7 +386,13 @@ def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]],
     where, first, inverse = images.where, images.first, images.inverse
     f = np.concatenate([np.asarray(features[s], np.float32).reshape(len(features[s]), -1) for s in splits])
     f = reduce_features(f)[first]
-    pixel_z = robust_z(knn_mean_distance(images.descriptors, neighbours))[inverse]
+    pixel = knn_mean_distance(images.descriptors, neighbours)
+    # A flat image (one value everywhere: blank, saturated, one colour, a failed decode)
+    # is at distance about 1 from every image with a shape, which a dataset's most
+    # unusual digits reach too; it gets the largest distance unit descriptors can have,
+    # so it is always listed.
+    pixel[images.flat] = FLAT_DISTANCE
+    pixel_z = robust_z(pixel)[inverse]
     feature_z = robust_z(knn_mean_distance(f, neighbours))[inverse]
     paths = [(splits[s][1][i] if splits[s][1] else "") for s, i in where]
     return pd.DataFrame({

@@ -148,6 +148,22 @@ def test_outliers_stand_out_even_in_a_block_of_identical_ones():
     assert list(o.columns) == list(dc.OUTLIER_COLUMNS) and len(o) == 200
 
 
+def test_flat_images_are_always_listed():
+    """A saturated or mid-grey image (one value everywhere) is listed whatever the other
+    images look like: its pixel distance is the largest there is."""
+    proto = blobs(10, seed=5)
+    rng = np.random.default_rng(5)
+    x = np.stack([np.clip(proto[i % 10].astype(np.float32) + rng.normal(0, 12, proto[0].shape), 0, 255)
+                  .astype(np.uint8) for i in range(300)])
+    x[260:] = blobs(40, seed=6)  # forty images each unlike any other: farther (about 1.2) than a flat one's 1
+    x[7], x[8], x[9] = 255, 128, 0
+    o = dc.outlier_scores({"train": (x, None)}, {"train": np.zeros(300, np.int64)},
+                          {"train": x.reshape(300, -1).astype(np.float32)}, neighbours=10)
+    assert set(o.nlargest(3, "pixel_z")["index"]) == {7, 8, 9}
+    assert (o.loc[[7, 8, 9], "outlier_score"] >= dc.OUTLIER_Z).all()
+    assert (o.drop(index=[7, 8, 9])["pixel_z"] < o.loc[[7, 8, 9], "pixel_z"].min()).all()
+
+
 def test_imbalance_counts_ratio_and_rare_classes():
     y = {"train": np.array([0] * 90 + [1] * 30 + [2] * 5), "valid": np.array([0, 1, 2])}
     i = dc.imbalance(y, ["a", "b", "c"])
