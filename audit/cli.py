@@ -271,6 +271,9 @@ def score(
                                          "(centred, best over one-pixel shifts) is at least this."),
     outlier_z: float = typer.Option(5.0, "--outlier-z", help="Outliers: images whose robust z-score of distance to "
                                     "their nearest images (pixels or features) is at least this."),
+    data_checks: bool = typer.Option(True, "--data-checks/--no-data-checks", help="Look for exact and near "
+                                     "duplicates, outliers and class imbalance (these hold every image's features in "
+                                     "memory; leave them out past a few million images)."),
     data: str = typer.Option("mnist", "--data", help="Data to train on when the run has no model yet."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with MNIST's four IDX files."),
     workers: Optional[int] = WorkersOpt,
@@ -286,7 +289,7 @@ def score(
     samples_n, tol = parse_samples(samples, tolerance, max_samples)
     config = ScoreConfig(samples=samples_n, splits=splits, batch_size=batch_size, seed=seed, folds=folds,
                          fold_repeats=fold_repeats, masks=masks,
-                         near_threshold=near_threshold, outlier_z=outlier_z, tolerance=tol)
+                         near_threshold=near_threshold, outlier_z=outlier_z, data_checks=data_checks, tolerance=tol)
     cluster = ClusterConfig.from_options(workers, scheduler)
     result = score_run(
         run,
@@ -313,8 +316,12 @@ def score(
     _print_ensemble(run)
     _print_flags(run)
     _print_confident(run)
-    _print_duplicates(run)
-    _print_data_checks(run)
+    if data_checks:
+        _print_duplicates(run)
+        _print_data_checks(run)
+    else:
+        err.print("data checks (duplicates, near-duplicates, outliers, class balance): not run (--no-data-checks)",
+                  markup=False)
     _print_calibration(run)
     typer.echo(f"scores written to {run}/scores.csv and {run}/mc_summary.npz")
 

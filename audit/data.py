@@ -147,15 +147,32 @@ def fingerprint(train: Split, valid: Split, class_names: tuple[str, ...], pool: 
     for s in (train, valid):
         for a in (s.x, s.y):
             h.update(str((a.dtype.str, a.shape)).encode())
-            h.update(np.ascontiguousarray(a).data)
+            _hash_array(h, a)
     h.update("\0".join(class_names).encode())
     if pool is not None:
         h.update(b"\0pool")
         h.update(str((pool.x.dtype.str, pool.x.shape)).encode())
-        h.update(np.ascontiguousarray(pool.x).data)
+        _hash_array(h, pool.x)
         h.update(np.ascontiguousarray(pool.y).data)
         h.update("\0".join(pool.paths or ()).encode())
     return h.hexdigest()
+
+
+def _hash_array(h, a: np.ndarray) -> None:
+    """``h.update`` with the bytes of ``a`` (C order); a mapped array in chunks, its pages
+    released after each, so hashing it does not hold it all in memory."""
+    if not isinstance(a, np.memmap) or a.nbytes <= _HASH_CHUNK:
+        h.update(np.ascontiguousarray(a).data)
+        return
+    from .imagecache import release
+
+    rows = max(1, _HASH_CHUNK // max(a[0].nbytes, 1))
+    for i in range(0, len(a), rows):
+        h.update(np.ascontiguousarray(a[i:i + rows]).data)
+        release(a)
+
+
+_HASH_CHUNK = 64 << 20
 
 
 def _finish(train: Split, valid: Split, class_names: tuple[str, ...], source: str,
@@ -563,60 +580,36 @@ def load_image_folder(root: str | os.PathLike, *, progress: Progress | None = No
             raise AuditError(f"{pool_dir}: no images (expected {', '.join(IMAGE_SUFFIXES)} files, in subfolders "
                              "or not); remove the folder if there is no pool")
 
-    total = sum(len(v) for v in files.values()) + len(pool_files)
-    progress.start(f"read {root}", total)
-    loaded: dict[str, list] = {s: [] for s in SPLITS}
-    grey = True
-    for s in SPLITS:
-        for p, _ in files[s]:
-            arr, grey_im = _read_image(p)
-            grey &= grey_im
-            loaded[s].append(arr)
-            progress.advance(1)
-    pool_loaded, colour, pool_grey = [], [], True
-    for p in pool_files:
-        arr, grey_im = _read_image(p)
-        pool_grey &= grey_im
-        if grey and not grey_im and not pool_only:
-            colour.append(str(p))
-        pool_loaded.append(arr)
-        progress.advance(1)
-    progress.close()
-    if pool_only:
-        grey = pool_grey
-    if colour:
+    all_files = [p for s in SPLITS for p, _ in files[s]] + pool_files
+    n_labelled = len(all_files) - len(pool_files)
+    labelled = np.arange(len(all_files)) < (len(all_files) if pool_only else n_labelled)
+
+    def bad(rows):
+        i, why = rows[0]
+        raise AuditError(f"{all_files[i]}: not a readable image ({why})")
+
+    def colour(rows):
+        names = [str(all_files[i]) for i in rows]
         raise AuditError(
             f"{pool_dir}: the training images are greyscale, so the model takes one channel, but "
-            + (f"{colour[0]} is colour" if len(colour) == 1 else f"{len(colour)} pool images are colour, e.g. "
-               f"{'; '.join(colour[:3])}") + "; convert them, or move them out of pool/")
-    labelled = [im for s in SPLITS for im in loaded[s]]
-    originals = [*labelled, *pool_loaded]
-    size, resized = _resize_all(originals, labelled, image_size)
-    _say_resized(progress, root, resized, originals, size, image_size)
-    loaded = {"train": resized[:len(loaded["train"])],
-              "valid": resized[len(loaded["train"]):len(labelled)]}
-    pool_loaded = resized[len(labelled):]
-    mode = "L" if grey else "RGB"
+            + (f"{names[0]} is colour" if len(names) == 1 else f"{len(names)} pool images are colour, e.g. "
+               f"{'; '.join(names[:3])}") + "; convert them, or move them out of pool/")
 
-    def stack(ims: list) -> np.ndarray:
-        if not ims:  # a pool-only folder's train and valid
-            return np.empty((0, 1 if mode == "L" else 3, size[1], size[0]), np.uint8)
-        a = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in ims])
-        return a[:, None] if mode == "L" else a.transpose(0, 3, 1, 2).copy()  # (N,H,W,3) -> (N,3,H,W)
-
+    x, cache = _read_images(root, all_files, labelled, image_size, progress, on_bad=bad, on_colour=colour)
+    bounds = np.cumsum([0] + [len(files[s]) for s in SPLITS] + [len(pool_files)])
     splits = {
         s: Split(
-            stack(loaded[s]),
+            x[bounds[j]:bounds[j + 1]],
             np.array([c for _, c in files[s]], dtype=np.int32),
             tuple(p.relative_to(root).as_posix() for p, _ in files[s]),
         )
-        for s in SPLITS
+        for j, s in enumerate(SPLITS)
     }
     pool = None
     if pool_files:
-        pool = Split(stack(pool_loaded), np.full(len(pool_files), -1, np.int32),
+        pool = Split(x[bounds[2]:], np.full(len(pool_files), -1, np.int32),
                      tuple(p.relative_to(root).as_posix() for p in pool_files))
-    return _finish(splits["train"], splits["valid"], class_names, str(root), pool)
+    return _finish_cached(splits["train"], splits["valid"], class_names, str(root), pool, cache)
 
 
 MANIFEST_SPLITS = ("train", "valid", "pool")
@@ -702,87 +695,164 @@ def load_manifest(path: str | os.PathLike, *, progress: Progress | None = None,
     missing = np.array([not f.is_file() for f in files])
     if missing.any():
         raise AuditError(f"{path}: {listed(missing, 'images do not exist')}")
-    progress.start(f"read {path}", len(files))
-    images, grey_of, unreadable = [], [], []
-    for n, f in enumerate(files):
-        try:
-            im, g = _read_image(f)
-        except AuditError:
-            unreadable.append(n)
-            im, g = None, True
-        images.append(im)
-        grey_of.append(g)
-        progress.advance(1)
-    progress.close()
-    if unreadable:
-        mask = np.zeros(len(files), bool)
-        mask[unreadable] = True
-        raise AuditError(f"{path}: {listed(mask, 'images are not readable')}")
     split = df["split"].to_numpy()
-    labelled = split != "pool"
+    order = np.concatenate([np.flatnonzero(split == name) for name in MANIFEST_SPLITS])  # rows grouped by split
+    labelled = split[order] != "pool"
     if pool_only:  # no training images to take the size and mode from: the pool's
-        labelled = np.ones(len(split), bool)
-    originals = images
-    common, images = _resize_all(images, [im for im, lab in zip(images, labelled) if lab], image_size)
-    _say_resized(progress, path, images, originals, common, image_size)
-    grey = all(g for g, lab in zip(grey_of, labelled) if lab)
-    colour_pool = np.array([not g and not lab for g, lab in zip(grey_of, labelled)]) & grey
-    if colour_pool.any():
-        raise AuditError(f"{path}: the training images are greyscale but {listed(colour_pool, 'pool images are colour')}"
-                         "; convert them, or leave them out")
-    mode = "L" if grey else "RGB"
+        labelled = np.ones(len(order), bool)
+    ordered = [files[i] for i in order]
 
-    def stack(idx) -> np.ndarray:
-        a = np.stack([np.asarray(images[i].convert(mode), dtype=np.uint8) for i in idx])
-        return a[:, None] if mode == "L" else a.transpose(0, 3, 1, 2).copy()
+    def bad(rows):
+        mask = np.zeros(len(files), bool)
+        mask[order[[i for i, _ in rows]]] = True
+        raise AuditError(f"{path}: {listed(mask, 'images are not readable')}")
+
+    def colour(rows):
+        mask = np.zeros(len(files), bool)
+        mask[order[rows]] = True
+        raise AuditError(f"{path}: the training images are greyscale but {listed(mask, 'pool images are colour')}"
+                         "; convert them, or leave them out")
+
+    x, cache = _read_images(path, ordered, labelled, image_size, progress, on_bad=bad, on_colour=colour)
+    start = 0
 
     def take(name: str) -> Split | None:
+        nonlocal start
         idx = np.flatnonzero(split == name)
-        if not len(idx):
-            if name == "pool":
-                return None
-            c = 1 if mode == "L" else 3
-            return Split(np.empty((0, c, common[1], common[0]), np.uint8), np.empty(0, np.int32), ())
+        part = x[start:start + len(idx)]
+        start += len(idx)
+        if not len(idx) and name == "pool":
+            return None
         y = np.array([class_names.index(df["label"][i]) if df["label"][i] else -1 for i in idx], np.int32)
-        return Split(stack(idx), y, tuple(df["path"][i] for i in idx))
+        return Split(part, y, tuple(df["path"][i] for i in idx))
 
-    return _finish(take("train"), take("valid"), class_names, str(path), take("pool"))
+    train, valid, pool = take("train"), take("valid"), take("pool")
+    return _finish_cached(train, valid, class_names, str(path), pool, cache)
 
 
-def _resize_all(images: list, labelled: list, image_size: tuple[int, int] | None):
-    """((W, H) every image gets, the images at that size): ``image_size`` (H, W), or the
-    most common size among ``labelled`` (among all where nothing is labelled)."""
+def _read_images(where: Path, files: list[Path], labelled: np.ndarray, image_size: tuple[int, int] | None,
+                 progress: Progress, *, on_bad, on_colour) -> tuple[np.ndarray, object]:
+    """The images of ``files`` as one (N, C, H, W) uint8 array, in their order, and the
+    image cache it is mapped from (None: decoded into memory; :mod:`audit.imagecache`).
+
+    Two passes: the headers (size and mode of each, without decoding), then each image
+    decoded, made L or RGB as it is, resized to ``image_size`` (H, W) or the most
+    common size among the ``labelled`` ones with Lanczos, and made the data's mode:
+    greyscale unless a labelled image is colour. ``on_bad(rows)``: raises for the
+    unreadable ``[(row, reason), ...]``; ``on_colour(rows)``: for colour unlabelled rows
+    beside greyscale labelled ones."""
     from collections import Counter
 
-    from PIL import Image
+    from . import imagecache
 
+    root = imagecache.cache_root()
+    key = None
+    if root is not None:
+        mask = hashlib.sha256(np.packbits(labelled).tobytes()).hexdigest()
+        key = imagecache.stat_key(where, files, ("images", image_size and list(image_size), len(files), mask))
+        hit = imagecache.lookup(root, key, progress)
+        if hit is not None:
+            _say_resized(progress, where, hit.record.get("resized", 0), len(files), hit.x.shape[2:], image_size)
+            return hit.x, hit
+    sizes, grey, bad = [], [], []
+    progress.start(f"check {where}", len(files))
+    for i, p in enumerate(files):
+        try:
+            with _open_image(p) as im:
+                sizes.append(im.size)
+                grey.append(im.mode in _GREY_MODES)
+        except _Unreadable as e:
+            bad.append((i, str(e)))
+            sizes.append(None)
+            grey.append(True)
+        progress.advance(1)
+    progress.close()
+    if bad:
+        on_bad(bad)
+    grey_data = all(g for g, lab in zip(grey, labelled) if lab)
+    colour = [i for i, (g, lab) in enumerate(zip(grey, labelled)) if not g and not lab]
+    if grey_data and colour:
+        on_colour(colour)
+    mode = "L" if grey_data else "RGB"
     if image_size is not None:
         size = (image_size[1], image_size[0])
     else:
-        counts = Counter(im.size for im in (labelled or images))
+        counts = Counter(sz for sz, lab in zip(sizes, labelled) if lab) or Counter(sizes)
         size = max(counts, key=lambda k: (counts[k], k))  # ties: the larger size, so the choice is stable
-    return size, [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
+    resized = sum(sz != size for sz in sizes)
+    shape = (len(files), 1 if mode == "L" else 3, size[1], size[0])
+    _say_resized(progress, where, resized, len(files), shape[2:], image_size)
+
+    def fill(x: np.ndarray) -> None:
+        from PIL import Image
+
+        failed = []
+        progress.start(f"read {where}", len(files))
+        for i, p in enumerate(files):
+            try:
+                with _open_image(p) as im:
+                    im.load()
+                    im = im.convert("L" if im.mode in _GREY_MODES else "RGB")
+            except (_Unreadable, OSError, ValueError, SyntaxError) as e:
+                failed.append((i, str(e)))
+                progress.advance(1)
+                continue
+            if im.size != size:
+                im = im.resize(size, Image.Resampling.LANCZOS)
+            a = np.asarray(im.convert(mode), dtype=np.uint8)
+            x[i] = a[None] if mode == "L" else a.transpose(2, 0, 1)
+            progress.advance(1)
+        progress.close()
+        if failed:
+            on_bad(failed)
+
+    if root is None:
+        x = np.empty(shape, np.uint8)
+        fill(x)
+        return x, None
+    c = imagecache.build(root, key, shape, fill, {"what": str(where), "resized": int(resized)})
+    return c.x, c
 
 
-def _say_resized(progress: Progress, where, after: list, before_all: list, size, image_size) -> None:
-    n = sum(a is not b for a, b in zip(after, before_all))
+def _say_resized(progress: Progress, where, n: int, total: int, hw, image_size) -> None:
     if n:
         why = "--image-size" if image_size is not None else "the most common size; --image-size HxW sets another"
-        progress.close(f"{where}: resized {n:,} of {len(after):,} images to {size[1]}x{size[0]} (HxW; {why}) "
+        progress.close(f"{where}: resized {n:,} of {total:,} images to {hw[0]}x{hw[1]} (HxW; {why}) "
                        f"with Pillow's {RESIZE_FILTER} filter")
 
 
-def _read_image(p: Path):
-    """(the decoded image as L or RGB, whether it was greyscale); one line if unreadable."""
+class _Unreadable(Exception):
+    """A file Pillow cannot open as an image; the message says why."""
+
+
+def _open_image(p: Path):
+    """``p`` opened by Pillow (header read, not decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(p) as im:
-            im.load()
-            grey_im = im.mode in _GREY_MODES
-            return im.convert("L" if grey_im else "RGB"), grey_im
+        return Image.open(p)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise AuditError(f"{p}: not a readable image ({e})") from None
+        raise _Unreadable(str(e)) from None
+
+
+def _finish_cached(train: Split, valid: Split, class_names: tuple[str, ...], source: str, pool: Split | None,
+                   cache) -> Dataset:
+    """:func:`_finish`, taking the fingerprint from the image cache where it recorded one
+    for these labels (hashing a mapped dataset reads every image), else recording it."""
+    if cache is None:
+        return _finish(train, valid, class_names, source, pool)
+    h = hashlib.sha256("\0".join(class_names).encode())
+    for s in (train, valid, pool):
+        if s is not None:
+            h.update(str(len(s)).encode())
+            h.update(np.ascontiguousarray(s.y).data)
+            h.update("\0".join(s.paths or ()).encode())
+    labels_key = h.hexdigest()
+    fp = cache.fingerprint(labels_key)
+    if fp is None:
+        fp = fingerprint(train, valid, class_names, pool)
+        cache.remember(labels_key, fp)
+    return Dataset(train, valid, class_names, source, fp, pool)
 
 
 def holdout(dataset: Dataset, n: int, *, seed: int = 0) -> Dataset:

@@ -18,6 +18,7 @@ from .errors import AuditError, bad_param
 from .flags import FlagConfig, flag_issues
 from .mc import DEFAULT_BATCH, MAX_SAMPLES, SHARE_BLOCK, AutoSamples, MaskMode, mc_predict, require_dropout
 from .dupes import duplicate_summary, exact_duplicates
+from .imagecache import release
 from .model import MCDropoutNet
 from .progress import NullProgress, Progress
 
@@ -309,7 +310,9 @@ def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset:
         _CACHE[key] = store.load_model(model_name)
     x = _worker_dataset(store).split(split).x
     auto = None if tolerance is None else AutoSamples(tolerance=tolerance, cap=samples)
-    r = mc_predict(_CACHE[key], x[rows], samples=samples, batch_size=batch_size, seed=seed, workers=1,
+    images = x[rows]
+    release(x)  # a mapped image cache: the worker's memory stays that of one piece, whatever N
+    r = mc_predict(_CACHE[key], images, samples=samples, batch_size=batch_size, seed=seed, workers=1,
                    offset=offset, masks=masks, auto=auto)
     return r.probs, r.columns()
 
@@ -339,6 +342,10 @@ class ScoreConfig:
     # outliers at this robust z-score
     near_threshold: float = 0.99
     outlier_z: float = 5.0
+    # False (`--no-data-checks`): no exact or near duplicates, outliers or class balance;
+    # they hold every image's trunk features in memory, which past millions of images
+    # the scoring itself (in pieces, from an image cache) does not need
+    data_checks: bool = True
     # `--samples auto`: the standard error each image's entropy and mutual information
     # must reach (None: every image gets `samples` passes)
     tolerance: float | None = None
@@ -537,7 +544,8 @@ def score_run(
         result = replace(result, workers=cluster.describe(n_workers(client)))
         t1 = time.perf_counter()
         features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
-                    for name in config.splits}  # for calibration's deterministic network and the data checks
+                    for name in config.splits  # for calibration's deterministic network and the data checks
+                    if config.data_checks or name == "valid"}
         features_seconds = round(time.perf_counter() - t1, 3)
         cal = calibration_summary(model, dataset, result, train_folds is not None, device, features.get("valid"))
         # cleanlab judges the probabilities the flags are decided on, and with --flag-rule cleanlab decides them
@@ -567,16 +575,22 @@ def score_run(
             summary["calibration"] = cal
         if confident:
             summary["confident_learning"] = confident
-        dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits})
-        summary["duplicates"] = duplicate_summary(dupes)
-        checks, near, outliers, scores = data_checks(dataset, result.scores, config, features)
-        result = replace(result, scores=scores)
-        summary["data_checks"] = checks
+        tables = {}
+        if config.data_checks:
+            dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths)
+                                      for name in config.splits})
+            summary["duplicates"] = duplicate_summary(dupes)
+            checks, near, outliers, scores = data_checks(dataset, result.scores, config, features)
+            result = replace(result, scores=scores)
+            summary["data_checks"] = checks
+            tables = {runs.DUPLICATES: dupes, runs.NEAR_DUPLICATES: near, runs.OUTLIERS: outliers}
         with store.transaction() as txn:
             write_scores(txn, result.scores, result.probs, dataset.class_names)
-            txn.write_csv(runs.DUPLICATES, dupes)
-            txn.write_csv(runs.NEAR_DUPLICATES, near)
-            txn.write_csv(runs.OUTLIERS, outliers)
+            for name in (runs.DUPLICATES, runs.NEAR_DUPLICATES, runs.OUTLIERS):
+                if name in tables:
+                    txn.write_csv(name, tables[name])
+                else:  # not looked for this time: an earlier score's lists would be stale
+                    txn.delete(name)
             txn.commit(meta.evolve(score=summary, flags=flag_summary(result.scores, decided_on, flags,
                                                                      temperature(cal)),
                                    versions=runs.versions()))

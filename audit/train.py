@@ -18,6 +18,7 @@ import chainer.functions as F
 
 from . import runs
 from .data import Dataset, Split, load_dataset, read_subset, to_float32
+from .imagecache import release
 from .device import describe, get_device, keep_freed_memory, make_rng
 from .config import MIN_BATCH, SCHEDULES, TrainConfig, check_int, stored_train_config  # noqa: F401 (re-exported)
 from .errors import AuditError
@@ -305,6 +306,7 @@ def _epochs(model, optimizer, dataset, config, idx_all, rngs, dev, progress, t_s
             elapsed = time.perf_counter() - t0
             progress.advance(b, loss=loss_sum / seen, acc=correct / seen, ips=seen / elapsed)
         train_seconds = time.perf_counter() - t0
+        release(x_all)  # images mapped from the image cache: the epoch's pages need not stay resident
         if validate or (epoch == epochs and stopper is None):
             v_loss, v_acc = evaluate(model, dataset.valid, device=dev)
         else:

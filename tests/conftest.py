@@ -83,8 +83,14 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Never let a test download into or read from the user's real cache."""
+    """Never let a test download into or read from the user's real cache. The image
+    cache is off (folders and manifests decoded into memory) unless
+    ``AUDIT_TEST_IMAGE_CACHE=1``: then every test runs with one of its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if os.environ.get("AUDIT_TEST_IMAGE_CACHE") == "1":
+        monkeypatch.setenv("AUDIT_IMAGE_CACHE", str(tmp_path / "imagecache"))
+    else:
+        monkeypatch.delenv("AUDIT_IMAGE_CACHE", raising=False)
 
 
 def pytest_collection_modifyitems(config, items):

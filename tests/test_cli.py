@@ -370,3 +370,28 @@ def test_flags_follow_cleanlab_out_of_sample_and_confidence_on_request(run):
     r = invoke("flag", "--run", run)
     assert_one_line_error(r, "scores.csv: line 4: cl_issue '7' is not 1, 0 or empty; rerun `audit score`")
     assert (run / "run.json").read_bytes() == before
+
+
+def test_score_without_data_checks_leaves_no_stale_lists(run, tmp_path):
+    """--no-data-checks: scores as before, says the checks did not run, and removes the
+    lists an earlier score wrote (they would describe another scoring); the report
+    leaves their sections out."""
+    r = invoke("score", "--run", run, "--samples", "5")
+    assert r.exit_code == 0, r.output
+    assert all((run / n).is_file() for n in ("duplicates.csv", "near_duplicates.csv", "outliers.csv"))
+    before = pd.read_csv(run / "scores.csv")
+    r = invoke("score", "--run", run, "--samples", "5", "--no-data-checks")
+    assert r.exit_code == 0, r.output
+    assert "data checks (duplicates, near-duplicates, outliers, class balance): not run (--no-data-checks)" in r.output
+    assert "near-duplicates (correlation" not in r.output and "exact duplicates" not in r.output
+    assert not any((run / n).exists() for n in ("duplicates.csv", "near_duplicates.csv", "outliers.csv"))
+    after = pd.read_csv(run / "scores.csv")
+    assert "outlier_score" not in after.columns
+    pd.testing.assert_frame_equal(before.drop(columns="outlier_score"), after)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["score"]["data_checks"] is False and "duplicates" not in meta["score"]
+    assert set(meta["files"]) & {"duplicates.csv", "near_duplicates.csv", "outliers.csv"} == set()
+    r = invoke("report", "--run", run, "--top", "3", "--out", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "near_duplicates.csv" not in page and "outliers.csv" not in page

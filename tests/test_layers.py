@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "audit"
 # bottom to top; a module may import only modules of its own layer or below
 LAYERS = [
     {"_compat", "errors", "progress", "tables", "calibration"},
-    {"metrics", "config", "device", "fastconv"},
+    {"metrics", "config", "device", "fastconv", "imagecache"},
     {"data", "model", "acquire", "flags", "curves", "dupes", "confident"},
     {"datachecks"},
     {"mc", "decisions"},
