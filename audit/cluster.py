@@ -87,12 +87,13 @@ def connect(config: ClusterConfig) -> Iterator[Any]:
     cluster = None
     try:
         if config.workers:
-            # one thread per worker, single-threaded BLAS; and glibc's own malloc tuning: Dask sets
+            # the dashboard on a free port (two commands at once would both want 8787); one thread per
+            # worker, single-threaded BLAS; and glibc's own malloc tuning: Dask sets
             # MALLOC_TRIM_THRESHOLD_, which also stops glibc from raising its mmap threshold, so every
             # batch's 25 MB of activations would be mapped and unmapped anew (10-35% slower scoring)
             with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
                 cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
+                                       dashboard_address=":0", silence_logs=logging.ERROR)
             client = Client(cluster, timeout=config.timeout)
         elif os.path.isfile(config.scheduler):
             client = Client(scheduler_file=config.scheduler, timeout=config.timeout)

@@ -115,6 +115,9 @@ class Dataset:
     source: str
     fingerprint: str = field(default="")
     pool: Split | None = None  # unlabelled images (labels -1), or None
+    # where the images are mapped from (audit.imagecache): {"folder", "key", "start":
+    # {split: its first row in the cache}}, or None for images in memory
+    mapped: dict | None = field(default=None, compare=False)
 
 
     @property
@@ -852,7 +855,9 @@ def _finish_cached(train: Split, valid: Split, class_names: tuple[str, ...], sou
     if fp is None:
         fp = fingerprint(train, valid, class_names, pool)
         cache.remember(labels_key, fp)
-    return Dataset(train, valid, class_names, source, fp, pool)
+    start = {"train": 0, "valid": len(train), "pool": len(train) + len(valid)}
+    mapped = {"folder": str(cache.folder), "key": cache.record["key"], "start": start}
+    return Dataset(train, valid, class_names, source, fp, pool, mapped)
 
 
 def holdout(dataset: Dataset, n: int, *, seed: int = 0) -> Dataset:

@@ -67,16 +67,16 @@ def stat_key(where: Path, files: list[Path], parts: tuple) -> str:
     """The cache key of ``files`` (in order) read from ``where`` and made as ``parts``
     (size, mode, ...); waits until the newest file is RACY_S old."""
     while True:
-        stats = [os.stat(f) for f in files]
-        newest = max((max(s.st_mtime_ns, s.st_ctime_ns) for s in stats), default=0) / 1e9
-        wait = newest + RACY_S - time.time()
+        h = hashlib.sha256(json.dumps([VERSION, str(Path(where).resolve()), list(parts)]).encode())
+        newest = 0
+        for f in files:
+            s = os.stat(f)
+            newest = max(newest, s.st_mtime_ns, s.st_ctime_ns)
+            h.update(f"\0{f}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0{s.st_ino}".encode())
+        wait = newest / 1e9 + RACY_S - time.time()
         if wait <= 0:
-            break
+            return h.hexdigest()
         time.sleep(min(wait, RACY_S))
-    h = hashlib.sha256(json.dumps([VERSION, str(Path(where).resolve()), list(parts)]).encode())
-    for f, s in zip(files, stats):
-        h.update(f"\0{f}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0{s.st_ino}".encode())
-    return h.hexdigest()
 
 
 class CachedImages:
@@ -176,6 +176,21 @@ def build(root: Path, key: str, shape: tuple, fill: Callable[[np.ndarray], None]
         return _open(folder, key)
     except ValueError as e:
         raise AuditError(f"{folder}: the image cache just built does not open ({e})") from None
+
+
+_MAPPED: dict = {}  # in a process: the caches mapped by folder and key, once
+
+
+def mapped(folder: str, key: str) -> np.ndarray | None:
+    """The images of the cache in ``folder`` (built for ``key``), mapped; None where that
+    folder cannot be read here or holds another cache (then the data is loaded from its
+    source instead). How a Dask worker reads its pieces without listing the data."""
+    if (folder, key) not in _MAPPED:
+        try:
+            _MAPPED[(folder, key)] = _open(Path(folder), key).x
+        except (OSError, ValueError):
+            return None
+    return _MAPPED[(folder, key)]
 
 
 def _sweep(root: Path) -> None:

@@ -263,7 +263,8 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
     for split, k, rows in jobs:
         for a in range(0, len(rows), step):
             pieces.append((str(store.path.resolve()), model_names[k], split, rows[a:a + step], a, config.samples,
-                           config.batch_size, stream_seed(config.seed, split, k), config.masks, config.tolerance))
+                           config.batch_size, stream_seed(config.seed, split, k), config.masks, config.tolerance,
+                           image_ref(dataset, split)))
             where.append((split, k, a))
     names = {n: np.float32 for n in metrics.SCORE_COLUMNS} | ({"passes": np.int32} if config.tolerance else {})
     out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
@@ -300,15 +301,31 @@ def _worker_dataset(store: runs.RunStore) -> Dataset:
     return _CACHE[key]
 
 
+def image_ref(dataset: Dataset, split: str) -> tuple[str, str, int] | None:
+    """(cache folder, key, the split's first row) where ``dataset``'s images are mapped
+    from an image cache, so a worker reads its rows without loading the data; or None."""
+    m = dataset.mapped
+    return None if m is None else (m["folder"], m["key"], int(m["start"][split]))
+
+
 def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset: int, samples: int,
-                batch_size: int, seed: int, masks: str = "shared", tolerance: float | None = None):
-    """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job)."""
+                batch_size: int, seed: int, masks: str = "shared", tolerance: float | None = None,
+                images_at: tuple[str, str, int] | None = None):
+    """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job).
+    ``images_at``: :func:`image_ref`, the image cache to read the rows from where this
+    worker can map it (no data to load); else the worker loads the run's data."""
+    from .imagecache import mapped
+
     store = runs.RunStore(run)
     meta = store.meta()
     key = (run, meta.fingerprint, model_name, meta.files.get(model_name, {}).get("sha256"))
     if key not in _CACHE:
         _CACHE[key] = store.load_model(model_name)
-    x = _worker_dataset(store).split(split).x
+    x = None if images_at is None else mapped(images_at[0], images_at[1])
+    if x is not None:
+        rows = images_at[2] + np.asarray(rows)
+    else:
+        x = _worker_dataset(store).split(split).x
     auto = None if tolerance is None else AutoSamples(tolerance=tolerance, cap=samples)
     images = x[rows]
     release(x)  # a mapped image cache: the worker's memory stays that of one piece, whatever N
