@@ -72,7 +72,7 @@ def stat_key(where: Path, files: list[Path], parts: tuple) -> str:
         for f in files:
             s = os.stat(f)
             newest = max(newest, s.st_mtime_ns, s.st_ctime_ns)
-            h.update(f"\0{f}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0{s.st_ino}".encode())
+            h.update(f"\0{os.path.abspath(f)}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0{s.st_ino}".encode())
         wait = newest / 1e9 + RACY_S - time.time()
         if wait <= 0:
             return h.hexdigest()

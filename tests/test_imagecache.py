@@ -78,6 +78,8 @@ def test_cached_folder_is_the_folder_and_is_read_once(tmp_path, cache, monkeypat
     same(hit, plain)
     assert again.started == [] and "resized 3 of 19" in again.lines[0]  # nothing opened or decoded: mapped
     assert isinstance(hit.train.x, np.memmap) and not hit.train.x.flags.writeable
+    monkeypatch.chdir(tmp_path)  # the folder named relatively (as `audit train --data imgs` would): the same cache
+    same(D.load_dataset("imgs"), plain)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no build or damaged folders left
 
