@@ -94,7 +94,10 @@ class CachedImages:
         if self.fingerprint(labels_key) == fingerprint:
             return
         self.record.setdefault("fingerprints", {})[labels_key] = fingerprint
-        _write_record(self.folder, self.record)
+        try:
+            _write_record(self.folder, self.record)
+        except OSError:  # a cache this user may read but not write: the fingerprint is computed again next time
+            pass
 
 
 def _write_record(folder: Path, record: dict) -> None:
@@ -119,8 +122,8 @@ def _open(folder: Path, key: str) -> CachedImages:
         x = np.load(folder / IMAGES, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{IMAGES} is truncated or damaged ({e})") from None
-    if x.shape != tuple(shape) or x.dtype != np.uint8:
-        raise ValueError(f"{IMAGES} holds {x.dtype} {x.shape}, not uint8 {tuple(shape)}")
+    if x.shape != shape or x.dtype != np.uint8:
+        raise ValueError(f"{IMAGES} holds {x.dtype} {x.shape}, not uint8 {shape}")
     return CachedImages(folder, x, record)
 
 

@@ -228,3 +228,22 @@ def test_two_workers_reading_the_cache_write_the_in_process_bytes(tmp_path, monk
     for name in ("scores.csv", "mc_summary.npz"):
         assert (run / name).read_bytes() == (plain / name).read_bytes(), name
     assert len(list((tmp_path / "imagecache").iterdir())) == 1
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, cache, monkeypatch):
+    """The disk fills while the cache is written: one line naming the cache folder and
+    the reason; no half-built cache or build folder is left, and the data is untouched."""
+    import errno
+
+    root = folder(tmp_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(np.lib.format, "open_memmap", full)
+        with pytest.raises(AuditError, match=r"^\$AUDIT_IMAGE_CACHE: cannot write the image cache in .*imagecache "
+                                             r"\(No space left on device\)$"):
+            D.load_dataset(root)
+    assert list(cache.iterdir()) == []
+    assert D.load_dataset(root).train.x.shape == (8, 1, 12, 12)
