@@ -415,17 +415,15 @@ def acquire_run(
 
     ``initial_from_data``: on data with a labelled pool (an npz's x_pool and y_pool),
     take the training split as the initial set (``config.initial`` is set to its size)."""
-    from .cluster import ClusterConfig, connect
+    from .cluster import ClusterConfig, connect, worker_device
 
     cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
     get_device(device)
     if resume and overwrite:
         raise AuditError("--resume and --overwrite: expected one of them, got both", usage=True)
-    if not cluster.in_process and device != "cpu":
-        raise AuditError("--device: Dask workers train on their CPU here; leave out --device, or --workers and "
-                         "--scheduler", usage=True)
-    with store.writing(), connect(cluster) as client:
+    wdev = worker_device(cluster, device)
+    with store.writing(), connect(cluster, wdev) as client:
         if resume:
             if not store.path.exists():
                 raise AuditError(f"--resume: {store.path} does not exist, so there is nothing to go on with; "
@@ -467,14 +465,15 @@ def acquire_run(
             result = run_active_learning(dataset, config, device=device, progress=progress, on_round=save,
                                          prior=prior)
         else:
-            result = _curves_on_cluster(client, meta.data, data_dir, config, prior, save, progress or NullProgress())
+            result = _curves_on_cluster(client, meta.data, data_dir, config, prior, save, progress or NullProgress(),
+                                        wdev)
         save(result, complete=True, timings={"seconds": round(time.perf_counter() - t0, 3)},
              results=reach_table(result.curve, config.initial))
     return result
 
 
 def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfig, prior: ALResult | None,
-                       save: Callable[[ALResult], None], progress: Progress) -> ALResult:
+                       save: Callable[[ALResult], None], progress: Progress, device: str = "cpu") -> ALResult:
     """Every (strategy, repeat) curve as a Dask piece; each goes on from its rows in
     ``prior``, and the run is committed as each finishes."""
     from .cluster import run_pieces
@@ -499,7 +498,7 @@ def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfi
     for s, rep in keys:
         done[(s, rep)] = (rows(prior and prior.curve, s, rep), rows(prior and prior.acquired, s, rep))
     pieces = [({**data, "data_dir": data_dir or data.get("data_dir")},
-               replace(config, strategies=(s,), first_repeat=rep, repeats=1).to_json(), *done[(s, rep)])
+               replace(config, strategies=(s,), first_repeat=rep, repeats=1).to_json(), *done[(s, rep)], device)
               for s, rep in keys]
     progress.start(f"{len(pieces)} curves (strategy x repeat)", len(pieces))
 
@@ -523,14 +522,14 @@ def _curves_on_cluster(client, data: dict, data_dir: str | None, config: ALConfi
 _DATA: dict = {}  # on a worker: datasets by path, loaded once per process
 
 
-def curve_piece(data: dict, config: dict, curve: list[dict], acquired: list[dict]):
+def curve_piece(data: dict, config: dict, curve: list[dict], acquired: list[dict], device: str = "cpu"):
     """On a worker: one (strategy, repeat) curve, going on from its earlier rows; ``data``
     is the run's data block (path, data_dir, image size)."""
     key = (data["data"], data.get("data_dir"), str(data.get("image_size")))
     if key not in _DATA:
         _DATA[key] = runs.load_source(data)
     prior = ALResult(pd.DataFrame(curve), pd.DataFrame(acquired)) if curve else None
-    res = run_active_learning(_DATA[key], ALConfig.from_json(config), prior=prior)
+    res = run_active_learning(_DATA[key], ALConfig.from_json(config), prior=prior, device=device)
     return res.curve.to_dict("records"), res.acquired.to_dict("records")
 
 

@@ -7,6 +7,10 @@ ADDRESS`` (or ``$AUDIT_SCHEDULER``, or a scheduler file) uses a running cluster.
 piece is fixed by its seed and inputs, so the result is the same, to the byte, however
 the pieces were spread.
 
+With ``--device gpu`` each worker computes on its own GPU: a local cluster starts one
+worker per CUDA device, each pinned to it (``CUDA_VISIBLE_DEVICES``); the workers of a
+running cluster must each see one GPU, as dask-cuda's ``dask cuda worker`` starts them.
+
 Workers read the data and the run's files themselves, from the same paths (a shared
 file system, or the same path on each machine); only small results (per-block scores,
 (N, C) means, fold weights, curves) come back through the scheduler. Dask's own
@@ -71,29 +75,68 @@ class ClusterConfig:
         return f"{n_workers} worker{'s' if n_workers != 1 else ''} of {where}"
 
 
-@contextlib.contextmanager
-def connect(config: ClusterConfig) -> Iterator[Any]:
-    """A ``distributed.Client`` for ``config`` (None in-process); the local cluster it
-    started is closed at the end. One line when a scheduler does not answer or its
-    workers run another audit."""
+def worker_device(config: ClusterConfig, device: str) -> str:
+    """What a command's pieces compute on: ``device`` itself in-process; on a cluster
+    ``cpu``, or ``gpu`` (each worker its own GPU). One line for a device that names one
+    GPU (``@cupy:1``): a worker's GPU is the one it was pinned to."""
     if config.in_process:
-        yield None
-        return
+        return device
+    s = str(device).strip().lower()
+    if s in ("cpu", "@numpy", "numpy"):
+        return "cpu"
+    if s in ("gpu", "cuda", "@cupy"):
+        return "gpu"
+    raise AuditError(f"--device {device}: with --workers or --scheduler expected cpu or gpu (each worker computes "
+                     "on the GPU it is pinned to), got a device by number", usage=True)
+
+
+def local_cluster(n: int, *, pin_gpus: bool = False):
+    """A local cluster of ``n`` single-threaded worker processes; with ``pin_gpus``
+    worker i sees only CUDA device i (its ``CUDA_VISIBLE_DEVICES``), as dask-cuda does."""
     import logging
 
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
+    # the dashboard on a free port (two commands at once would both want 8787); one thread per
+    # worker, single-threaded BLAS; and glibc's own malloc tuning: Dask sets
+    # MALLOC_TRIM_THRESHOLD_, which also stops glibc from raising its mmap threshold, so every
+    # batch's 25 MB of activations would be mapped and unmapped anew (10-35% slower scoring)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
+        if not pin_gpus:
+            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                silence_logs=logging.ERROR)
+        workers = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)},
+                                                           "silence_logs": logging.ERROR}}
+                   for i in range(n)}
+        return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                           silence_logs=logging.ERROR, name="audit-gpus")
+
+
+@contextlib.contextmanager
+def connect(config: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
+    """A ``distributed.Client`` for ``config`` (None in-process); the local cluster it
+    started is closed at the end. ``device``: :func:`worker_device`'s answer; with
+    ``gpu`` a local cluster has one worker per GPU, and a running cluster's workers must
+    each have one. One line when a scheduler does not answer, its workers run another
+    audit, or there are fewer GPUs than workers."""
+    if config.in_process:
+        yield None
+        return
+    from distributed import Client
+
+    from .device import gpu_count
+
+    gpus = device == "gpu"
+    if gpus and config.workers:
+        have = gpu_count()
+        if config.workers > have:
+            raise AuditError(f"--workers {config.workers} with --device gpu: expected at most one worker per GPU, "
+                             f"found {have} usable CUDA GPU{'s' if have != 1 else ''} here", usage=True)
     cluster = None
     try:
         if config.workers:
-            # the dashboard on a free port (two commands at once would both want 8787); one thread per
-            # worker, single-threaded BLAS; and glibc's own malloc tuning: Dask sets
-            # MALLOC_TRIM_THRESHOLD_, which also stops glibc from raising its mmap threshold, so every
-            # batch's 25 MB of activations would be mapped and unmapped anew (10-35% slower scoring)
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
-                cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=logging.ERROR)
+            cluster = local_cluster(config.workers, pin_gpus=gpus)
             client = Client(cluster, timeout=config.timeout)
         elif os.path.isfile(config.scheduler):
             client = Client(scheduler_file=config.scheduler, timeout=config.timeout)
@@ -113,6 +156,8 @@ def connect(config: ClusterConfig) -> Iterator[Any]:
                 raise AuditError(f"--scheduler {config.scheduler}: the scheduler has no workers (waited "
                                  f"{config.timeout:g} s); start some with `dask worker {config.scheduler}`") from None
         check_versions(client)
+        if gpus and not config.workers:
+            check_gpus(client, config.scheduler)
         yield client
     finally:
         client.close()
@@ -140,6 +185,16 @@ def check_versions(client) -> None:
         if v != mine:
             diff = ", ".join(f"{k} {v.get(k)} (here {mine.get(k)})" for k in mine if v.get(k) != mine.get(k))
             raise AuditError(f"worker {address}: runs {diff}; install the same versions on every worker")
+
+
+def check_gpus(client, scheduler: str) -> None:
+    """``--device gpu`` on a running cluster: every worker must see a GPU."""
+    from .device import gpu_count
+
+    for address, n in sorted(client.run(gpu_count).items()):
+        if n < 1:
+            raise AuditError(f"worker {address} of {scheduler}: --device gpu, but it has no usable CUDA GPU; start "
+                             "one worker per GPU (`dask cuda worker`, or `CUDA_VISIBLE_DEVICES=i dask worker`)")
 
 
 def n_workers(client) -> int:

@@ -221,19 +221,17 @@ def next_batch(
 
     ``cluster``: the pool is scored in pieces on Dask workers (:mod:`audit.cluster`),
     each loading the data itself; the batch is the one this process would pick."""
-    from .cluster import ClusterConfig, connect
+    from .cluster import ClusterConfig, connect, worker_device
 
     progress = progress or NullProgress()
     cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
     dev = get_device(device)
-    if not cluster.in_process and device != "cpu":
-        raise AuditError("--device: Dask workers score on their CPU here; leave out --device, or --workers and "
-                         "--scheduler", usage=True)
+    wdev = worker_device(cluster, device)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise bad_param("k", f"expected a positive number of images, got {k!r}")
     parse_strategy(strategy)  # one strategy a round
-    with store.writing(), connect(cluster) as client:
+    with store.writing(), connect(cluster, wdev) as client:
         if store.exists():
             state = _read_state(store)
             meta = state.meta
@@ -328,7 +326,7 @@ def next_batch(
         t1 = time.perf_counter()
         scorer = None
         if client is not None and result is not None:
-            scorer = _cluster_scorer(client, meta.data, result.model, progress)
+            scorer = _cluster_scorer(client, meta.data, result.model, progress, wdev)
         new, scores, probs = choose_batch(result and result.model, full.train.x, candidates, chosen_by, config, 0,
                                           rnd, dev, progress=progress, scorer=scorer)
         if probs is None and result is not None:  # random: the guesses shown on the page
@@ -368,7 +366,7 @@ def next_batch(
 POOL_PIECE = SHARE_BLOCK  # whole groups of shared masks: the same products as in-process
 
 
-def _cluster_scorer(client, data: dict, model, progress: Progress):
+def _cluster_scorer(client, data: dict, model, progress: Progress, device: str = "cpu"):
     """A ``scorer`` for :func:`choose_batch` that scores the pool in pieces on ``client``'s
     workers: each loads the data from ``data`` (the run's data block) and gets the
     round's weights (sent to the cluster once); ``offset`` gives each piece the masks
@@ -380,7 +378,7 @@ def _cluster_scorer(client, data: dict, model, progress: Progress):
     spec = model.spec.to_json()
 
     def score(pool, samples, seed, masks, return_mc):
-        pieces = [(data, spec, weights, pool[a:a + POOL_PIECE], a, samples, seed, masks, return_mc)
+        pieces = [(data, spec, weights, pool[a:a + POOL_PIECE], a, samples, seed, masks, return_mc, device)
                   for a in range(0, len(pool), POOL_PIECE)]
         parts: list = [None] * len(pieces)
         progress.start(f"score {len(pool):,} pool images x {samples} passes in {len(pieces)} pieces", len(pool))
@@ -401,7 +399,7 @@ _WORKER_DATA: dict = {}  # on a worker: loop datasets by (path, fingerprint), lo
 
 
 def pool_piece(data: dict, spec: dict, weights: bytes, idx: np.ndarray, offset: int, samples: int, seed: int,
-               masks: str, return_mc: bool) -> dict:
+               masks: str, return_mc: bool, device: str = "cpu") -> dict:
     """On a worker: MC-score images ``idx`` of the loop's image array (training images,
     then the pool) at positions ``offset``.. of the round's scoring; ``data`` is the
     run's data block."""
@@ -417,7 +415,7 @@ def pool_piece(data: dict, spec: dict, weights: bytes, idx: np.ndarray, offset: 
         _WORKER_DATA[key] = loop_dataset(ds)[0].train.x
     model = runs.load_weights(model_from_spec(ModelSpec.from_json(spec)), weights, "the round's model")
     r = mc_predict(model, _WORKER_DATA[key][idx], samples=samples, seed=seed, masks=masks, return_mc=return_mc,
-                   workers=1, offset=offset)
+                   workers=1, offset=offset, device=device)
     return {"probs": r.probs, "mc_probs": r.mc_probs, **r.scores()}
 
 

@@ -251,9 +251,11 @@ PIECE_BATCHES = 8
 
 
 def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds: dict, config: "ScoreConfig",
-                     model_names: dict[int, str], progress: Progress) -> tuple[pd.DataFrame, np.ndarray]:
+                     model_names: dict[int, str], progress: Progress,
+                     device: str = "cpu") -> tuple[pd.DataFrame, np.ndarray]:
     """:func:`score_dataset`'s work as Dask pieces: each worker loads the run's data and
-    model itself and scores a slice of a job's rows; the same numbers as in-process."""
+    model itself and scores a slice of a job's rows (on ``device``: cpu, or its GPU); the
+    same numbers as in-process on that device."""
     from .cluster import run_pieces
 
     step = PIECE_BATCHES * config.batch_size
@@ -264,7 +266,7 @@ def score_on_cluster(client, store: runs.RunStore, dataset: Dataset, jobs, folds
         for a in range(0, len(rows), step):
             pieces.append((str(store.path.resolve()), model_names[k], split, rows[a:a + step], a, config.samples,
                            config.batch_size, stream_seed(config.seed, split, k), config.masks, config.tolerance,
-                           image_ref(dataset, split)))
+                           image_ref(dataset, split), device))
             where.append((split, k, a))
     names = {n: np.float32 for n in metrics.SCORE_COLUMNS} | ({"passes": np.int32} if config.tolerance else {})
     out = {(split, k): (np.empty((len(rows), dataset.n_classes), np.float32),
@@ -310,7 +312,7 @@ def image_ref(dataset: Dataset, split: str) -> tuple[str, str, int] | None:
 
 def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset: int, samples: int,
                 batch_size: int, seed: int, masks: str = "shared", tolerance: float | None = None,
-                images_at: tuple[str, str, int] | None = None):
+                images_at: tuple[str, str, int] | None = None, device: str = "cpu"):
     """On a worker: MC-score ``rows`` of ``split`` (positions ``offset``.. of their job).
     ``images_at``: :func:`image_ref`, the image cache to read the rows from where this
     worker can map it (no data to load); else the worker loads the run's data."""
@@ -330,7 +332,7 @@ def score_piece(run: str, model_name: str, split: str, rows: np.ndarray, offset:
     images = x[rows]
     release(x)  # a mapped image cache: the worker's memory stays that of one piece, whatever N
     r = mc_predict(_CACHE[key], images, samples=samples, batch_size=batch_size, seed=seed, workers=1,
-                   offset=offset, masks=masks, auto=auto)
+                   offset=offset, masks=masks, auto=auto, device=device)
     return r.probs, r.columns()
 
 
@@ -459,7 +461,7 @@ def fold_models(
     if client is not None and todo:
         from .cluster import run_pieces
 
-        pieces = [(str(store.path.resolve()), asdict(fold_config(r, k)), np.setdiff1d(base, all_parts[r][k]))
+        pieces = [(str(store.path.resolve()), asdict(fold_config(r, k)), np.setdiff1d(base, all_parts[r][k]), device)
                   for r, k in todo]
         run_pieces(client, train_piece, pieces, on_done=lambda i, res: commit(
             *todo[i], res[0], f"{name(*todo[i])}: trained on {res[1]:,} images in {res[2]:.1f} s on a worker, "
@@ -475,12 +477,12 @@ def fold_models(
             for r in range(repeats)]
 
 
-def train_piece(run: str, config: dict, subset: np.ndarray):
+def train_piece(run: str, config: dict, subset: np.ndarray, device: str = "cpu"):
     """On a worker: train a fold model on the run's data; (weights, n, seconds, accuracy)."""
     from .config import TrainConfig
     from .train import train
 
-    result = train(_worker_dataset(runs.RunStore(run)), TrainConfig(**config), subset=subset)
+    result = train(_worker_dataset(runs.RunStore(run)), TrainConfig(**config), subset=subset, device=device)
     return runs.model_bytes(result.model), result.n_train, result.seconds, result.valid_accuracy
 
 
@@ -504,16 +506,14 @@ def score_run(
     DataFrame (see :class:`ScoreResult`). ``cluster``: fold trainings and scoring blocks
     on Dask (:mod:`audit.cluster`), with the same bytes out as in-process.
     """
-    from .cluster import ClusterConfig, connect, n_workers
+    from .cluster import ClusterConfig, connect, n_workers, worker_device
     from .train import TrainConfig, train_into, trunk_features
 
     cluster = cluster or ClusterConfig()
     store = runs.RunStore(run)
     get_device(device)
-    if not cluster.in_process and device != "cpu":
-        raise AuditError("--device: Dask workers score on their CPU here; leave out --device, or --workers and "
-                         "--scheduler", usage=True)
-    with store.writing(), connect(cluster) as client:
+    wdev = worker_device(cluster, device)
+    with store.writing(), connect(cluster, wdev) as client:
         if not store.exists() or not store.has(runs.MODEL):
             if store.exists() and store.meta().command == "acquire":
                 raise AuditError(f"--run: {store.path} is an `audit acquire` run (learning curves, no model to "
@@ -532,7 +532,7 @@ def score_run(
         dataset = store.dataset(data_dir=data_dir, progress=progress)
         t0 = time.perf_counter()
         repeated = (
-            fold_models(store, dataset, config.folds, repeats=config.fold_repeats, device=device, client=client,
+            fold_models(store, dataset, config.folds, repeats=config.fold_repeats, device=wdev, client=client,
                         progress=progress)
             if config.folds and "train" in config.splits else None
         )
@@ -550,14 +550,14 @@ def score_run(
             jobs, folds = plan_jobs(dataset, config.splits, [rows for _, rows in train_folds or []])
             names = {-1: runs.MODEL, **{k: runs.fold_model(config.folds, k) for k in range(config.folds)}}
             scores, probs = score_on_cluster(client, store, dataset, jobs, folds, config, names,
-                                             progress or NullProgress())
+                                             progress or NullProgress(), wdev)
             if train_folds and config.tolerance is None:
                 # pooling is scored here, in-process: the same numbers as without Dask
                 scores, probs = pool_unseen(scores, probs, dataset, [model, *(m for m, _ in train_folds)],
                                             samples=config.samples, batch_size=config.batch_size, seed=config.seed,
                                             masks=config.masks, device=get_device(device), progress=progress,
                                             repeats=repeated)
-            result = ScoreResult(scores, probs, time.perf_counter() - t1, "cpu")
+            result = ScoreResult(scores, probs, time.perf_counter() - t1, wdev)
         result = replace(result, workers=cluster.describe(n_workers(client)))
         t1 = time.perf_counter()
         features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)

@@ -231,3 +231,39 @@ def test_a_worker_that_cannot_read_a_file_is_named(tmp_path):
 
 def _read(path):
     return open(path, "rb").read()
+
+
+def test_gpu_workers_are_pinned_one_per_device():
+    """--device gpu --workers N: worker i sees only CUDA device i (the pinning works without a GPU)."""
+    from distributed import Client
+
+    with cluster.local_cluster(2, pin_gpus=True) as c, Client(c) as client:
+        client.wait_for_workers(2)
+        seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OPENBLAS_NUM_THREADS")))
+        threads = {w["name"]: w["nthreads"] for w in client.scheduler_info()["workers"].values()}
+    assert sorted(seen.values()) == [("0", "1"), ("1", "1")]
+    assert threads == {"gpu-0": 1, "gpu-1": 1}
+
+
+def test_gpu_workers_need_a_gpu_each(monkeypatch):
+    monkeypatch.setattr("audit.device.gpu_count", lambda: 1)
+    with pytest.raises(AuditError, match=r"^--workers 2 with --device gpu: expected at most one worker per GPU, "
+                                         r"found 1 usable CUDA GPU here$"):
+        with cluster.connect(cluster.ClusterConfig(workers=2), "gpu"):
+            pass
+
+    class Client:
+        def run(self, fn):
+            return {"tcp://10.0.0.7:4000": 1, "tcp://10.0.0.8:4000": 0}
+
+    with pytest.raises(AuditError, match=r"^worker tcp://10.0.0.8:4000 of tcp://s:8786: --device gpu, but it has no "
+                                         r"usable CUDA GPU; start one worker per GPU"):
+        cluster.check_gpus(Client(), "tcp://s:8786")
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", "cpu"), ("@numpy", "cpu"), ("gpu", "gpu"), ("@cupy", "gpu")])
+def test_worker_device(device, expected):
+    assert cluster.worker_device(cluster.ClusterConfig(workers=2), device) == expected
+    assert cluster.worker_device(cluster.ClusterConfig(), "@cupy:1") == "@cupy:1"  # in-process: as given
+    with pytest.raises(AuditError, match=r"^--device @cupy:1: with --workers or --scheduler expected cpu or gpu"):
+        cluster.worker_device(cluster.ClusterConfig(scheduler="tcp://s:8786"), "@cupy:1")

@@ -79,3 +79,32 @@ def test_train_and_score_on_gpu(shapes_npz):
     assert r.valid_accuracy >= 0.9
     s = score_dataset(r.model, ds, samples=10, device="gpu")
     assert s.accuracy >= 0.9 and len(s.scores) == 390
+
+
+def test_score_on_gpu_workers_is_byte_identical(tmp_path):
+    """--device gpu --workers N: one worker per GPU (N = all of them), fold trainings and
+    scoring blocks on the workers' GPUs; the same bytes as the in-process GPU run."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.device import gpu_count
+
+    from conftest import write_shapes_npz
+
+    runner = CliRunner()
+    data = write_shapes_npz(tmp_path / "d.npz", 60, 20, seeds=(5, 6))
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", str(data), "--run", str(run), "--epochs", "2", "--batch-size", "32",
+                            "--device", "gpu"])
+    assert r.exit_code == 0, r.output
+    shutil.copytree(run, tmp_path / "ref")
+    score = ["--samples", "6", "--folds", "2", "--batch-size", "16", "--device", "gpu"]
+    r = runner.invoke(app, ["score", "--run", str(tmp_path / "ref"), *score])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["score", "--run", str(run), *score, "--workers", str(gpu_count())])
+    assert r.exit_code == 0, r.output
+    assert f"{gpu_count()} worker" in r.output
+    for name in ("scores.csv", "mc_summary.npz", "folds/2-0/model.npz", "folds/2-1/model.npz"):
+        assert (run / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
