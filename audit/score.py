@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -513,7 +514,8 @@ def score_run(
     store = runs.RunStore(run)
     get_device(device)
     wdev = worker_device(cluster, device)
-    with store.writing(), connect(cluster, wdev) as client:
+    with store.writing(), contextlib.ExitStack() as on_cluster:
+        client = on_cluster.enter_context(connect(cluster, wdev))
         if not store.exists() or not store.has(runs.MODEL):
             if store.exists() and store.meta().command == "acquire":
                 raise AuditError(f"--run: {store.path} is an `audit acquire` run (learning curves, no model to "
@@ -559,6 +561,7 @@ def score_run(
                                             repeats=repeated)
             result = ScoreResult(scores, probs, time.perf_counter() - t1, wdev)
         result = replace(result, workers=cluster.describe(n_workers(client)))
+        on_cluster.close()  # the rest runs here, with the workers' processes and memory given back
         t1 = time.perf_counter()
         features = {name: trunk_features(model, dataset.split(name).x, device=device, progress=progress)
                     for name in config.splits  # for calibration's deterministic network and the data checks
