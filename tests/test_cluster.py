@@ -241,6 +241,10 @@ def test_gpu_workers_are_pinned_one_per_device():
         client.wait_for_workers(2)
         seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OPENBLAS_NUM_THREADS")))
         threads = {w["name"]: w["nthreads"] for w in client.scheduler_info()["workers"].values()}
+        # one piece a worker at a time, and no profiler thread sampling the pieces
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
+        assert set(client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled")).values()) \
+            == {False}
     assert sorted(seen.values()) == [("0", "1"), ("1", "1")]
     assert threads == {"gpu-0": 1, "gpu-1": 1}
 
