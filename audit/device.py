@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -13,11 +14,27 @@ from .errors import AuditError, bad_param
 
 
 def cpu_workers() -> int:
-    """CPU cores this process may use."""
+    """CPU cores this process may use; inside a Dask worker, at most the worker's threads
+    (a single-threaded worker scores with one thread, as the other workers beside it do)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    threads = _dask_worker_threads()
+    return min(n, threads) if threads else n
+
+
+def _dask_worker_threads() -> int | None:
+    """The threads of the Dask worker running this code, or None outside one."""
+    dist = sys.modules.get("distributed")  # never imported for this: outside a worker it is not needed
+    if dist is None:
+        return None
+    try:
+        worker = dist.get_worker()
+    except (ValueError, AttributeError):
+        return None
+    state = getattr(worker, "state", worker)
+    return int(getattr(state, "nthreads", 0)) or None
 
 
 _KEPT = False

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from audit import cluster
 from audit.cli import app
+from audit.device import cpu_workers
 from audit.errors import AuditError
 
 from conftest import assert_one_line_error, write_shapes_npz
@@ -241,6 +242,8 @@ def test_gpu_workers_are_pinned_one_per_device():
         client.wait_for_workers(2)
         seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OPENBLAS_NUM_THREADS")))
         threads = {w["name"]: w["nthreads"] for w in client.scheduler_info()["workers"].values()}
+        # a single-threaded worker scores with one thread, whatever cores the machine has
+        assert client.submit(cpu_workers, pure=False).result() == 1
         # one piece a worker at a time, and no profiler thread sampling the pieces
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
         assert set(client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled")).values()) \
