@@ -14,7 +14,14 @@ depend on the pixels). It prints, on the first CUDA GPU:
 4. CPU/GPU agreement: the same model scored on both with the same masks (the dense
    engine's, drawn on the CPU and sent to the GPU): max |p_gpu - p_cpu| over 2,000
    images; and the default engine on each device (other random streams, the same
-   estimator): mean |p_gpu - p_cpu|.
+   estimator): mean |p_gpu - p_cpu|;
+5. the inputs of a projection, and the projection: an ImageNet-sized label audit
+   (1,281,167 training and 50,000 validation images of 224x224x3, 1,000 classes, ``audit score --folds 4`` with the
+   model trained first, 10 epochs, T = 20) on 8 and on 64 GPU workers, from the
+   training and scoring rates of the origin CNN measured here on random images of
+   that shape (the speed does not depend on the pixels).
+
+    python bench/gpu.py --only projection --device cpu --projection-images 256   # the same on a CPU
 """
 
 from __future__ import annotations
@@ -41,12 +48,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10, help="the main job's training epochs")
     p.add_argument("--gal-epochs", type=int, default=10)
+    p.add_argument("--only", default="main,projection", help="main (sections 1-4) and/or projection (5)")
+    p.add_argument("--device", default="gpu", help="gpu; cpu runs the projection's measurements on this CPU")
+    p.add_argument("--projection-images", type=int, default=4096, help="random 224x224x3 images timed")
     a = p.parse_args()
+    only = set(a.only.split(","))
+    if "projection" in only:
+        projection(a.device, a.projection_images)
+        if only == {"projection"}:
+            return
     dev = get_device("gpu")
     ds, what = mnist_or_synthetic(60000, 10000)
     x = np.concatenate([ds.train.x, ds.valid.x])
     print(f"device: {describe(dev)}; data: {what}, {len(x):,} images", flush=True)
 
+    if "main" not in only:
+        return
     # 1. the main job, from an empty folder (the dataset as the user's: MNIST, or an npz of the same)
     with tempfile.TemporaryDirectory() as d:
         data = "mnist"
@@ -97,6 +114,51 @@ def main() -> None:
         c_default = mc.mc_predict(model, sub, samples=50, device="cpu").probs
     print(f"same masks: max |p_gpu - p_cpu| over 2,000 images x 50 passes = {np.abs(gpu - cpu).max():.2e}; "
           f"default engine on each: mean |p_gpu - p_cpu| = {np.abs(g_default - c_default).mean():.4f}")
+
+
+# the projection's job: ImageNet's training images, audited as `audit score --folds K` does it
+PROJ_N, PROJ_V, PROJ_SHAPE, PROJ_CLASSES, PROJ_FOLDS, PROJ_EPOCHS, PROJ_T = (1_281_167, 50_000, (3, 224, 224), 1000, 4,
+                                                                     10, 20)
+
+
+def projection(device: str, n: int) -> None:
+    """Rates of the origin CNN on ``n`` random images of ImageNet's shape, and the audit's
+    time on W workers from them (each worker one device as fast as this one):
+
+    wall(W) = E*N/r_train                      the run's model, one piece
+            + ceil(K/W) * E*N*(K-1)/K/r_train  K fold models, one piece each, at most K at once
+            + (N + (K+1)*V)/(W*r_score)        each training image by its fold model, the V
+                                               validation images by all K+1 models
+    with r_train in images/s of an epoch and r_score in images/s at T passes.
+    Left out: loading and decoding the images (the cache is built once), the command's
+    own part (pooling, features, data checks) and Dask's fixed costs (seconds)."""
+    from audit.data import Dataset, Split
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, *PROJ_SHAPE), dtype=np.uint8)
+    y = rng.integers(0, PROJ_CLASSES, n).astype(np.int32)
+    ds = Dataset(Split(x, y), Split(x[:64], y[:64]), tuple(str(i) for i in range(PROJ_CLASSES)), "random")
+    cfg = audit.TrainConfig(epochs=1, batch_size=128, lr=1e-4)
+    audit.train(Dataset(Split(x[:256], y[:256]), ds.valid, ds.class_names, "random"), cfg, device=device)  # warm up
+    r = audit.train(ds, cfg, device=device)
+    r_train = n / r.seconds
+    mc.mc_predict(r.model, x[:256], samples=PROJ_T, device=device)  # warm up
+    t0 = time.perf_counter()
+    mc.mc_predict(r.model, x, samples=PROJ_T, device=device)
+    r_score = n / (time.perf_counter() - t0)
+    dev = get_device(device)
+    print(f"origin CNN on {n:,} random {PROJ_SHAPE[1]}x{PROJ_SHAPE[2]}x{PROJ_SHAPE[0]} images, {PROJ_CLASSES} classes, "
+          f"on {describe(dev)}: training {r_train:,.1f} images/s (batch 128, one epoch, validation included), "
+          f"scoring {r_score:,.1f} images/s at T = {PROJ_T}", flush=True)
+    big_n, k, e = PROJ_N, PROJ_FOLDS, PROJ_EPOCHS
+    for w in (8, 64):
+        main_model = e * big_n / r_train
+        folds = -(-k // w) * e * big_n * (k - 1) / k / r_train
+        scoring = (big_n + (k + 1) * PROJ_V) / (w * r_score)
+        total = main_model + folds + scoring
+        print(f"projection, {big_n:,} images, --folds {k}, {e} epochs, T = {PROJ_T}, on {w} workers like this one: "
+              f"{total / 3600:,.1f} h = the run's model {main_model / 3600:,.1f} h + {k} fold models "
+              f"{folds / 3600:,.1f} h (at most {min(k, w)} at once) + scoring {scoring / 3600:,.2f} h", flush=True)
 
 
 if __name__ == "__main__":
