@@ -12,7 +12,7 @@ Also checks that every `--workers` run wrote the in-process bytes.
 
     python bench/scale.py [--samples 50] [--n-folds-data 20000] [--fold-epochs 10]
                           [--acquire-rounds 5] [--only overhead,score,folds,acquire]
-                          [--overhead-repeats 3]
+                          [--overhead-repeats 3] [--acquire-repeats 2]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--acquire-rounds", type=int, default=5)
     p.add_argument("--only", default="overhead,score,folds,acquire")
     p.add_argument("--overhead-repeats", type=int, default=3, help="alternated in-process / --workers 1 pairs")
+    p.add_argument("--acquire-repeats", type=int, default=2, help="alternated --workers 1 / --workers 2 pairs")
     a = p.parse_args()
     only = set(a.only.split(","))
     ds = audit.load_dataset("mnist", download=False)  # fails in one line without MNIST
@@ -108,15 +109,24 @@ def main() -> None:
                   f"--workers 2 {times['2']:.1f} s: {times['1'] / times['2']:.2f}x "
                   f"({same(runs_['1'], runs_['2'], names)})", flush=True)
         if "acquire" in only:
-            times, runs_ = {}, {}
-            for w in ("1", "2"):
-                r = tmp / f"al{w}"
-                times[w] = run(["acquire", "--run", str(r), "--strategy", "bald,random", "--repeats", "2",
-                                "--rounds", str(a.acquire_rounds), "--workers", w])
-                runs_[w] = r
-            print(f"scaling: acquire 2 strategies x 2 repeats x {a.acquire_rounds} rounds: --workers 1 "
-                  f"{times['1']:.1f} s, --workers 2 {times['2']:.1f} s: {times['1'] / times['2']:.2f}x "
-                  f"({same(runs_['1'], runs_['2'], ('acquired.csv',))})", flush=True)
+            import pandas as pd
+
+            ratios = []
+            for rep in range(a.acquire_repeats):  # alternated pairs, as for the overhead
+                times, runs_, busy = {}, {}, {}
+                for w in ("1", "2"):
+                    r = tmp / f"al{w}-{rep}"
+                    times[w] = run(["acquire", "--run", str(r), "--strategy", "bald,random", "--repeats", "2",
+                                    "--rounds", str(a.acquire_rounds), "--workers", w])
+                    runs_[w] = r
+                    # the pieces' own seconds (each round's, summed): what the workers computed
+                    busy[w] = pd.read_csv(r / "al_curve.csv").seconds.sum()
+                ratios.append(times["1"] / times["2"])
+                print(f"scaling: acquire 2 strategies x 2 repeats x {a.acquire_rounds} rounds: --workers 1 "
+                      f"{times['1']:.1f} s, --workers 2 {times['2']:.1f} s: {ratios[-1]:.2f}x "
+                      f"({same(runs_['1'], runs_['2'], ('acquired.csv',))}); the curves' own seconds summed "
+                      f"{busy['1']:.1f} and {busy['2']:.1f}", flush=True)
+            print(f"scaling: acquire, median of {len(ratios)} pairs {np.median(ratios):.2f}x", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wall {time.perf_counter() - t_start:.0f} s")
