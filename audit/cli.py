@@ -170,8 +170,8 @@ def _root() -> None:
 RunOpt = typer.Option(Path("runs/default"), "--run", help="Run folder (created by train).")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, gpu, or a chainer spec such as @cupy:1.")
 WorkersOpt = typer.Option(None, "--workers", help="Run the independent pieces on a local Dask cluster of this many "
-                          "single-threaded worker processes (default: in this process); with --device gpu one worker per GPU, "
-                          "each pinned to its own.")
+                          "single-threaded worker processes (default: in this process); with --device gpu one "
+                          "worker per GPU, each pinned to its own.")
 SchedulerOpt = typer.Option(None, "--scheduler", metavar="ADDRESS", help="Run the pieces on a running Dask cluster: "
                             "its scheduler's address (tcp://host:8786) or scheduler file; default $AUDIT_SCHEDULER.")
 ImageSizeOpt = typer.Option(None, "--image-size", metavar="HxW", help="Resize folder and manifest images to this "

@@ -33,8 +33,8 @@ ENV_TIMEOUT = "AUDIT_DASK_TIMEOUT"
 WORKER_ENV = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
 # a local cluster's Dask settings: no statistical profiler (a thread sampling every worker's stacks
 # each 10 ms, for the dashboard's profile page) and calmer health and memory checks (each 0.5 and
-# 1 s); an idle worker and scheduler then take 0.14 s of CPU in 10 s instead of 0.9 s, which the pieces (or on a busy
-# machine, the command itself) would otherwise lose. And one piece a worker at a time: Dask's
+# 1 s); an idle worker and scheduler then take 0.14 s of CPU in 10 s instead of 0.9 s, which the
+# pieces (or on a busy machine, the command itself) would otherwise lose. And one piece a worker at a time: Dask's
 # default (1.1) hands a single-threaded worker two at once, so the next long piece is tied to a
 # worker before anyone knows which worker frees first; pieces are seconds to minutes, the round
 # trip for the next one is milliseconds
