@@ -89,12 +89,14 @@ def worker_device(config: ClusterConfig, device: str) -> str:
     """What a command's pieces compute on: ``device`` itself in-process; on a cluster
     ``cpu``, or ``gpu`` (each worker its own GPU). One line for a device that names one
     GPU (``@cupy:1``): a worker's GPU is the one it was pinned to."""
+    from .device import CPU_SPECS, GPU_SPECS
+
     if config.in_process:
         return device
     s = str(device).strip().lower()
-    if s in ("cpu", "@numpy", "numpy"):
+    if s in CPU_SPECS:
         return "cpu"
-    if s in ("gpu", "cuda", "@cupy"):
+    if s in GPU_SPECS:
         return "gpu"
     raise AuditError(f"--device {device}: with --workers or --scheduler expected cpu or gpu (each worker computes "
                      "on the GPU it is pinned to), got a device by number", usage=True)

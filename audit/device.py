@@ -72,12 +72,17 @@ def gpu_count() -> int:
         return 0
 
 
+# --device words for the CPU, and for "the first GPU" (on a Dask worker: the GPU it is pinned to)
+CPU_SPECS = ("cpu", "@numpy", "numpy")
+GPU_SPECS = ("gpu", "cuda", "@cupy")
+
+
 def get_device(spec: str = "cpu") -> chainer.backend.Device:
     """A chainer device for ``spec``; a clear error when it is not usable here."""
     s = str(spec).strip().lower()
-    if s in ("cpu", "@numpy", "numpy"):
+    if s in CPU_SPECS:
         return chainer.get_device("@numpy")
-    if s in ("gpu", "cuda", "@cupy"):
+    if s in GPU_SPECS:
         s = "@cupy:0"
     if s.isdigit():
         s = f"@cupy:{s}"
