@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import contextlib
 import os
@@ -20,11 +20,13 @@ from .flags import FlagConfig, flag_issues
 from .mc import DEFAULT_BATCH, MAX_SAMPLES, SHARE_BLOCK, AutoSamples, MaskMode, mc_predict, require_dropout
 from .dupes import duplicate_summary, exact_duplicates
 from .imagecache import release
-from .model import MCDropoutNet
+from .model import MCDropoutNet, ModelSpec, model_from_spec
 from .progress import NullProgress, Progress
 
 if TYPE_CHECKING:
     from .cluster import ClusterConfig
+    from .config import TrainConfig
+    from .train import TrainResult
 
 SCORE_COLUMNS = (
     "split", "index", "fold", "label", "pred", "p_label",
@@ -298,9 +300,22 @@ _CACHE: dict = {}  # on a worker: the run's dataset and models, loaded once per 
 
 def _worker_dataset(store: runs.RunStore) -> Dataset:
     """The run's dataset on a worker, loaded (and checked) once per process."""
-    key = ("data", str(store.path), store.meta().fingerprint)
+    key = ("data", store.meta().fingerprint)
     if key not in _CACHE:
         _CACHE[key] = store.dataset()
+    return _CACHE[key]
+
+
+def _source_dataset(source: dict) -> Dataset:
+    """The dataset a data block names, on a worker: loaded once per process, and
+    checked to be the data the client loaded (its fingerprint)."""
+    key = ("data", source["fingerprint"])
+    if key not in _CACHE:
+        dataset = runs.load_source(source)
+        if dataset.fingerprint != source["fingerprint"]:
+            raise AuditError(f"{source['data']}: not the data the command loaded (fingerprint "
+                             f"{dataset.fingerprint[:12]}, expected {source['fingerprint'][:12]}); has it changed?")
+        _CACHE[key] = dataset
     return _CACHE[key]
 
 
@@ -407,6 +422,17 @@ class ScoreConfig:
 MAX_BATCH = 1_000_000
 
 
+@dataclass(frozen=True)
+class NewRun:
+    """A run not yet trained, whose model :func:`fold_models` trains on the cluster
+    beside the folds: its data block (:func:`runs.data_source`), its settings, and
+    ``publish(result)``, which writes it (:func:`audit.train.write_run`)."""
+
+    source: dict
+    config: "TrainConfig"
+    publish: Callable[["TrainResult"], None]
+
+
 def fold_models(
     store: runs.RunStore,
     dataset: Dataset,
@@ -416,6 +442,7 @@ def fold_models(
     device: str = "cpu",
     client=None,
     progress: Progress | None = None,
+    new_run: NewRun | None = None,
 ) -> list[list[tuple[MCDropoutNet, np.ndarray]]]:
     """K models, each trained without one fold of the run's training images, for each
     of ``repeats`` partitions: [repeat][k] -> (model, the training indices it did not see).
@@ -426,25 +453,32 @@ def fold_models(
     fold its own commit, so an interrupted run keeps the folds it finished) and reused
     while the run's data and settings are unchanged. With a Dask ``client`` the
     trainings run as pieces on its workers (each fold's weights come back and are
-    committed here). The caller holds the run's lock.
+    committed here), and with ``new_run`` (a run not written yet, for the client only)
+    the run's own model is one more piece, trained beside the folds and published
+    before their commits. The caller holds the run's lock.
     """
     from .train import stored_train_config, train
 
     progress = progress or NullProgress()
-    meta = store.meta()
-    config = stored_train_config(meta.config, str(store.path / runs.RUN_JSON))
-    base = store.subset()
-    base = np.arange(len(dataset.train)) if base is None else base
+    if new_run is not None and client is None:
+        raise ValueError("new_run: the run's model is trained beside the folds only on a cluster")
+    if new_run is None:
+        meta = store.meta()
+        config, run_config = stored_train_config(meta.config, str(store.path / runs.RUN_JSON)), meta.config
+        base = store.subset()
+        base = np.arange(len(dataset.train)) if base is None else base
+    else:
+        config, run_config, base = new_run.config, asdict(new_run.config), np.arange(len(dataset.train))
     if folds > len(base):
         raise bad_param("folds", f"{folds} folds but only {len(base)} training images")
     all_parts = [[np.sort(p) for p in np.array_split(
         np.random.default_rng([config.seed, folds] + ([r] if r else [])).permutation(base), folds)]
         for r in range(repeats)]
-    keys = [[{"fingerprint": dataset.fingerprint, "config": meta.config, "n_held_out": int(len(p))} for p in parts]
+    keys = [[{"fingerprint": dataset.fingerprint, "config": run_config, "n_held_out": int(len(p))} for p in parts]
             for parts in all_parts]
     todo = [(r, k) for r in range(repeats) for k in range(folds)
-            if not (store.meta().folds.get(runs.fold_key(folds, k, r)) == keys[r][k]
-                    and store.has(runs.fold_model(folds, k, r)))]
+            if new_run is not None or not (store.meta().folds.get(runs.fold_key(folds, k, r)) == keys[r][k]
+                                           and store.has(runs.fold_model(folds, k, r)))]
 
     def commit(r: int, k: int, weights: bytes, summary: str) -> None:
         meta = store.meta()
@@ -462,11 +496,35 @@ def fold_models(
     if client is not None and todo:
         from .cluster import run_pieces
 
-        pieces = [(str(store.path.resolve()), asdict(fold_config(r, k)), np.setdiff1d(base, all_parts[r][k]), device)
+        run, source = str(store.path.resolve()), None if new_run is None else new_run.source
+        pieces = [(run, asdict(fold_config(r, k)), np.setdiff1d(base, all_parts[r][k]), device, source)
                   for r, k in todo]
-        run_pieces(client, train_piece, pieces, on_done=lambda i, res: commit(
-            *todo[i], res[0], f"{name(*todo[i])}: trained on {res[1]:,} images in {res[2]:.1f} s on a worker, "
-                              f"{len(all_parts[todo[i][0]][todo[i][1]]):,} held out; validation accuracy {res[3]:.4f}"))
+        if new_run is not None:  # the largest piece first
+            pieces.insert(0, (run, run_config, None, device, source))
+            todo.insert(0, None)
+        waiting: list = []  # folds done before the run's model is published: their commits need its run.json
+        published = [new_run is None]
+
+        def done(i: int, res) -> None:
+            weights, spec, result = res
+            if todo[i] is None:
+                new_run.publish(replace(result, model=runs.load_weights(
+                    model_from_spec(ModelSpec.from_json(spec)), weights, f"{store.path / runs.MODEL} (from a worker)")))
+                progress.close(f"the run's model: trained on {result.n_train:,} images in {result.seconds:.1f} s on a "
+                               f"worker; validation accuracy {result.valid_accuracy:.4f}")
+                published[0] = True
+                for j, later in waiting:
+                    done(j, later)
+                return
+            if not published[0]:
+                waiting.append((i, res))
+                return
+            r, k = todo[i]
+            commit(r, k, weights, f"{name(r, k)}: trained on {result.n_train:,} images in {result.seconds:.1f} s on a "
+                                  f"worker, {len(all_parts[r][k]):,} held out; validation accuracy "
+                                  f"{result.valid_accuracy:.4f}")
+
+        run_pieces(client, train_piece, pieces, on_done=done)
     else:
         for r, k in todo:
             result = train(dataset, fold_config(r, k), subset=np.setdiff1d(base, all_parts[r][k]), device=device,
@@ -478,13 +536,16 @@ def fold_models(
             for r in range(repeats)]
 
 
-def train_piece(run: str, config: dict, subset: np.ndarray, device: str = "cpu"):
-    """On a worker: train a fold model on the run's data; (weights, n, seconds, accuracy)."""
+def train_piece(run: str, config: dict, subset: np.ndarray | None, device: str = "cpu", source: dict | None = None):
+    """On a worker: train a model on the run's data (with ``source``, a run not written
+    yet: on the data its block names); (npz weights, the model's spec as JSON, the
+    TrainResult without its model)."""
     from .config import TrainConfig
     from .train import train
 
-    result = train(_worker_dataset(runs.RunStore(run)), TrainConfig(**config), subset=subset, device=device)
-    return runs.model_bytes(result.model), result.n_train, result.seconds, result.valid_accuracy
+    dataset = _worker_dataset(runs.RunStore(run)) if source is None else _source_dataset(source)
+    result = train(dataset, TrainConfig(**config), subset=subset, device=device)
+    return runs.model_bytes(result.model), result.model.spec.to_json(), replace(result, model=None)
 
 
 def score_run(
@@ -514,6 +575,7 @@ def score_run(
     store = runs.RunStore(run)
     get_device(device)
     wdev = worker_device(cluster, device)
+    new_run = None
     with store.writing(), contextlib.ExitStack() as on_cluster:
         client = on_cluster.enter_context(connect(cluster, wdev))
         if not store.exists() or not store.has(runs.MODEL):
@@ -524,20 +586,29 @@ def score_run(
                 have = f"{runs.RUN_JSON} but no {runs.MODEL}" if store.exists() else \
                     f"files but no {runs.MODEL} and {runs.RUN_JSON}"
                 raise AuditError(f"--run: {store.path} has {have}; not a trained run folder")
-            train_into(store, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress,
-                       image_size=image_size)
+            if client is not None and config.folds and "train" in config.splits:
+                new_run = start_run(store, data, data_dir, image_size, progress)
+            else:
+                train_into(store, data=data, data_dir=data_dir, config=TrainConfig(), device=device, progress=progress,
+                           image_size=image_size)
         elif image_size is not None and list(image_size) != store.meta().data.get("image_size"):
             raise AuditError(f"--image-size: {store.path} is trained already, on its data at the size it records; "
                              "--image-size applies when `audit score` trains a new run", usage=True)
+        t0 = time.perf_counter()
+        if new_run is not None:  # the run's model trained on the cluster beside the folds, published first
+            dataset = new_run[0]
+            repeated = fold_models(store, dataset, config.folds, repeats=config.fold_repeats, device=wdev,
+                                   client=client, progress=progress, new_run=new_run[1])
         model = store.load_model()
         require_dropout(model)
-        dataset = store.dataset(data_dir=data_dir, progress=progress)
-        t0 = time.perf_counter()
-        repeated = (
-            fold_models(store, dataset, config.folds, repeats=config.fold_repeats, device=wdev, client=client,
-                        progress=progress)
-            if config.folds and "train" in config.splits else None
-        )
+        if new_run is None:
+            dataset = store.dataset(data_dir=data_dir, progress=progress)
+            t0 = time.perf_counter()
+            repeated = (
+                fold_models(store, dataset, config.folds, repeats=config.fold_repeats, device=wdev, client=client,
+                            progress=progress)
+                if config.folds and "train" in config.splits else None
+            )
         train_folds, more_folds = (repeated[0], repeated[1:]) if repeated else (None, None)
         fold_seconds = time.perf_counter() - t0
         if client is None:
@@ -615,6 +686,21 @@ def score_run(
                                                                      temperature(cal)),
                                    versions=runs.versions()))
     return result
+
+
+def start_run(store: runs.RunStore, data: str, data_dir: str | None, image_size: tuple[int, int] | None,
+              progress: Progress | None) -> tuple[Dataset, NewRun]:
+    """For ``audit score --folds K`` on a cluster from an empty folder: the data loaded
+    here, and the run (default settings) whose model the workers train beside the folds."""
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .train import check_run_free, write_run
+
+    check_run_free(store, False)
+    dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
+    source = runs.data_source(data, data_dir, dataset, run=store.path, image_size=image_size)
+    config = TrainConfig()
+    return dataset, NewRun(source, config, lambda result: write_run(store, source, config=config, result=result))
 
 
 def ensemble_summary(scores: pd.DataFrame, config: "ScoreConfig") -> dict:

@@ -429,13 +429,21 @@ def fit_and_write(
     extra: dict | None = None,
     files: dict[str, bytes] | None = None,
 ) -> TrainResult:
-    """Train on ``dataset`` (its ``subset``) and publish the run in one commit that
-    replaces whatever the folder held (the caller holds the lock).
+    """Train on ``dataset`` (its ``subset``) and publish the run (:func:`write_run`).
 
     ``source`` is run.json's ``data`` block (:func:`runs.data_source`); ``extra`` adds
     fields to run.json, ``files`` more files to the run.
     """
     result = train(dataset, config, subset=subset, device=device, progress=progress)
+    write_run(store, source, config=config, result=result, subset=subset, command=command, extra=extra, files=files)
+    return result
+
+
+def write_run(store: runs.RunStore, source: dict, *, config: TrainConfig, result: TrainResult,
+              subset: np.ndarray | None = None, command: str = "train", extra: dict | None = None,
+              files: dict[str, bytes] | None = None) -> None:
+    """Publish a trained run (model, train log, run.json) in one commit that replaces
+    whatever the folder held (the caller holds the lock)."""
     data = {**source, "subset": None if subset is None else {"file": runs.SUBSET, "n": int(len(subset))}}
     meta = runs.RunMeta(
         command=command, created=runs.now(), config=asdict(config), seed=config.seed,
@@ -452,4 +460,3 @@ def fit_and_write(
         for name, content in (files or {}).items():
             txn.write_bytes(name, content)
         txn.commit(meta)
-    return result

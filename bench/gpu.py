@@ -17,7 +17,7 @@ depend on the pixels). It prints, on the first CUDA GPU:
    estimator): mean |p_gpu - p_cpu|;
 5. the inputs of a projection, and the projection: an ImageNet-sized label audit
    (1,281,167 training and 50,000 validation images of 224x224x3, 1,000 classes, ``audit score --folds 4`` with the
-   model trained first, 10 epochs, T = 20) on 8 and on 64 GPU workers, from the
+   model trained beside the folds, 10 epochs, T = 20) on 8 and on 64 GPU workers, from the
    training and scoring rates of the origin CNN measured here on random images of
    that shape (the speed does not depend on the pixels).
 
@@ -121,12 +121,24 @@ PROJ_N, PROJ_V, PROJ_SHAPE, PROJ_CLASSES, PROJ_FOLDS, PROJ_EPOCHS, PROJ_T = (1_2
                                                                      10, 20)
 
 
+def training_wall(pieces: list[float], workers: int) -> float:
+    """Seconds until the last of ``pieces`` (seconds each) is done on ``workers``, each
+    piece given in turn, largest first, to the worker free soonest (as Dask hands them out)."""
+    free = [0.0] * workers
+    for p in sorted(pieces, reverse=True):
+        i = free.index(min(free))
+        free[i] += p
+    return max(free)
+
+
 def projection(device: str, n: int) -> None:
     """Rates of the origin CNN on ``n`` random images of ImageNet's shape, and the audit's
     time on W workers from them (each worker one device as fast as this one):
 
-    wall(W) = E*N/r_train                      the run's model, one piece
-            + ceil(K/W) * E*N*(K-1)/K/r_train  K fold models, one piece each, at most K at once
+    wall(W) = training_wall([E*N/r_train] + K * [E*N*(K-1)/K/r_train], W)
+                                               the run's model and K fold models, one piece
+                                               each, largest first (max E*N/r_train from
+                                               K+1 workers on)
             + (N + (K+1)*V)/(W*r_score)        each training image by its fold model, the V
                                                validation images by all K+1 models
     with r_train in images/s of an epoch and r_score in images/s at T passes.
@@ -150,15 +162,19 @@ def projection(device: str, n: int) -> None:
     print(f"origin CNN on {n:,} random {PROJ_SHAPE[1]}x{PROJ_SHAPE[2]}x{PROJ_SHAPE[0]} images, {PROJ_CLASSES} classes, "
           f"on {describe(dev)}: training {r_train:,.1f} images/s (batch 128, one epoch, validation included), "
           f"scoring {r_score:,.1f} images/s at T = {PROJ_T}", flush=True)
+    print_projection(r_train, r_score)
+
+
+def print_projection(r_train: float, r_score: float) -> None:
     big_n, k, e = PROJ_N, PROJ_FOLDS, PROJ_EPOCHS
+    main_model, fold = e * big_n / r_train, e * big_n * (k - 1) / k / r_train
     for w in (8, 64):
-        main_model = e * big_n / r_train
-        folds = -(-k // w) * e * big_n * (k - 1) / k / r_train
+        training = training_wall([main_model] + [fold] * k, w)
         scoring = (big_n + (k + 1) * PROJ_V) / (w * r_score)
-        total = main_model + folds + scoring
         print(f"projection, {big_n:,} images, --folds {k}, {e} epochs, T = {PROJ_T}, on {w} workers like this one: "
-              f"{total / 3600:,.1f} h = the run's model {main_model / 3600:,.1f} h + {k} fold models "
-              f"{folds / 3600:,.1f} h (at most {min(k, w)} at once) + scoring {scoring / 3600:,.2f} h", flush=True)
+              f"{(training + scoring) / 3600:,.1f} h = training {training / 3600:,.1f} h (the run's model "
+              f"{main_model / 3600:,.1f} h beside {k} fold models of {fold / 3600:,.1f} h each, {min(k + 1, w)} at "
+              f"once) + scoring {scoring / 3600:,.2f} h", flush=True)
 
 
 if __name__ == "__main__":

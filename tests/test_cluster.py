@@ -84,6 +84,51 @@ def test_score_on_two_local_workers_is_byte_identical(trained, scored_in_process
     assert json.loads((run / "run.json").read_text())["score"]["workers"] == "2 workers of a local Dask cluster"
 
 
+def test_score_from_an_empty_folder_trains_the_run_beside_the_folds(data, tmp_path):
+    """With workers, the run's own model is one more piece beside the fold trainings:
+    the same model, folds and scores as in-process, where it is trained first."""
+    runs = []
+    for extra in ([], ["--workers", "2"]):
+        run = tmp_path / f"run{len(runs)}"
+        r = invoke("score", "--data", data, "--run", run, "--samples", "4", "--folds", "2", "--batch-size", "16",
+                   *extra)
+        assert r.exit_code == 0, r.output
+        runs.append(run)
+    assert "the run's model: trained on 180 images" in r.output and "on a worker" in r.output
+    same_files(runs[0], runs[1], ("model.npz", "scores.csv", "mc_summary.npz", "folds/2-0/model.npz",
+                                  "folds/2-1/model.npz"))
+    logs = [pd.read_csv(run / "train_log.csv").drop(columns=["seconds", "images_per_s"]) for run in runs]
+    pd.testing.assert_frame_equal(*logs)
+    meta = [json.loads((run / "run.json").read_text()) for run in runs]
+    assert meta[0]["folds"] == meta[1]["folds"] and meta[0]["data"] == meta[1]["data"]
+    # the folds it trained are the run's: a second score reuses them, training nothing
+    r = invoke("score", "--run", runs[1], "--samples", "4", "--folds", "2", "--batch-size", "16", "--workers", "2")
+    assert r.exit_code == 0 and "trained on" not in r.output, r.output
+    same_files(runs[0], runs[1], ("scores.csv",))
+
+
+def test_ctrl_c_before_the_run_is_trained_publishes_nothing(data, tmp_path, monkeypatch):
+    """Ctrl-C as the first training comes back (run's or fold's): the folds cannot be
+    committed without the run, so the folder stays empty, and the next try starts over."""
+    real = cluster.run_pieces
+
+    def interrupted(client, fn, pieces, *, on_done):
+        def first(i, result):
+            raise KeyboardInterrupt
+        real(client, fn, pieces, on_done=first)
+
+    monkeypatch.setattr(cluster, "run_pieces", interrupted)
+    run = tmp_path / "run"
+    args = ("score", "--data", data, "--run", run, "--samples", "4", "--folds", "2", "--batch-size", "16",
+            "--workers", "2")
+    r = invoke(*args)
+    assert r.exit_code == 130 and "interrupted" in r.output, r.output
+    assert not run.exists() or [p.name for p in run.iterdir() if not p.name.startswith(".")] == []
+    monkeypatch.undo()
+    r = invoke(*args)
+    assert r.exit_code == 0 and "the run's model: trained" in r.output, r.output
+
+
 def _dense_recorded(run):
     assert json.loads((run / "run.json").read_text())["score"]["masks"] == "independent"
 
@@ -232,6 +277,23 @@ def test_a_worker_that_cannot_read_a_file_is_named(tmp_path):
 
 def _read(path):
     return open(path, "rb").read()
+
+
+def test_the_heartbeat_race_at_close_is_not_shown(caplog):
+    """A local worker's heartbeat that meets the closed scheduler logs a traceback at
+    ERROR; quiet_close (run on the workers as the cluster closes) drops just that one."""
+    import logging
+
+    log = logging.getLogger("distributed.worker")
+    before = list(log.filters)
+    try:
+        cluster.quiet_close()
+        with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+            log.error(cluster.HEARTBEAT_RACE + " during heartbeat.")
+            log.error("Unexpected exception during heartbeat. Closing worker.")
+        assert [r.getMessage() for r in caplog.records] == ["Unexpected exception during heartbeat. Closing worker."]
+    finally:
+        log.filters[:] = before
 
 
 def test_gpu_workers_are_pinned_one_per_device():
