@@ -4,7 +4,7 @@
                                     [--rounds 9] [--repeats 3] [--first-repeat 0] [--pool-subset 2000]
                                     [--samples 100] [--epochs 50] [--out bench-out/al_batch.json]
     python bench/al_batch.py pick [--pool 100000] [--k 100] [--samples 100] [--batchbald-pool 2000,8000]
-                                  [--recipe gal|batchbald] [--consistent]
+                                  [--recipe gal|batchbald] [--consistent] [--powerbald-samples T]
     python bench/al_batch.py table bench-out/a.json bench-out/b.json ...
 
 ``curves``: Gal et al.'s CNN trained as `audit acquire` trains (audit.active.AL_TRAIN),
@@ -137,10 +137,18 @@ def pick(a) -> None:
               f"{a.k} {greedy[n]:.1f} s (its choice grows with pool x k x 2,000 sampled configurations x T)")
     n, g = max(greedy.items())
     whole = score_s + g * a.pool / n
-    power = score_s + choice["powerbald"]
-    print(f"  acquisition of {a.k} from the whole pool of {a.pool:,}: powerbald {power:.1f} s (scoring + choice); "
-          f"batchbald about {whole:.0f} s (scoring + its greedy choice on {n:,} scaled linearly to {a.pool:,}): "
-          f"powerbald takes {power / whole:.3f} of batchbald's time")
+    power, power_t = score_s + choice["powerbald"], a.samples
+    if a.powerbald_samples and a.powerbald_samples != a.samples:  # PowerBALD's own, cheaper scoring
+        power_t = a.powerbald_samples
+        t0 = time.perf_counter()
+        rp = mc_predict(model, pool, samples=power_t, seed=1, masks=masks)
+        t1 = time.perf_counter()
+        from_scores(rp.scores(), "powerbald", a.k, seed=2)
+        power = time.perf_counter() - t0
+        print(f"  powerbald at T = {power_t}: scoring {t1 - t0:.1f} s, choice {1e3 * (power - (t1 - t0)):.1f} ms")
+    print(f"  acquisition of {a.k} from the whole pool of {a.pool:,}: powerbald at T = {power_t} {power:.1f} s (scoring "
+          f"+ choice); batchbald at T = {a.samples} about {whole:.0f} s (scoring + its greedy choice on {n:,} scaled "
+          f"linearly to {a.pool:,}): powerbald takes {power / whole:.3f} of batchbald's time")
 
 
 def main() -> None:
@@ -170,6 +178,8 @@ def main() -> None:
                    "greedy choice on (it grows linearly with the pool)")
     k.add_argument("--recipe", default="gal", help="gal or batchbald: the model and how it trains on 20 images")
     k.add_argument("--consistent", action="store_true", help="score the pool with consistent masks")
+    k.add_argument("--powerbald-samples", type=int, default=None, help="T for PowerBALD's own scoring (default: "
+                   "--samples, the same scoring as the other strategies)")
     k.set_defaults(fn=pick)
     a = p.parse_args()
     a.fn(a)
