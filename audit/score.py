@@ -693,12 +693,9 @@ def start_run(store: runs.RunStore, data: str, data_dir: str | None, image_size:
     """For ``audit score --folds K`` on a cluster from an empty folder: the data loaded
     here, and the run (default settings) whose model the workers train beside the folds."""
     from .config import TrainConfig
-    from .data import load_dataset
-    from .train import check_run_free, write_run
+    from .train import new_run_data, write_run
 
-    check_run_free(store, False)
-    dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
-    source = runs.data_source(data, data_dir, dataset, run=store.path, image_size=image_size)
+    dataset, source = new_run_data(store, data, data_dir, image_size, progress)
     config = TrainConfig()
     return dataset, NewRun(source, config, lambda result: write_run(store, source, config=config, result=result))
 

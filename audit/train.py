@@ -396,12 +396,19 @@ def train_into(store: runs.RunStore, *, data: str, data_dir: str | None, config:
                subset: str | os.PathLike | None = None, device: str = "cpu", overwrite: bool = False,
                progress: Progress | None = None, image_size: tuple[int, int] | None = None) -> TrainResult:
     """:func:`train_run` on a store whose lock the caller holds."""
+    extra = {"subset_file": str(Path(subset).resolve())} if subset is not None else {}
+    dataset, source = new_run_data(store, data, data_dir, image_size, progress, overwrite=overwrite, **extra)
+    idx = read_subset(subset, len(dataset.train)) if subset is not None else None
+    return fit_and_write(store, dataset, source, config=config, subset=idx, device=device, progress=progress)
+
+
+def new_run_data(store: runs.RunStore, data: str, data_dir: str | None, image_size: tuple[int, int] | None,
+                 progress: Progress | None, *, overwrite: bool = False, **extra) -> tuple[Dataset, dict]:
+    """For a new run in ``store``: check the folder is free, load ``data``; the dataset
+    and run.json's ``data`` block (``extra`` added to it)."""
     check_run_free(store, overwrite)
     dataset = load_dataset(data, data_dir=data_dir, progress=progress, image_size=image_size)
-    idx = read_subset(subset, len(dataset.train)) if subset is not None else None
-    extra = {"subset_file": str(Path(subset).resolve())} if subset is not None else {}
-    source = runs.data_source(data, data_dir, dataset, run=store.path, image_size=image_size, **extra)
-    return fit_and_write(store, dataset, source, config=config, subset=idx, device=device, progress=progress)
+    return dataset, runs.data_source(data, data_dir, dataset, run=store.path, image_size=image_size, **extra)
 
 
 def check_run_free(store: runs.RunStore, overwrite: bool) -> None:
