@@ -131,10 +131,29 @@ def connect(config: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
     started is closed at the end. ``device``: :func:`worker_device`'s answer; with
     ``gpu`` a local cluster has one worker per GPU, and a running cluster's workers must
     each have one. One line when a scheduler does not answer, its workers run another
-    audit, or there are fewer GPUs than workers."""
+    audit, or there are fewer GPUs than workers.
+
+    Dask's nanny sets its workers' environment (WORKER_ENV: single-threaded BLAS) in
+    this process's ``os.environ`` before it starts each worker, and leaves it there;
+    it is put back as it was at the end, so that what this process starts later (a
+    notebook's next subprocess, a test's) gets the user's settings, not the workers'."""
     if config.in_process:
         yield None
         return
+    kept = {k: os.environ.get(k) for k in WORKER_ENV}
+    try:
+        with _connect(config, device) as client:
+            yield client
+    finally:
+        for k, v in kept.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _connect(config: ClusterConfig, device: str) -> Iterator[Any]:
     from distributed import Client
 
     from .device import gpu_count

@@ -49,7 +49,10 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from threadpoolctl import threadpool_limits
+
 from .data import to_float32
+from .device import in_blocks
 from .errors import bad_param
 
 NEIGHBOURS = 5
@@ -208,14 +211,10 @@ def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
     """Pairs (i, j), i < j, of rows of ``d`` (N, D) unit vectors whose cosine is at
     least ``at_least``, each row keeping its ``neighbours`` most similar; (P, 2) int64.
     Exact, in chunks of rows (memory bounded by the chunk times N)."""
-    pairs = []
-    step = max(1, min(_CHUNK, (1 << 25) // max(len(d), 1)))  # at most 32M similarities a chunk
-    for a in range(0, len(d), step):
-        s = d[a:a + step] @ d.T
-        s[np.arange(len(s)), np.arange(a, a + len(s))] = -np.inf  # not with itself
+    def block(a: int, b: int) -> np.ndarray:
+        s = d[a:b] @ d.T
+        s[np.arange(len(s)), np.arange(a, b)] = -np.inf  # not with itself
         rows, cols = np.nonzero(s >= at_least)
-        if not len(rows):
-            continue
         sims = s[rows, cols]
         # the most similar first within each row, then at most `neighbours` a row
         order = np.lexsort((-sims, rows))
@@ -223,7 +222,10 @@ def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
         start = np.searchsorted(rows, rows, side="left")
         keep = (np.arange(len(rows)) - start) < neighbours
         i, j = rows[keep] + a, cols[keep]
-        pairs.append(np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1))
+        return np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1)
+
+    # at most 32M similarities a block
+    pairs = [p for p in in_blocks(block, len(d), min(_CHUNK, (1 << 25) // max(len(d), 1))) if len(p)]
     if not pairs:
         return np.empty((0, 2), np.int64)
     return np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
@@ -262,35 +264,41 @@ def indexed_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
     km = MiniBatchKMeans(n_clusters=lists, random_state=seed, n_init=1, batch_size=4096).fit(sample)
     centres = km.cluster_centers_.astype(d.dtype)
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-    near = np.empty((n, probes), np.int64)  # each row's probed lists, the most similar first
-    step = max(1, (1 << 24) // lists)
-    for a in range(0, n, step):
-        s = d[a:a + step] @ centres.T
+
+    def probed(a: int, b: int) -> np.ndarray:  # rows' probed lists, the most similar first
+        s = d[a:b] @ centres.T
         top = np.argpartition(-s, probes - 1, axis=1)[:, :probes]
-        near[a:a + step] = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), axis=1), 1)
+        return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), axis=1), 1)
+
+    near = np.concatenate(in_blocks(probed, n, (1 << 24) // lists)).astype(np.int64)
     home = near[:, 0]
     members = np.argsort(home, kind="stable")
     bounds = np.searchsorted(home[members], np.arange(lists + 1))
     queries = np.argsort(near.ravel(), kind="stable")
     q_bounds = np.searchsorted(near.ravel()[queries], np.arange(lists + 1))
-    found_i, found_j, found_s = [], [], []
-    for lst in range(lists):
-        m = members[bounds[lst]:bounds[lst + 1]]
-        q = queries[q_bounds[lst]:q_bounds[lst + 1]] // probes
-        if not len(m) or not len(q):
-            continue
-        qstep = max(1, (1 << 25) // len(m))
-        for a in range(0, len(q), qstep):
-            qq = q[a:a + qstep]
-            s = d[qq] @ d[m].T
-            s[qq[:, None] == m[None, :]] = -np.inf  # not with itself
-            r, c = np.nonzero(s >= at_least)
-            found_i.append(qq[r])
-            found_j.append(m[c])
-            found_s.append(s[r, c])
-    if not found_i or not sum(len(v) for v in found_i):
+
+    def compared(first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # lists [first, last)
+        found_i, found_j, found_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, d.dtype)]
+        for lst in range(first, last):
+            m = members[bounds[lst]:bounds[lst + 1]]
+            q = queries[q_bounds[lst]:q_bounds[lst + 1]] // probes
+            if not len(m) or not len(q):
+                continue
+            qstep = max(1, (1 << 25) // len(m))
+            for a in range(0, len(q), qstep):
+                qq = q[a:a + qstep]
+                s = d[qq] @ d[m].T
+                s[qq[:, None] == m[None, :]] = -np.inf  # not with itself
+                r, c = np.nonzero(s >= at_least)
+                found_i.append(qq[r])
+                found_j.append(m[c])
+                found_s.append(s[r, c])
+        return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+
+    found = in_blocks(compared, lists, 16)
+    i, j, sims = (np.concatenate([f[x] for f in found]) for x in range(3))
+    if not len(i):
         return np.empty((0, 2), np.int64)
-    i, j, sims = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
     order = np.lexsort((-sims, i))  # the most similar first within each row, at most `neighbours` a row
     i, j = i[order], j[order]
     keep = (np.arange(len(i)) - np.searchsorted(i, i, side="left")) < neighbours
@@ -350,16 +358,16 @@ def knn_mean_distance(f: np.ndarray, k: int, *, reference: int = REFERENCE, seed
         return np.zeros(n, np.float32)
     r = f[ref].astype(np.float32)
     rr = (r * r).sum(axis=1)
-    out = np.empty(n, np.float32)
-    step = max(1, min(_CHUNK, (1 << 25) // len(ref)))
-    for a in range(0, n, step):
-        q = f[a:a + step].astype(np.float32)
+
+    def block(a: int, b: int) -> np.ndarray:
+        q = f[a:b].astype(np.float32)
         d2 = (q * q).sum(axis=1)[:, None] + rr[None, :] - 2 * (q @ r.T)
-        mine = np.flatnonzero((ref >= a) & (ref < a + len(q)))  # a row is not its own neighbour
+        mine = np.flatnonzero((ref >= a) & (ref < b))  # a row is not its own neighbour
         d2[ref[mine] - a, mine] = np.inf
         near = np.partition(d2, k - 1, axis=1)[:, :k]
-        out[a:a + len(q)] = np.sqrt(np.maximum(near, 0)).mean(axis=1)
-    return out
+        return np.sqrt(np.maximum(near, 0)).mean(axis=1).astype(np.float32)
+
+    return np.concatenate(in_blocks(block, n, min(_CHUNK, (1 << 25) // len(ref))))
 
 
 def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> np.ndarray:
@@ -372,8 +380,9 @@ def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> n
         return f
     rng = np.random.default_rng(seed)
     fit = f if len(f) <= 20000 else f[np.sort(rng.choice(len(f), 20000, replace=False))]
-    pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(fit)
-    return pca.transform(f).astype(np.float32)
+    with threadpool_limits(limits=1):  # the same sums on any number of cores (see in_blocks)
+        pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(fit)
+    return np.concatenate(in_blocks(lambda a, b: pca.transform(f[a:b]).astype(np.float32), len(f), _CHUNK))
 
 
 def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], labels: dict[str, np.ndarray],

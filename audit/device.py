@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -11,6 +12,8 @@ from . import _compat  # noqa: F401
 import chainer
 
 from .errors import AuditError, bad_param
+
+T = TypeVar("T")
 
 
 def cpu_workers() -> int:
@@ -22,6 +25,40 @@ def cpu_workers() -> int:
         n = max(1, os.cpu_count() or 1)
     threads = _dask_worker_threads()
     return min(n, threads) if threads else n
+
+
+def in_blocks(fn: Callable[[int, int], T], n: int, step: int, *, workers: int | None = None,
+              done: Callable[[int], None] | None = None) -> list[T]:
+    """``fn(a, b)`` for the blocks [a, b) of ``range(n)``, ``step`` rows each, in order of
+    ``a``, on ``workers`` threads (default :func:`cpu_workers`) with single-threaded BLAS
+    and OpenMP: each block's sums are the same whatever the number of threads or cores,
+    so what is computed from them is too (a multi-threaded BLAS product's roundings
+    depend on how it splits the work). NumPy releases the GIL in products and large
+    element-wise steps, so the threads run in parallel. ``done(b - a)`` is called in
+    this thread as each block's result is taken (for progress)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    bounds = [(a, min(a + step, n)) for a in range(0, n, max(1, step))]
+    workers = min(workers or cpu_workers(), len(bounds))
+    out: list[T] = []
+    with threadpool_limits(limits=1):
+        if workers <= 1:
+            results = (fn(a, b) for a, b in bounds)
+            pool = None
+        else:
+            pool = ThreadPoolExecutor(workers)
+            results = pool.map(lambda ab: fn(*ab), bounds)
+        try:
+            for (a, b), r in zip(bounds, results):
+                out.append(r)
+                if done is not None:
+                    done(b - a)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    return out
 
 
 def _dask_worker_threads() -> int | None:

@@ -19,7 +19,7 @@ import chainer.functions as F
 from . import runs
 from .data import Dataset, Split, load_dataset, read_subset, to_float32
 from .imagecache import release
-from .device import describe, get_device, keep_freed_memory, make_rng
+from .device import describe, get_device, in_blocks, keep_freed_memory, make_rng
 from .config import MIN_BATCH, SCHEDULES, TrainConfig, check_int, stored_train_config  # noqa: F401 (re-exported)
 from .errors import AuditError
 from .model import MCDropoutNet, build_model
@@ -175,23 +175,30 @@ def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device
 def predict_probs(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 250, device: str = "cpu") -> np.ndarray:
     """(N, C) softmax of the deterministic network (dropout off) for images ``x``."""
     dev = get_device(device) if isinstance(device, str) else device
-    out = []
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
-        for sl in _batches(len(x), batch_size):
-            out.append(_head_softmax(model, model.trunk_array(dev.send(to_float32(x[sl])))))
+
+    def block(a: int, b: int) -> np.ndarray:
+        return _head_softmax(model, model.trunk_array(dev.send(to_float32(x[a:b]))))
+
+    out = in_blocks(block, len(x), batch_size, workers=_threads(dev))
     c = model.spec.n_classes
     return np.concatenate(out) if out else np.empty((0, c), np.float32)
 
 
 def _head_softmax(model: MCDropoutNet, a) -> np.ndarray:
-    return chainer.backend.CpuDevice().send(F.softmax(model.head(a)).array)
+    with chainer.using_config("train", False), chainer.no_backprop_mode():  # chainer's config is per thread
+        return chainer.backend.CpuDevice().send(F.softmax(model.head(a)).array)
+
+
+def _threads(dev) -> int | None:
+    """Threads for :func:`in_blocks` on ``dev``: the CPU's cores, or one for a GPU."""
+    return None if isinstance(dev, chainer.backend.CpuDevice) else 1
 
 
 def head_probs(model: MCDropoutNet, features: np.ndarray, *, batch_size: int = 250, device: str = "cpu") -> np.ndarray:
     """:func:`predict_probs` from the trunk's output (:func:`trunk_features`)."""
     dev = get_device(device) if isinstance(device, str) else device
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
-        out = [_head_softmax(model, dev.send(features[sl])) for sl in _batches(len(features), batch_size)]
+    out = in_blocks(lambda a, b: _head_softmax(model, dev.send(features[a:b])), len(features), batch_size,
+                    workers=_threads(dev))
     return np.concatenate(out) if out else np.empty((0, model.spec.n_classes), np.float32)
 
 
@@ -202,13 +209,13 @@ def trunk_features(model: MCDropoutNet, x: np.ndarray, *, batch_size: int = 250,
     in a convolution's output."""
     progress = progress or NullProgress()
     dev = get_device(device) if isinstance(device, str) else device
-    out = []
     progress.start(f"features of {len(x):,} images", len(x))
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
-        for sl in _batches(len(x), batch_size):
-            a = chainer.backend.CpuDevice().send(model.trunk_array(dev.send(to_float32(x[sl]))))
-            out.append(np.asarray(a, np.float32))
-            progress.advance(len(a))
+
+    def block(a: int, b: int) -> np.ndarray:
+        return np.asarray(chainer.backend.CpuDevice().send(model.trunk_array(dev.send(to_float32(x[a:b])))),
+                          np.float32)
+
+    out = in_blocks(block, len(x), batch_size, workers=_threads(dev), done=progress.advance)
     progress.close()
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 

@@ -84,25 +84,38 @@ def test_score_on_two_local_workers_is_byte_identical(trained, scored_in_process
     assert json.loads((run / "run.json").read_text())["score"]["workers"] == "2 workers of a local Dask cluster"
 
 
-def test_score_from_an_empty_folder_trains_the_run_beside_the_folds(data, tmp_path):
+FROM_EMPTY = ("--samples", "4", "--folds", "2", "--batch-size", "16")
+
+
+@pytest.fixture(scope="module")
+def from_empty_in_process(data, tmp_path_factory) -> Path:
+    """`audit score --folds 2` from an empty folder in-process: the run's model first,
+    then the folds, then the scores."""
+    run = tmp_path_factory.mktemp("cl") / "empty"
+    r = invoke("score", "--data", data, "--run", run, *FROM_EMPTY)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def same_run_from_empty(a: Path, b: Path) -> None:
+    same_files(a, b, ("model.npz", "scores.csv", "mc_summary.npz", "folds/2-0/model.npz", "folds/2-1/model.npz"))
+    logs = [pd.read_csv(run / "train_log.csv").drop(columns=["seconds", "images_per_s"]) for run in (a, b)]
+    pd.testing.assert_frame_equal(*logs)
+    meta = [json.loads((run / "run.json").read_text()) for run in (a, b)]
+    assert meta[0]["folds"] == meta[1]["folds"] and meta[0]["data"] == meta[1]["data"]
+
+
+def test_score_from_an_empty_folder_trains_the_run_beside_the_folds(data, from_empty_in_process, tmp_path):
     """With workers, the run's own model is one more piece beside the fold trainings:
     the same model, folds and scores as in-process, where it is trained first."""
-    runs = []
-    for extra in ([], ["--workers", "2"]):
-        run = tmp_path / f"run{len(runs)}"
-        r = invoke("score", "--data", data, "--run", run, "--samples", "4", "--folds", "2", "--batch-size", "16",
-                   *extra)
-        assert r.exit_code == 0, r.output
-        runs.append(run)
+    run = tmp_path / "run"
+    r = invoke("score", "--data", data, "--run", run, *FROM_EMPTY, "--workers", "2")
+    assert r.exit_code == 0, r.output
     assert "the run's model: trained on 180 images" in r.output and "on a worker" in r.output
-    same_files(runs[0], runs[1], ("model.npz", "scores.csv", "mc_summary.npz", "folds/2-0/model.npz",
-                                  "folds/2-1/model.npz"))
-    logs = [pd.read_csv(run / "train_log.csv").drop(columns=["seconds", "images_per_s"]) for run in runs]
-    pd.testing.assert_frame_equal(*logs)
-    meta = [json.loads((run / "run.json").read_text()) for run in runs]
-    assert meta[0]["folds"] == meta[1]["folds"] and meta[0]["data"] == meta[1]["data"]
+    same_run_from_empty(from_empty_in_process, run)
+    runs = [from_empty_in_process, run]
     # the folds it trained are the run's: a second score reuses them, training nothing
-    r = invoke("score", "--run", runs[1], "--samples", "4", "--folds", "2", "--batch-size", "16", "--workers", "2")
+    r = invoke("score", "--run", runs[1], *FROM_EMPTY, "--workers", "2")
     assert r.exit_code == 0 and "trained on" not in r.output, r.output
     same_files(runs[0], runs[1], ("scores.csv",))
 
@@ -127,6 +140,36 @@ def test_ctrl_c_before_the_run_is_trained_publishes_nothing(data, tmp_path, monk
     monkeypatch.undo()
     r = invoke(*args)
     assert r.exit_code == 0 and "the run's model: trained" in r.output, r.output
+
+
+def test_a_local_cluster_leaves_this_process_environment_as_it_was(trained, tmp_path, monkeypatch):
+    """Dask's nanny writes its workers' settings (single-threaded BLAS) into the client's
+    os.environ; what the client starts afterwards must not inherit them."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = invoke("score", "--run", run, "--samples", "2", "--workers", "1", "--no-data-checks")
+    assert r.exit_code == 0, r.output
+    assert os.environ["OMP_NUM_THREADS"] == "3" and "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to compare with 1")
+def test_one_core_and_single_threaded_blas_give_the_same_bytes(data, from_empty_in_process, tmp_path):
+    """The client's own work after the scoring (features, calibration, the data checks)
+    runs in fixed blocks with single-threaded BLAS: on one core with OPENBLAS_NUM_THREADS=1
+    `audit score` writes what it writes on two."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", "from audit.cli import main; main()", "score", "--data", str(data),
+                           "--run", str(run), *FROM_EMPTY], env=env, capture_output=True, text=True,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    same_run_from_empty(from_empty_in_process, run)
+    same_files(from_empty_in_process, run, ("outliers.csv", "near_duplicates.csv", "duplicates.csv"))
+    meta = [json.loads((r / "run.json").read_text())["score"] for r in (from_empty_in_process, run)]
+    assert meta[0]["calibration"] == meta[1]["calibration"]
+    assert {**meta[0]["data_checks"], "seconds": 0} == {**meta[1]["data_checks"], "seconds": 0}
 
 
 def _dense_recorded(run):
@@ -241,6 +284,40 @@ def test_a_worker_killed_mid_run_changes_nothing(real_cluster, data, acquired_in
     ref = tmp_path / "ref"
     assert invoke("acquire", "--data", data, "--run", ref, *ACQ, "--repeats", "3").exit_code == 0
     same_curves(run, ref)
+
+
+def test_a_worker_killed_while_training_the_runs_model_changes_nothing(real_cluster, data, from_empty_in_process,
+                                                                       tmp_path):
+    """`audit score --folds 2` from an empty folder on two workers: kill the one that is
+    training the run's own model (the first piece handed out). Dask trains it again on
+    the other, and the run is the in-process one to the byte."""
+    from distributed import Client
+
+    def pieces_running(dask_scheduler) -> list:  # nested, so that it travels by value to the scheduler
+        """(priority, worker address) of each piece being run, the first submitted first."""
+        return sorted((ts.priority, ts.processing_on.address) for ts in dask_scheduler.tasks.values()
+                      if ts.processing_on is not None)
+
+    address, procs, _ = real_cluster
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", "from audit.cli import main; main()", "score", "--data", str(data), "--run",
+           str(run), *FROM_EMPTY, "--scheduler", address]
+    with Client(address, timeout=30) as observer:
+        pids = observer.run(os.getpid)  # worker address: its process
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline, busy = time.time() + 120, []
+        while len(busy) < 2 and child.poll() is None and time.time() < deadline:  # both workers at work
+            busy = observer.run_on_scheduler(pieces_running)
+            time.sleep(0.02)
+        assert busy, "no piece was seen running"
+        victim = pids[busy[0][1]]
+        killed = [p for p in procs[1:] if p.pid == victim]
+        assert killed and not (run / "model.npz").exists()
+        with_kill(killed[0])
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0, out
+    assert "the run's model: trained on 180 images" in out and "1 worker of the Dask cluster" in out, out
+    same_run_from_empty(from_empty_in_process, run)
 
 
 @pytest.mark.parametrize("args, fragment, code", [

@@ -229,3 +229,32 @@ def test_bad_thresholds_are_one_line_and_write_nothing(tmp_path, args, fragment)
     r = invoke("score", "--data", npz, "--run", tmp_path / "r", *args)
     assert_one_line_error(r, fragment, code=2)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_checks_give_the_same_numbers_on_any_number_of_threads(monkeypatch, threads):
+    """A multi-threaded BLAS product's roundings depend on how it splits the work: the
+    checks run in fixed blocks on single-threaded BLAS, so 1 or 3 threads (and 1 or 2
+    BLAS threads around them) give the numbers one thread gives, to the bit."""
+    from threadpoolctl import threadpool_limits
+
+    from audit import device
+
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((9000, 300)).astype(np.float32)  # several blocks of each kind
+    d = dc._unit(rng.standard_normal((5000, 64)).astype(np.float32))
+    d[1::2] = dc._unit(d[::2] + np.float32(0.01) * rng.standard_normal((2500, 64)).astype(np.float32))
+
+    def run():
+        return (dc.knn_mean_distance(f, 5), dc.reduce_features(f), dc.similar_pairs(d, at_least=0.99),
+                dc.indexed_pairs(d, at_least=0.99, lists=40, probes=3))
+
+    with threadpool_limits(limits=1):
+        monkeypatch.setattr(device, "cpu_workers", lambda: 1)
+        one = run()
+    monkeypatch.setattr(device, "cpu_workers", lambda: threads)
+    with threadpool_limits(limits=2):
+        other = run()
+    assert len(one[2]) > 1000 and len(one[3]) > 1000
+    for a, b in zip(one, other):
+        np.testing.assert_array_equal(a, b)
