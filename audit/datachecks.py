@@ -67,6 +67,10 @@ NEAR_COLUMNS = ("pair", "split", "index", "path", "other_split", "other_index", 
 OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z")
 KINDS = ("across train and valid", "within train", "within valid")
 _CHUNK = 4096
+# products are computed in blocks of at most this many entries (32 MB of float32), each
+# block's rows on one thread; about 4 such arrays a block are alive at once
+_BLOCK = 1 << 23
+_BLOCK_BYTES = 16 * _BLOCK
 
 
 def check_threshold(threshold: float) -> None:
@@ -225,7 +229,8 @@ def similar_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
         return np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1)
 
     # at most 32M similarities a block
-    pairs = [p for p in in_blocks(block, len(d), min(_CHUNK, (1 << 25) // max(len(d), 1))) if len(p)]
+    pairs = [p for p in in_blocks(block, len(d), min(_CHUNK, _BLOCK // max(len(d), 1)), block_bytes=_BLOCK_BYTES)
+             if len(p)]
     if not pairs:
         return np.empty((0, 2), np.int64)
     return np.unique(np.concatenate(pairs).astype(np.int64), axis=0)
@@ -270,7 +275,7 @@ def indexed_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
         top = np.argpartition(-s, probes - 1, axis=1)[:, :probes]
         return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), axis=1), 1)
 
-    near = np.concatenate(in_blocks(probed, n, (1 << 24) // lists)).astype(np.int64)
+    near = np.concatenate(in_blocks(probed, n, _BLOCK // lists, block_bytes=_BLOCK_BYTES)).astype(np.int64)
     home = near[:, 0]
     members = np.argsort(home, kind="stable")
     bounds = np.searchsorted(home[members], np.arange(lists + 1))
@@ -284,7 +289,7 @@ def indexed_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
             q = queries[q_bounds[lst]:q_bounds[lst + 1]] // probes
             if not len(m) or not len(q):
                 continue
-            qstep = max(1, (1 << 25) // len(m))
+            qstep = max(1, _BLOCK // len(m))
             for a in range(0, len(q), qstep):
                 qq = q[a:a + qstep]
                 s = d[qq] @ d[m].T
@@ -295,7 +300,7 @@ def indexed_pairs(d: np.ndarray, *, at_least: float, neighbours: int = NEIGHBOUR
                 found_s.append(s[r, c])
         return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
 
-    found = in_blocks(compared, lists, 16)
+    found = in_blocks(compared, lists, 16, block_bytes=_BLOCK_BYTES)
     i, j, sims = (np.concatenate([f[x] for f in found]) for x in range(3))
     if not len(i):
         return np.empty((0, 2), np.int64)
@@ -367,7 +372,7 @@ def knn_mean_distance(f: np.ndarray, k: int, *, reference: int = REFERENCE, seed
         near = np.partition(d2, k - 1, axis=1)[:, :k]
         return np.sqrt(np.maximum(near, 0)).mean(axis=1).astype(np.float32)
 
-    return np.concatenate(in_blocks(block, n, min(_CHUNK, (1 << 25) // len(ref))))
+    return np.concatenate(in_blocks(block, n, min(_CHUNK, _BLOCK // len(ref)), block_bytes=_BLOCK_BYTES))
 
 
 def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> np.ndarray:

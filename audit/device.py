@@ -27,21 +27,26 @@ def cpu_workers() -> int:
     return min(n, threads) if threads else n
 
 
+IN_FLIGHT = 1 << 30  # bytes :func:`in_blocks`'s threads may hold at once
+
+
 def in_blocks(fn: Callable[[int, int], T], n: int, step: int, *, workers: int | None = None,
-              done: Callable[[int], None] | None = None) -> list[T]:
+              block_bytes: int = 0, done: Callable[[int], None] | None = None) -> list[T]:
     """``fn(a, b)`` for the blocks [a, b) of ``range(n)``, ``step`` rows each, in order of
     ``a``, on ``workers`` threads (default :func:`cpu_workers`) with single-threaded BLAS
     and OpenMP: each block's sums are the same whatever the number of threads or cores,
     so what is computed from them is too (a multi-threaded BLAS product's roundings
     depend on how it splits the work). NumPy releases the GIL in products and large
-    element-wise steps, so the threads run in parallel. ``done(b - a)`` is called in
-    this thread as each block's result is taken (for progress)."""
+    element-wise steps, so the threads run in parallel. ``block_bytes``: the memory one
+    block takes while it runs; there are at most as many threads as IN_FLIGHT holds
+    (memory does not grow with the cores). ``done(b - a)`` is called in this thread as
+    each block's result is taken (for progress)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     bounds = [(a, min(a + step, n)) for a in range(0, n, max(1, step))]
-    workers = min(workers or cpu_workers(), len(bounds))
+    workers = min(workers or cpu_workers(), len(bounds), max(1, IN_FLIGHT // block_bytes) if block_bytes else n)
     out: list[T] = []
     with threadpool_limits(limits=1):
         if workers <= 1:

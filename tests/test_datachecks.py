@@ -258,3 +258,24 @@ def test_the_checks_give_the_same_numbers_on_any_number_of_threads(monkeypatch, 
     assert len(one[2]) > 1000 and len(one[3]) > 1000
     for a, b in zip(one, other):
         np.testing.assert_array_equal(a, b)
+
+
+def test_in_blocks_keeps_the_order_and_its_memory_bound():
+    """Results in the blocks' order whatever finishes first; no more threads than
+    IN_FLIGHT bytes hold blocks of ``block_bytes``; progress in this thread."""
+    import threading
+    import time
+
+    from audit.device import IN_FLIGHT, in_blocks
+
+    threads, done = set(), []
+
+    def block(a, b):
+        threads.add(threading.get_ident())
+        time.sleep(0.02 * (10 - a) / 10)  # the first blocks finish last
+        return list(range(a, b))
+
+    out = in_blocks(block, 10, 3, workers=8, block_bytes=IN_FLIGHT // 2, done=done.append)
+    assert out == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]] and done == [3, 3, 3, 1]
+    assert 1 <= len(threads) <= 2 and threading.get_ident() not in threads
+    assert in_blocks(block, 0, 3) == []
