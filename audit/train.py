@@ -160,14 +160,19 @@ def evaluate(model: MCDropoutNet, split: Split, *, batch_size: int = 250, device
     on the CPU).
     """
     device = device or get_device("cpu")
-    loss_sum, correct = 0.0, 0
-    with chainer.using_config("train", False), chainer.no_backprop_mode():
-        for sl in _batches(len(split), batch_size):
-            h = model.trunk_array(device.send(to_float32(split.x[sl])))
-            t = device.send(split.y[sl])
+
+    def block(a: int, b: int) -> tuple[float, int]:
+        h = model.trunk_array(device.send(to_float32(split.x[a:b])))
+        t = device.send(split.y[a:b])
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
             y = model.head(h)
-            loss_sum += float(F.softmax_cross_entropy(y, t, reduce="no").array.sum())
-            correct += int((y.array.argmax(axis=1) == t).sum())
+            loss = float(F.softmax_cross_entropy(y, t, reduce="no").array.sum())
+        return loss, int((y.array.argmax(axis=1) == t).sum())
+
+    loss_sum, correct = 0.0, 0
+    for loss, right in in_blocks(block, len(split), batch_size, workers=_threads(device)):
+        loss_sum += loss  # in the blocks' order: the same sum on any number of threads
+        correct += right
     n = max(len(split), 1)
     return loss_sum / n, correct / n
 
