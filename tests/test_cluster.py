@@ -113,11 +113,10 @@ def test_score_from_an_empty_folder_trains_the_run_beside_the_folds(data, from_e
     assert r.exit_code == 0, r.output
     assert "the run's model: trained on 180 images" in r.output and "on a worker" in r.output
     same_run_from_empty(from_empty_in_process, run)
-    runs = [from_empty_in_process, run]
     # the folds it trained are the run's: a second score reuses them, training nothing
-    r = invoke("score", "--run", runs[1], *FROM_EMPTY, "--workers", "2")
+    r = invoke("score", "--run", run, *FROM_EMPTY, "--workers", "2")
     assert r.exit_code == 0 and "trained on" not in r.output, r.output
-    same_files(runs[0], runs[1], ("scores.csv",))
+    same_files(from_empty_in_process, run, ("scores.csv",))
 
 
 def test_ctrl_c_before_the_run_is_trained_publishes_nothing(data, tmp_path, monkeypatch):
