@@ -403,8 +403,9 @@ def _print_data_checks(run: Path) -> None:
               f"{n['across train and valid']:,} across train and valid (leakage), {n['within train']:,} within train, "
               f"{n['within valid']:,} within valid; listed in {run}/near_duplicates.csv", markup=False)
     o = c["outliers"]
-    err.print(f"outliers (robust z >= {o['z']:g}): {o['flagged']:,} images; listed in {run}/outliers.csv, "
-              f"every image's outlier_score in scores.csv", markup=False)
+    turned = f", {o['turned']:,} of them turned (sideways or upside down)" if "turned" in o else ""
+    err.print(f"outliers (robust z >= {o['z']:g}, or turned): {o['flagged']:,} images{turned}; listed in "
+              f"{run}/outliers.csv, every image's outlier_score in scores.csv", markup=False)
     i = c["imbalance"]
     ratio = "a class has no training images" if i["ratio"] is None else f"largest/smallest class {i['ratio']:g}"
     rare = f"; under a third of an even share: {', '.join(i['rare'])}" if i["rare"] else ""

@@ -38,8 +38,21 @@ trunk's features, reduced to 64 dimensions by scikit-learn's PCA (what no class 
 like). A flat image (one value in every pixel: blank, saturated, one colour, a failed
 decode) gets the largest pixel distance unit descriptors can have, 2, so it is
 always listed. The outlier score is the larger z; images at or above ``z`` (default 5)
-are listed. Measured on MNIST (bench/data_issues.py) this misses digits rotated by 90
-degrees and random strokes: they look enough like digits to both spaces.
+are listed.
+
+Turned images (sideways or upside down: a wrong EXIF orientation, a scanner's page
+turned) look like their class to both distances. They are found by a probe of
+orientation (:func:`turned_probability`): a seeded sample of the images, each turned by
+a quarter, a half and three quarters (a half only where images are not square), is run
+through the network's trunk; per class, a logistic regression (scikit-learn) learns to
+tell the four orientations apart from those features (reduced by PCA fitted on them).
+An image whose probe puts at most 1 - TURNED_P (0.5%) on "upright, as its class's
+images are" is listed. Each image of the sample is judged by a probe it did not teach;
+a class whose probes call more than TURN_DOUBT (5%) of its own sample turned, or do
+no better than chance on it, is not judged (its images look alike every way up, as
+textures do, or it has too few). Measured on MNIST
+(bench/data_issues.py): digits rotated by 90 degrees are found this way; random
+strokes are missed by every detector tried (they look enough like digits).
 """
 
 from __future__ import annotations
@@ -64,7 +77,13 @@ OUTLIER_Z = 5.0
 FEATURE_DIMS = 64
 FLAT_DISTANCE = 2.0  # a flat image's pixel distance: that of two opposite unit descriptors
 NEAR_COLUMNS = ("pair", "split", "index", "path", "other_split", "other_index", "other_path", "similarity", "kind")
-OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z")
+TURNED_P = 0.995  # listed as turned at or above this probability of not being upright
+TURN_SAMPLE = 20000  # images at most whose turned copies teach the orientation probe
+TURN_MIN = 200  # a class with fewer images in the sample is not judged (each probe is taught by half)
+TURN_DOUBT = 0.05  # a class's probes that call more of its sample turned are not trusted
+TURN_DIMS = 128
+TURN_C = 0.3  # the probe's inverse regularisation strength (chosen on MNIST, seed 0's planting)
+OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z", "turned")
 KINDS = ("across train and valid", "within train", "within valid")
 _CHUNK = 4096
 # products are computed in blocks of at most this many entries (32 MB of float32), each
@@ -390,12 +409,95 @@ def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> n
     return np.concatenate(in_blocks(lambda a, b: pca.transform(f[a:b]).astype(np.float32), len(f), _CHUNK))
 
 
+def quarter_turns(shape) -> tuple[int, ...]:
+    """The quarter turns (1, 2, 3: by 90, 180, 270 degrees) an image of ``shape`` (..., H,
+    W) can take and keep its shape: all three where it is square, else only the half."""
+    return (1, 2, 3) if shape[-1] == shape[-2] else (2,)
+
+
+def turned(x: np.ndarray, k: int) -> np.ndarray:
+    """Images (N, C, H, W) turned ``k`` quarters anticlockwise."""
+    return np.ascontiguousarray(np.rot90(x, k, axes=(-2, -1)))
+
+
+def turn_sample(labels: np.ndarray, *, size: int = TURN_SAMPLE, seed: int = 0) -> np.ndarray:
+    """Sorted rows of a seeded sample of at most ``size`` images that keeps each class's
+    share (every image where there are no more than ``size``)."""
+    n = len(labels)
+    if n <= size:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([
+        rng.choice(rows, max(1, round(len(rows) * size / n)), replace=False)
+        for rows in (np.flatnonzero(labels == c) for c in np.unique(labels))]))
+
+
+def turned_probability(features: np.ndarray, labels: np.ndarray, sample: np.ndarray,
+                       turned_features: dict[int, np.ndarray], *, seed: int = 0) -> np.ndarray:
+    """Each image's probability, by the orientation probe, that it is not upright as
+    the images of its class are; NaN where its class has fewer than TURN_MIN images in
+    the sample. ``features``: the trunk's (N, D) for all images; ``sample``: rows of
+    :func:`turn_sample`; ``turned_features[k]``: the trunk's features of those rows
+    turned ``k`` quarters (:func:`quarter_turns`). The same numbers on any number of
+    cores: the fits run on single-threaded BLAS, one class per thread.
+
+    Per class two probes (logistic regressions) are taught, each by half of the class's
+    sample in every orientation; an image of the sample is judged by the probe it did
+    not teach, the others by the mean of both. A class whose probes call more than
+    TURN_DOUBT of its own sample turned, or do no better on it than chance (on average
+    no more than 1/orientations on upright), is not judged (NaN): it looks alike every
+    way up, or it had too few images to teach a probe."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    turns = sorted(turned_features)
+    f = np.asarray(features, np.float32).reshape(len(features), -1)
+    taught = [f[sample], *(np.asarray(turned_features[k], np.float32).reshape(len(sample), -1) for k in turns)]
+    dims = min(TURN_DIMS, f.shape[1], len(sample))
+    with threadpool_limits(limits=1):
+        pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(np.concatenate(taught))
+    taught = [pca.transform(t) for t in taught]
+    # one scale for all coordinates (their mean square 1): TURN_C means the same for
+    # features of any magnitude, and the coordinates keep their relative spread
+    scale = np.float32(1 / max(float(np.sqrt(np.mean([np.mean(t * t) for t in taught]))), 1e-12))
+    taught = [t * scale for t in taught]
+    reduced = np.concatenate(in_blocks(lambda a, b: pca.transform(f[a:b]) * scale, len(f), _CHUNK))
+    out = np.full(len(f), np.nan, np.float32)
+    classes = [c for c in np.unique(labels) if (labels[sample] == c).sum() >= TURN_MIN]
+
+    def probe(a: int, b: int) -> None:
+        for c in classes[a:b]:
+            # two probes, each taught by every other image of the class's sample: an image
+            # of the sample is judged by the probe it did not teach (a probe taught by a
+            # turned image would call it upright), the rest by the mean of both
+            mine = np.flatnonzero(labels[sample] == c)
+            rows = np.flatnonzero(labels == c)
+            p = np.zeros((2, len(rows)))
+            for half in (0, 1):
+                taught_by = mine[half::2]
+                x = np.concatenate([t[taught_by] for t in taught])
+                y = np.repeat(np.arange(len(taught)), len(taught_by))
+                fit = LogisticRegression(C=TURN_C, max_iter=1000).fit(x, y)
+                p[half] = 1 - fit.predict_proba(reduced[rows])[:, 0]
+            where = np.searchsorted(rows, sample[mine])  # the sample's rows among the class's
+            judged = p.mean(axis=0)
+            judged[where[0::2]] = p[1, where[0::2]]
+            judged[where[1::2]] = p[0, where[1::2]]
+            own = judged[where]
+            if (own >= TURNED_P).mean() <= TURN_DOUBT and own.mean() < 1 - 1 / len(taught):
+                out[rows] = judged
+
+    in_blocks(probe, len(classes), 1)
+    return out
+
+
 def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], labels: dict[str, np.ndarray],
                    features: dict[str, np.ndarray], *, neighbours: int = OUTLIER_NEIGHBOURS,
-                   images: Images | None = None) -> pd.DataFrame:
+                   images: Images | None = None, turned: np.ndarray | None = None) -> pd.DataFrame:
     """Every image's outlier score (OUTLIER_COLUMNS; higher = more unlike the rest), in
     the order of ``splits``. ``features``: the trunk's (N, D) per split; ``images``: the
-    splits prepared already (:class:`Images`)."""
+    splits prepared already (:class:`Images`); ``turned``: each image's probability of
+    not being upright (:func:`turned_probability`), NaN where not judged or not given."""
     images = images or Images(splits)
     where, first, inverse = images.where, images.first, images.inverse
     f = np.concatenate([np.asarray(features[s], np.float32).reshape(len(features[s]), -1) for s in splits])
@@ -413,6 +515,7 @@ def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]],
         "split": [s for s, _ in where], "index": np.array([i for _, i in where], np.int64), "path": paths,
         "label": np.concatenate([np.asarray(labels[s], np.int64) for s in splits]),
         "outlier_score": np.maximum(pixel_z, feature_z), "pixel_z": pixel_z, "feature_z": feature_z,
+        "turned": np.full(len(where), np.nan, np.float32) if turned is None else np.asarray(turned, np.float32),
     }, columns=list(OUTLIER_COLUMNS))
 
 

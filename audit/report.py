@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from . import runs
 from .data import SPLITS, Dataset
@@ -339,7 +340,7 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     """Near-duplicate pairs (leakage first) and the most unlike images, from
     near_duplicates.csv and outliers.csv, for the page (image keys ``n<k>``, ``o<k>``);
     with run.json's counts and class balance. None for a run scored before these checks."""
-    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS
+    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS, TURNED_P
     from .tables import restore_frame
 
     checks = (store.meta().score or {}).get("data_checks")
@@ -348,15 +349,20 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     near = store.read_table(runs.NEAR_DUPLICATES, NEAR_COLUMNS, numeric=("pair", "index", "other_index", "similarity"),
                             dtype={"split": str, "path": str, "other_split": str, "other_path": str, "kind": str},
                             keep_default_na=False)
-    out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS, numeric=("index", "outlier_score", "pixel_z", "feature_z"),
+    # "turned" is not required: a run scored before the orientation probe has no such column
+    out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS[:-1],
+                           numeric=("index", "outlier_score", "pixel_z", "feature_z"),
                            dtype={"split": str, "path": str, "label": str}, keep_default_na=False)
+    turned = (np.asarray(pd.to_numeric(out["turned"], errors="coerce"), float) if "turned" in out
+              else np.full(len(out), np.nan)) >= TURNED_P
+    unlike = out[out["outlier_score"].to_numpy(float) >= checks["outliers"]["z"]]
     restore_frame(near, ["path", "other_path"])
     restore_frame(out, ["path", "label"])
     for name, df, pairs_of in ((runs.NEAR_DUPLICATES, near, (("split", "index"), ("other_split", "other_index"))),
                                (runs.OUTLIERS, out, (("split", "index"),))):
         for split_col, index_col in pairs_of:
             check_rows(store.path / name, df[split_col], df[index_col], dataset)
-    images, pairs, outliers = [], [], []
+    images, pairs, outliers, turns = [], [], [], []
 
     def image(prefix: str, split: str, index: int) -> str:
         key = f"{prefix}{len(images)}"
@@ -368,15 +374,17 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
                       "members": [{"key": image("n", r.split, r.index), "split": r.split, "index": int(r.index)},
                                   {"key": image("n", r.other_split, r.other_index), "split": r.other_split,
                                    "index": int(r.other_index)}]})
-    for r in out.head(MAX_CHECK_ROWS).itertuples(index=False):
-        outliers.append({"key": image("o", r.split, r.index), "split": r.split, "index": int(r.index),
-                         "label": r.label, "score": float(r.outlier_score)})
+    for shown, rows, prefix in ((outliers, unlike, "o"), (turns, out[turned], "t")):
+        for r in rows.head(MAX_CHECK_ROWS).itertuples(index=False):
+            shown.append({"key": image(prefix, r.split, r.index), "split": r.split, "index": int(r.index),
+                          "label": r.label, "score": float(r.outlier_score)})
     counts = checks["imbalance"]["counts"]
     balance = counts.get("train") or next(iter(counts.values()), [])
     return {"summary": checks, "balance_split": "train" if "train" in counts else next(iter(counts), ""),
             "balance": list(zip(dataset.class_names, balance)), "pairs": pairs, "outliers": outliers, "images": images,
             "more_pairs": max(0, int(near["pair"].nunique()) - len(pairs)),
-            "more_outliers": max(0, len(out) - len(outliers))}
+            "more_outliers": max(0, len(unlike) - len(outliers)), "turned": turns,
+            "more_turned": max(0, int(turned.sum()) - len(turns))}
 
 
 STABILITY_DRAWS = 200

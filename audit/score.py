@@ -671,7 +671,10 @@ def score_run(
             dupes = exact_duplicates({name: (dataset.split(name).x, dataset.split(name).paths)
                                       for name in config.splits})
             summary["duplicates"] = duplicate_summary(dupes)
-            checks, near, outliers, scores = data_checks(dataset, result.scores, config, features)
+            t2 = time.perf_counter()
+            turned = turned_check(model, dataset, config.splits, features, device, progress)
+            checks, near, outliers, scores = data_checks(dataset, result.scores, config, features, turned)
+            checks["seconds"] = round(checks["seconds"] + time.perf_counter() - t2, 3)
             result = replace(result, scores=scores)
             summary["data_checks"] = checks
             tables = {runs.DUPLICATES: dupes, runs.NEAR_DUPLICATES: near, runs.OUTLIERS: outliers}
@@ -715,29 +718,52 @@ def ensemble_summary(scores: pd.DataFrame, config: "ScoreConfig") -> dict:
     return out
 
 
-def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, features: dict[str, np.ndarray]
-                ) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def turned_check(model, dataset: Dataset, names, features: dict[str, np.ndarray], device: str,
+                 progress: Progress | None) -> np.ndarray:
+    """Each image of the splits ``names`` (in that order): its probability of not being
+    upright (:func:`audit.datachecks.turned_probability`), from the trunk's ``features``
+    and those of a sample's turned copies, computed here."""
+    from . import datachecks as dc
+    from .train import trunk_features
+
+    labels = np.concatenate([np.asarray(dataset.split(n).y, np.int64) for n in names])
+    sample = dc.turn_sample(labels)
+    starts = np.cumsum([0, *(len(dataset.split(n).y) for n in names)])
+    x = np.concatenate([dataset.split(n).x[sample[(sample >= a) & (sample < b)] - a]
+                        for n, a, b in zip(names, starts[:-1], starts[1:])])
+    taught = {k: trunk_features(model, dc.turned(x, k), device=device, progress=progress)
+              for k in dc.quarter_turns(x.shape)}
+    return dc.turned_probability(np.concatenate([features[n] for n in names]), labels, sample, taught)
+
+
+def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, features: dict[str, np.ndarray],
+                turned: np.ndarray | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Near-duplicates (leakage across the splits among them), outliers and class
     imbalance of the scored splits (:mod:`audit.datachecks`): run.json's counts, the
-    near-duplicate pairs, the outliers at or above ``config.outlier_z`` (most unlike
-    first), and ``scores`` with each image's ``outlier_score``. ``features``: the
-    trunk's output for each scored split."""
+    near-duplicate pairs, the outliers (most unlike first: at or above
+    ``config.outlier_z``, or turned), and ``scores`` with each image's
+    ``outlier_score``. ``features``: the trunk's output for each scored split;
+    ``turned``: :func:`turned_check`'s probabilities."""
     from . import datachecks as dc
 
     t0 = time.perf_counter()
     splits = {name: (dataset.split(name).x, dataset.split(name).paths) for name in config.splits}
     images = dc.Images(splits)
     near = dc.near_duplicates(splits, threshold=config.near_threshold, images=images)
-    o = dc.outlier_scores(splits, {n: dataset.split(n).y for n in config.splits}, features, images=images)
+    o = dc.outlier_scores(splits, {n: dataset.split(n).y for n in config.splits}, features, images=images,
+                          turned=turned)
     scores = scores.merge(o[["split", "index", "outlier_score"]], on=["split", "index"], how="left", validate="1:1")
-    flagged = o[o["outlier_score"] >= config.outlier_z].sort_values("outlier_score", ascending=False, kind="stable")
+    is_turned = (o["turned"] >= dc.TURNED_P).to_numpy()
+    flagged = o[(o["outlier_score"] >= config.outlier_z).to_numpy() | is_turned].sort_values(
+        "outlier_score", ascending=False, kind="stable")
     flagged = flagged.assign(label=[dataset.class_names[i] for i in flagged["label"]])
     pairs = near.drop_duplicates("pair")
     checks = {
         "seconds": round(time.perf_counter() - t0, 3),
         "near_duplicates": {"threshold": config.near_threshold, "pairs": int(len(pairs)),
                             **{k: int((pairs["kind"] == k).sum()) for k in dc.KINDS}},
-        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)),
+        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)), "turned_p": dc.TURNED_P,
+                     "turned": int(is_turned.sum()),
                      **{n: int((flagged["split"] == n).sum()) for n in config.splits}},
         "imbalance": dc.imbalance({n: dataset.split(n).y for n in config.splits}, dataset.class_names),
     }

@@ -164,6 +164,58 @@ def test_flat_images_are_always_listed():
     assert (o.drop(index=[7, 8, 9])["pixel_z"] < o.loc[[7, 8, 9], "pixel_z"].min()).all()
 
 
+def shapes_by_class(per_class: int, *, seed: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes, each one stroke shape (with an up and a down) moved by up to two
+    pixels and noised, and a fourth of round blobs that look the same every way up;
+    (4 * per_class, 1, 20, 20) uint8 and labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:20, 0:20]
+    disc = np.clip(255 * np.exp(-((yy - 9.5) ** 2 + (xx - 9.5) ** 2) / 18.0), 0, 255)
+    protos = [*blobs(3, seed=seed)[:, 0].astype(np.float32), disc]
+    x = np.stack([np.clip(np.roll(protos[i % 4], rng.integers(-2, 3, 2), axis=(0, 1))
+                          + rng.normal(0, 15, (20, 20)), 0, 255).astype(np.uint8)[None]
+                  for i in range(4 * per_class)])
+    return x, np.arange(4 * per_class) % 4
+
+
+def pixels(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1).astype(np.float32)
+
+
+def test_the_orientation_probe_finds_turned_images_and_only_them():
+    """Images turned by a quarter or three quarters stand out from their class's upright
+    images; a class that looks the same every way up has nothing listed."""
+    x, y = shapes_by_class(500)
+    planted = np.array([0, 4, 9, 13, 40, 41])  # classes 0 and 1
+    for j, i in enumerate(planted):
+        x[i] = dc.turned(x[i:i + 1], 1 + 2 * (j % 2))[0]
+    turned_also_rounds = np.flatnonzero(y == 3)[:3]  # a turned disc is a disc
+    x[turned_also_rounds] = dc.turned(x[turned_also_rounds], 1)
+    sample = dc.turn_sample(y, size=1600)
+    assert len(sample) == 1600 and np.bincount(y[sample]).tolist() == [400] * 4
+    assert np.array_equal(sample, np.unique(sample))
+    taught = {k: pixels(dc.turned(x[sample], k)) for k in dc.quarter_turns(x.shape)}
+    p = dc.turned_probability(pixels(x), y, sample, taught)
+    assert set(np.argsort(-p)[:6]) == set(planted.tolist()) and p[planted].min() > 0.98
+    assert np.isnan(p[y == 3]).all() and not np.isnan(p[y < 3]).any()  # the discs: not judged
+    assert np.nanmax(p[np.setdiff1d(np.arange(len(y)), planted)]) < 0.95
+    listed = set(np.flatnonzero(p >= dc.TURNED_P).tolist())
+    assert listed <= set(planted.tolist()) and len(listed) >= 4
+    o = dc.outlier_scores({"train": (x, None)}, {"train": y}, {"train": pixels(x)}, turned=p)
+    np.testing.assert_array_equal(o["turned"].to_numpy(), p)
+
+
+def test_the_orientation_probe_skips_small_classes_and_turns_only_by_a_half_where_not_square():
+    assert dc.quarter_turns((5, 1, 20, 20)) == (1, 2, 3) and dc.quarter_turns((5, 3, 20, 30)) == (2,)
+    assert dc.turned(np.arange(6).reshape(1, 1, 2, 3), 2).tolist() == [[[[5, 4, 3], [2, 1, 0]]]]
+    x, y = shapes_by_class(dc.TURN_MIN + 100)
+    y[y == 2] = 3
+    y[:400:4] = 2  # class 2: a hundred images, fewer than a probe needs (taken from class 0)
+    p = dc.turned_probability(pixels(x), y, np.arange(len(y)), {2: pixels(dc.turned(x, 2))})
+    assert np.isnan(p[y == 2]).all() and not np.isnan(p[y < 2]).any()
+    assert (p[y < 2] < dc.TURNED_P).all()
+
+
 def test_imbalance_counts_ratio_and_rare_classes():
     y = {"train": np.array([0] * 90 + [1] * 30 + [2] * 5), "valid": np.array([0, 1, 2])}
     i = dc.imbalance(y, ["a", "b", "c"])
@@ -193,7 +245,7 @@ def test_score_writes_the_data_checks(tmp_path):
     r = invoke("score", "--run", run, "-T", "4")
     assert r.exit_code == 0, r.output
     assert "near-duplicates (correlation >= 0.99): 1 pairs, 1 across train and valid (leakage)" in r.output
-    assert "outliers (robust z >= 5): " in r.output and "class balance (train): largest/smallest class 1" in r.output
+    assert "outliers (robust z >= 5, or turned): " in r.output and "class balance (train): largest/smallest class 1" in r.output
     near = pd.read_csv(run / "near_duplicates.csv", keep_default_na=False)
     assert sorted(zip(near["split"], near["index"])) == [("train", 1), ("valid", 0)]
     out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
@@ -245,9 +297,13 @@ def test_the_checks_give_the_same_numbers_on_any_number_of_threads(monkeypatch, 
     d = dc._unit(rng.standard_normal((5000, 64)).astype(np.float32))
     d[1::2] = dc._unit(d[::2] + np.float32(0.01) * rng.standard_normal((2500, 64)).astype(np.float32))
 
+    x, y = shapes_by_class(60)  # the orientation probe, pixels as the features
+    sample = dc.turn_sample(y)
+
     def run():
         return (dc.knn_mean_distance(f, 5), dc.reduce_features(f), dc.similar_pairs(d, at_least=0.99),
-                dc.indexed_pairs(d, at_least=0.99, lists=40, probes=3))
+                dc.indexed_pairs(d, at_least=0.99, lists=40, probes=3),
+                dc.turned_probability(pixels(x), y, sample, {k: pixels(dc.turned(x[sample], k)) for k in (1, 2, 3)}))
 
     with threadpool_limits(limits=1):
         monkeypatch.setattr(device, "cpu_workers", lambda: 1)
@@ -279,3 +335,35 @@ def test_in_blocks_keeps_the_order_and_its_memory_bound():
     assert out == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]] and done == [3, 3, 3, 1]
     assert 1 <= len(threads) <= 2 and threading.get_ident() not in threads
     assert in_blocks(block, 0, 3) == []
+
+
+def test_score_lists_turned_digits_and_the_report_shows_them(tmp_path, mnist_dir, monkeypatch):
+    """Ten of 6,000 MNIST digits turned by a quarter (labels kept): `audit score` with
+    its defaults lists most of them as turned and hardly any other image; the report
+    shows them."""
+    from audit.data import load_mnist
+
+    monkeypatch.setenv("AUDIT_DATA_DIR", str(mnist_dir))
+    m = load_mnist()
+    x, y = m.train.x[:6000].copy(), m.train.y[:6000]
+    planted = np.arange(0, 6000, 600)
+    x[planted] = dc.turned(x[planted], 1)
+    npz = tmp_path / "m.npz"
+    np.savez(npz, x_train=x[:, 0], y_train=y, x_valid=m.train.x[50000:51000, 0], y_valid=m.train.y[50000:51000])
+    run = tmp_path / "r"
+    r = invoke("score", "--data", npz, "--run", run, "-T", "4")
+    assert r.exit_code == 0, r.output
+    out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
+    turned = out[pd.to_numeric(out["turned"], errors="coerce") >= dc.TURNED_P]
+    found = set(zip(turned["split"], turned["index"]))
+    hits = found & {("train", int(i)) for i in planted}
+    assert len(hits) >= 6 and len(found - hits) <= 2, out  # MNIST has odd digits of its own
+    checks = json.loads((run / "run.json").read_text())["score"]["data_checks"]["outliers"]
+    assert checks["turned"] == len(found) and checks["turned_p"] == dc.TURNED_P
+    assert f"{len(found):,} of them turned (sideways or upside down)" in r.output
+    r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "3")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "<h3>Turned images</h3>" in page and f"{len(found)} images that look sideways or upside down" in page
+    for i in turned["index"]:
+        assert f"#{i} · {m.class_names[y[i]]}<br>train · turned" in page
