@@ -351,10 +351,11 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
                             keep_default_na=False)
     # "turned" is not required: a run scored before the orientation probe has no such column
     out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS[:-1],
-                           numeric=("index", "outlier_score", "pixel_z", "feature_z"),
+                           numeric=("index", "outlier_score", "pixel_z", "feature_z", "turned"),
                            dtype={"split": str, "path": str, "label": str}, keep_default_na=False)
-    turned = (np.asarray(pd.to_numeric(out["turned"], errors="coerce"), float) if "turned" in out
-              else np.full(len(out), np.nan)) >= TURNED_P
+    if "turned" not in out:
+        out["turned"] = np.nan
+    turned = out[out["turned"].to_numpy() >= TURNED_P].sort_values("turned", ascending=False, kind="stable")
     unlike = out[out["outlier_score"].to_numpy(float) >= checks["outliers"]["z"]]
     restore_frame(near, ["path", "other_path"])
     restore_frame(out, ["path", "label"])
@@ -374,17 +375,17 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
                       "members": [{"key": image("n", r.split, r.index), "split": r.split, "index": int(r.index)},
                                   {"key": image("n", r.other_split, r.other_index), "split": r.other_split,
                                    "index": int(r.other_index)}]})
-    for shown, rows, prefix in ((outliers, unlike, "o"), (turns, out[turned], "t")):
+    for shown, rows, prefix in ((outliers, unlike, "o"), (turns, turned, "t")):
         for r in rows.head(MAX_CHECK_ROWS).itertuples(index=False):
             shown.append({"key": image(prefix, r.split, r.index), "split": r.split, "index": int(r.index),
-                          "label": r.label, "score": float(r.outlier_score)})
+                          "label": r.label, "score": float(r.outlier_score), "turned": float(r.turned)})
     counts = checks["imbalance"]["counts"]
     balance = counts.get("train") or next(iter(counts.values()), [])
     return {"summary": checks, "balance_split": "train" if "train" in counts else next(iter(counts), ""),
             "balance": list(zip(dataset.class_names, balance)), "pairs": pairs, "outliers": outliers, "images": images,
             "more_pairs": max(0, int(near["pair"].nunique()) - len(pairs)),
             "more_outliers": max(0, len(unlike) - len(outliers)), "turned": turns,
-            "more_turned": max(0, int(turned.sum()) - len(turns))}
+            "more_turned": max(0, len(turned) - len(turns))}
 
 
 STABILITY_DRAWS = 200

@@ -68,7 +68,8 @@ def restore_frame(df, columns=None):
 
 def parse_table(data: bytes, path: Path, columns, *, hint: str = "", numeric=(), **read_kw):
     """CSV bytes as a DataFrame; one clear line if unreadable, short of ``columns``, or
-    not numeric where ``numeric`` says."""
+    not numeric where ``numeric`` says (a ``numeric`` column not in ``columns`` may be
+    absent)."""
     import pandas as pd
 
     read_kw.setdefault("low_memory", False)  # the whole file is read anyway: one type a column, no DtypeWarning
@@ -80,6 +81,8 @@ def parse_table(data: bytes, path: Path, columns, *, hint: str = "", numeric=(),
     if missing:
         raise AuditError(f"{path}: missing column(s) {', '.join(missing)}{hint}")
     for c in numeric:
+        if c not in df.columns:
+            continue
         if pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype):
             continue
         col = pd.to_numeric(df[c], errors="coerce")

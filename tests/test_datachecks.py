@@ -365,5 +365,5 @@ def test_score_lists_turned_digits_and_the_report_shows_them(tmp_path, mnist_dir
     assert r.exit_code == 0, r.output
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "<h3>Turned images</h3>" in page and f"{len(found)} images that look sideways or upside down" in page
-    for i in turned["index"]:
-        assert f"#{i} · {m.class_names[y[i]]}<br>train · turned" in page
+    for i, p in zip(turned["index"], pd.to_numeric(turned["turned"])):
+        assert f"#{i} · {m.class_names[y[i]]}<br>train · p {p:.3f}" in page

@@ -527,6 +527,8 @@ def test_scores_rows_out_of_range_are_refused(scored, column, value, fragment):
      "line 2: train #-1 is not an image of this run's data"),
     ("duplicates.csv", "group,split,index,path,kind\n0,test,1,,within test\n0,test,2,,within test\n",
      "line 2: test #1 is not an image of this run's data"),
+    ("outliers.csv", "split,index,path,label,outlier_score,pixel_z,feature_z,turned\ntrain,1,,0,9.0,9.0,1.0,\n"
+     "train,2,,0,1.0,1.0,1.0,=1+1\n", "column 'turned', line 3: expected a number, found '=1+1'"),
 ])
 def test_data_check_tables_naming_no_image_are_refused(scored, name, text, fragment):
     """A table the report shows images from, edited with its manifest entry to name an
