@@ -404,7 +404,9 @@ def reduce_features(f: np.ndarray, dims: int = FEATURE_DIMS, seed: int = 0) -> n
         return f
     rng = np.random.default_rng(seed)
     fit = f if len(f) <= 20000 else f[np.sort(rng.choice(len(f), 20000, replace=False))]
-    with threadpool_limits(limits=1):  # the same sums on any number of cores (see in_blocks)
+    # the same sums on any number of cores (see in_blocks); images all alike have no
+    # variance to explain, which is no reason to warn
+    with threadpool_limits(limits=1), np.errstate(invalid="ignore", divide="ignore"):
         pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(fit)
     return np.concatenate(in_blocks(lambda a, b: pca.transform(f[a:b]).astype(np.float32), len(f), _CHUNK))
 
@@ -454,7 +456,7 @@ def turned_probability(features: np.ndarray, labels: np.ndarray, sample: np.ndar
     f = np.asarray(features, np.float32).reshape(len(features), -1)
     taught = [f[sample], *(np.asarray(turned_features[k], np.float32).reshape(len(sample), -1) for k in turns)]
     dims = min(TURN_DIMS, f.shape[1], len(sample))
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), np.errstate(invalid="ignore", divide="ignore"):
         pca = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit(np.concatenate(taught))
     taught = [pca.transform(t) for t in taught]
     # one scale for all coordinates (their mean square 1): TURN_C means the same for

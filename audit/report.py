@@ -340,7 +340,7 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     """Near-duplicate pairs (leakage first) and the most unlike images, from
     near_duplicates.csv and outliers.csv, for the page (image keys ``n<k>``, ``o<k>``);
     with run.json's counts and class balance. None for a run scored before these checks."""
-    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS, TURNED_P
+    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS, OUTLIER_Z, TURNED_P
     from .tables import restore_frame
 
     checks = (store.meta().score or {}).get("data_checks")
@@ -356,7 +356,7 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     if "turned" not in out:
         out["turned"] = np.nan
     turned = out[out["turned"].to_numpy() >= TURNED_P].sort_values("turned", ascending=False, kind="stable")
-    unlike = out[out["outlier_score"].to_numpy(float) >= checks["outliers"]["z"]]
+    unlike = out[out["outlier_score"].to_numpy(float) >= float((checks.get("outliers") or {}).get("z", OUTLIER_Z))]
     restore_frame(near, ["path", "other_path"])
     restore_frame(out, ["path", "label"])
     for name, df, pairs_of in ((runs.NEAR_DUPLICATES, near, (("split", "index"), ("other_split", "other_index"))),

@@ -216,6 +216,14 @@ def test_the_orientation_probe_skips_small_classes_and_turns_only_by_a_half_wher
     assert (p[y < 2] < dc.TURNED_P).all()
 
 
+def test_images_all_alike_are_judged_by_no_probe_and_warn_nothing():
+    y = np.arange(600) % 2
+    f = np.ones((600, 50), np.float32)
+    sample = dc.turn_sample(y)
+    assert np.isnan(dc.turned_probability(f, y, sample, {k: f[sample] for k in (1, 2, 3)})).all()
+    assert not dc.reduce_features(np.ones((600, 100), np.float32)).any()
+
+
 def test_imbalance_counts_ratio_and_rare_classes():
     y = {"train": np.array([0] * 90 + [1] * 30 + [2] * 5), "valid": np.array([0, 1, 2])}
     i = dc.imbalance(y, ["a", "b", "c"])
