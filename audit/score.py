@@ -733,7 +733,7 @@ def turned_check(model, dataset: Dataset, names, features: dict[str, np.ndarray]
                         for n, a, b in zip(names, starts[:-1], starts[1:])])
     taught = {k: trunk_features(model, dc.turned(x, k), device=device, progress=progress)
               for k in dc.quarter_turns(x.shape)}
-    return dc.turned_probability(np.concatenate([features[n] for n in names]), labels, sample, taught)
+    return dc.turned_probability([features[n] for n in names], labels, sample, taught)
 
 
 def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, features: dict[str, np.ndarray],

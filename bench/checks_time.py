@@ -1,6 +1,7 @@
 """The command's own part after the scoring, step by step, on all of MNIST's 70,000
 images: the trunk's features, the exact near-duplicate search, the outlier distances
-(pixels and features) and the features' PCA. Each step runs in fixed blocks on
+(pixels and features), the features' PCA, and the orientation probe (the trunk on a
+sample's turned copies, then the probes' fits; where the checkout has them). Each step runs in fixed blocks on
 single-threaded BLAS, one thread per core (`audit.device.in_blocks`); ``--threads 1``
 puts it on one thread. Best of ``--repeats``, seconds per step.
 
@@ -40,7 +41,10 @@ def main() -> None:
         threadpool_limits(limits=args.threads, user_api="blas")  # a checkout from before in_blocks
     ds = load_dataset("mnist", data_dir=args.data_dir)
     x = np.concatenate([ds.train.x, ds.valid.x])
-    model = build_model(ds.n_classes, ds.image_shape, seed=0)  # the time does not depend on the weights
+    y = np.concatenate([ds.train.y, ds.valid.y])
+    # the time hardly depends on the weights (the probes' fits may take more or fewer
+    # iterations on a trained network's features)
+    model = build_model(ds.n_classes, ds.image_shape, seed=0)
     images = dc.Images({"all": (x, None)})
     d = images.descriptors
     best: dict[str, float] = {}
@@ -60,6 +64,14 @@ def main() -> None:
         t0 = time.perf_counter()
         dc.knn_mean_distance(r, dc.OUTLIER_NEIGHBOURS)
         steps["outliers: features"] = time.perf_counter() - t0
+        if hasattr(dc, "turned_probability"):
+            t0 = time.perf_counter()
+            sample = dc.turn_sample(y)
+            taught = {k: trunk_features(model, dc.turned(x[sample], k)) for k in dc.quarter_turns(x.shape)}
+            steps["turned: sample's features"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            dc.turned_probability(f, y, sample, taught)
+            steps["turned: probes"] = time.perf_counter() - t0
         best = {k: min(v, best.get(k, np.inf)) for k, v in steps.items()}
     print(f"audit {audit.__version__} from {audit.__file__}; {len(x):,} images, best of {args.repeats}")
     for k, v in best.items():
