@@ -434,6 +434,13 @@ def turn_sample(labels: np.ndarray, *, size: int = TURN_SAMPLE, seed: int = 0) -
         for rows in (np.flatnonzero(labels == c) for c in np.unique(labels))]))
 
 
+def rows_of(parts, rows: np.ndarray) -> np.ndarray:
+    """``rows`` (sorted) of the arrays ``parts`` stacked one after the other, taken from
+    each part without stacking them."""
+    starts = np.cumsum([0, *(len(p) for p in parts)])
+    return np.concatenate([p[rows[(rows >= a) & (rows < b)] - a] for p, a, b in zip(parts, starts[:-1], starts[1:])])
+
+
 def turned_probability(features: np.ndarray, labels: np.ndarray, sample: np.ndarray,
                        turned_features: dict[int, np.ndarray], *, seed: int = 0) -> np.ndarray:
     """Each image's probability, by the orientation probe, that it is not upright as
@@ -456,11 +463,8 @@ def turned_probability(features: np.ndarray, labels: np.ndarray, sample: np.ndar
     turns = sorted(turned_features)
     parts = [features] if isinstance(features, np.ndarray) else list(features)
     flat = [np.asarray(p).reshape(len(p), -1) for p in parts]  # views: no copy of all the features
-    starts = np.cumsum([0, *(len(p) for p in flat)])
-    n = int(starts[-1])
-    upright = np.concatenate([flat[i][sample[(sample >= a) & (sample < b)] - a]
-                              for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))])
-    taught = [upright, *(np.asarray(turned_features[k]).reshape(len(sample), -1) for k in turns)]
+    n = sum(len(p) for p in flat)
+    taught = [rows_of(flat, sample), *(np.asarray(turned_features[k]).reshape(len(sample), -1) for k in turns)]
     taught = [t.astype(np.float32, copy=False) for t in taught]
     dims = min(TURN_DIMS, taught[0].shape[1], len(sample))
     # fitted on every len(taught)-th row of each orientation's copies: as many rows as the

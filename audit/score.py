@@ -728,9 +728,7 @@ def turned_check(model, dataset: Dataset, names, features: dict[str, np.ndarray]
 
     labels = np.concatenate([np.asarray(dataset.split(n).y, np.int64) for n in names])
     sample = dc.turn_sample(labels)
-    starts = np.cumsum([0, *(len(dataset.split(n).y) for n in names)])
-    x = np.concatenate([dataset.split(n).x[sample[(sample >= a) & (sample < b)] - a]
-                        for n, a, b in zip(names, starts[:-1], starts[1:])])
+    x = dc.rows_of([dataset.split(n).x for n in names], sample)
     taught = {k: trunk_features(model, dc.turned(x, k), device=device, progress=progress)
               for k in dc.quarter_turns(x.shape)}
     return dc.turned_probability([features[n] for n in names], labels, sample, taught)
