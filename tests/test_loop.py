@@ -123,7 +123,8 @@ def test_labelling_page_by_keyboard(tmp_path, browser):
     run = tmp_path / "loop"
     r = runner.invoke(app, ["next", "--run", str(run), "--data", str(root), "--k", "10", *FAST])
     assert r.exit_code == 0, r.output
-    page = browser.new_page(accept_downloads=True)
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
     errors, requests = [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -147,6 +148,13 @@ def test_labelling_page_by_keyboard(tmp_path, browser):
     assert page.inner_text("#done") == "10" and page.inner_text("#n-labelled") == "8"
     # the guess of an undecided image is marked as the model's; a decided one is not
     assert page.locator("figure.lcell[data-state=guess]").count() == 0
+    # the browser writes local storage behind the page's back: let a second page see all
+    # ten decisions before reloading, so a loaded machine cannot race the reload
+    other = context.new_page()
+    other.goto((run / page_file(1)).as_uri())
+    other.wait_for_function("""() => Object.values(localStorage).some(
+        v => Object.keys(JSON.parse(v)).length === 10)""", timeout=15000)
+    other.close()
     page.reload()
     assert page.inner_text("#done") == "10"  # kept in the browser's local storage
     with page.expect_download() as info:
@@ -160,6 +168,7 @@ def test_labelling_page_by_keyboard(tmp_path, browser):
 
     assert {p: (s, restore(lab)) for p, lab, s in zip(rows.path, rows.label, rows.status)} == want
     assert errors == [] and all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
+    context.close()
 
     r = runner.invoke(app, ["label", "--run", str(run), str(target)])
     assert r.exit_code == 0, r.output
