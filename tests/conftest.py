@@ -130,3 +130,17 @@ def browser():
         b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def wait_stored(page, n: int, timeout_ms: int = 15000) -> None:
+    """Wait until a second page of `page`'s browser context sees `n` decisions in local
+    storage. The browser stores a page's writes behind its back; reloading at once on a
+    loaded machine can race them (seen once in CI), which a user never does."""
+    other = page.context.new_page()
+    try:
+        other.goto(page.url)
+        other.wait_for_function(
+            "n => Object.values(localStorage).some(v => Object.keys(JSON.parse(v)).length === n)",
+            arg=n, timeout=timeout_ms)
+    finally:
+        other.close()

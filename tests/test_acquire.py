@@ -21,7 +21,7 @@ def _pool(n=40, t=16, c=4, seed=0):
 
 def _joint_mi_brute(p, idx):
     """I(y_idx; w) by enumerating every label configuration."""
-    t, c = p.shape[1], p.shape[2]
+    c = p.shape[2]
     h = 0.0
     for ys in itertools.product(range(c), repeat=len(idx)):
         pt = np.prod([p[i, :, y] for i, y in zip(idx, ys)], axis=0).astype(np.float64)  # (T,)

@@ -17,7 +17,7 @@ from audit.cli import app
 from audit.data import load_dataset
 from audit.loop import LEDGER, batch_file, loop_state, page_file, tasks_file
 
-from conftest import assert_one_line_error, make_shapes
+from conftest import assert_one_line_error, make_shapes, wait_stored
 
 runner = CliRunner()
 NAMES = ("hbar", "vbar", "diag")
@@ -148,13 +148,7 @@ def test_labelling_page_by_keyboard(tmp_path, browser):
     assert page.inner_text("#done") == "10" and page.inner_text("#n-labelled") == "8"
     # the guess of an undecided image is marked as the model's; a decided one is not
     assert page.locator("figure.lcell[data-state=guess]").count() == 0
-    # the browser writes local storage behind the page's back: let a second page see all
-    # ten decisions before reloading, so a loaded machine cannot race the reload
-    other = context.new_page()
-    other.goto((run / page_file(1)).as_uri())
-    other.wait_for_function("""() => Object.values(localStorage).some(
-        v => Object.keys(JSON.parse(v)).length === 10)""", timeout=15000)
-    other.close()
+    wait_stored(page, 10)
     page.reload()
     assert page.inner_text("#done") == "10"  # kept in the browser's local storage
     with page.expect_download() as info:

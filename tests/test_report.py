@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from audit.cli import app
 from audit.report import METRICS, render_report, report_context, write_report
-from conftest import make_shapes
+from conftest import make_shapes, wait_stored
 
 runner = CliRunner()
 EVIL = "=<script>alert(1)</script>"  # markup, and a formula to a spreadsheet
@@ -284,7 +284,8 @@ def test_review_by_keyboard_and_in_bulk(noisy_run, tmp_path, browser):
     import pandas as pd
 
     res = write_report(noisy_run, out=tmp_path / "rep", top=TOP, split="train")
-    page = browser.new_page(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -316,6 +317,7 @@ def test_review_by_keyboard_and_in_bulk(noisy_run, tmp_path, browser):
     page.click("#accept-all")
     page.click("#clear-filter")
     assert page.locator("figure.rcell").first.is_visible()
+    wait_stored(page, len(want))
     page.reload()
     assert page.inner_text("#decided") == str(len(want))
     assert page.locator(f"figure.rcell[data-index='{order[0][0]}']").get_attribute("data-action") == "keep"
