@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import os
 from dataclasses import replace
 import sys
 import time
@@ -221,7 +222,7 @@ def noisy_mnist(sigma: float) -> str:
         x = ds.train.x.astype(np.float32) / np.float32(255)
         x += rng.normal(0, sigma, size=x.shape).astype(np.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # two benches may start at once
         np.savez(tmp, x_train=x, y_train=ds.train.y, x_valid=ds.valid.x.astype(np.float32) / np.float32(255),
                  y_valid=ds.valid.y)
         tmp.replace(path)
