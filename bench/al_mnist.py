@@ -49,8 +49,8 @@ a line on stderr (and al_curve.csv in the run folder is rewritten after each rou
 from __future__ import annotations
 
 import argparse
-import shutil
 import os
+import shutil
 from dataclasses import replace
 import sys
 import time
