@@ -328,6 +328,7 @@ def test_review_by_keyboard_and_in_bulk(noisy_run, tmp_path, browser):
     rows = pd.read_csv(target, dtype=str, keep_default_na=False)
     assert {int(r.index): (r.action, r.new_label) for r in rows.itertuples()} == want
     assert errors == []
+    context.close()
     out = tmp_path / "curated"
     r = runner.invoke(app, ["retrain", "--run", str(noisy_run), "--decisions", str(target), "--out", str(out)])
     assert r.exit_code == 0, r.output
