@@ -404,7 +404,9 @@ def _print_data_checks(run: Path) -> None:
               f"{n['within valid']:,} within valid; listed in {run}/near_duplicates.csv", markup=False)
     o = c["outliers"]
     turned = f", {o['turned']:,} of them turned (sideways or upside down)" if "turned" in o else ""
-    err.print(f"outliers (robust z >= {o['z']:g}, or turned): {o['flagged']:,} images{turned}; listed in "
+    shape = f", {o['odd_shape']:,} unlike their class's shapes" if "odd_shape" in o else ""
+    rule = f", or turned, or shape z >= {o['shape_z']:g}" if "shape_z" in o else ", or turned"
+    err.print(f"outliers (robust z >= {o['z']:g}{rule}): {o['flagged']:,} images{turned}{shape}; listed in "
               f"{run}/outliers.csv, every image's outlier_score in scores.csv", markup=False)
     i = c["imbalance"]
     ratio = "a class has no training images" if i["ratio"] is None else f"largest/smallest class {i['ratio']:g}"

@@ -47,12 +47,22 @@ a quarter, a half and three quarters (a half only where images are not square), 
 through the network's trunk; per class, a logistic regression (scikit-learn) learns to
 tell the four orientations apart from those features (reduced by PCA fitted on them).
 An image whose probe puts at most 1 - TURNED_P (0.5%) on "upright, as its class's
-images are" is listed. Each image of the sample is judged by a probe it did not teach;
-a class whose probes call more than TURN_DOUBT (5%) of its own sample turned, or do
-no better than chance on it, is not judged (its images look alike every way up, as
-textures do, or it has too few). Measured on MNIST
-(bench/data_issues.py): digits rotated by 90 degrees are found this way; random
-strokes are missed by every detector tried (they look enough like digits).
+images are", and that turned back fits its class's principal shapes (below) better by
+at least TURN_GAIN, is listed (:func:`is_turned`): the features and the pixels must
+agree, which leaves out most of the odd upright digits the probe alone lists. Each
+image of the sample is judged by a probe it did not teach; a class whose probes call
+more than TURN_DOUBT (5%) of its own sample turned, or do no better than chance on it,
+is not judged (its images look alike every way up, as textures do, or it has too few).
+
+Unlike their class's shapes (scribbles, stray marks, another kind of picture under a
+label), which sit near enough to some image to pass both distances: per class, the
+principal components of the pixels (:class:`ClassShapes`: SHAPE_DIMS of them, fitted
+twice on halves of a sample so that no image is measured against components it helped
+fit); an image's residual after projecting onto them, the smallest over one-pixel
+shifts, over its own norm, as a robust z-score (``shape_z``), listed from SHAPE_Z (its
+own scale: the residual has a longer tail than the distances). A PCA of a class's images
+is the classical one-class model (SIMCA's). Measured on MNIST (bench/data_issues.py):
+digits rotated by 90 degrees are found by the probe, random strokes by the shapes.
 """
 
 from __future__ import annotations
@@ -83,7 +93,14 @@ TURN_MIN = 200  # a class with fewer images in the sample is not judged (each pr
 TURN_DOUBT = 0.05  # a class's probes that call more of its sample turned are not trusted
 TURN_DIMS = 128
 TURN_C = 0.3  # the probe's inverse regularisation strength (chosen on MNIST, seed 0's planting)
-OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z", "turned")
+SHAPE_DIMS = 60  # principal shapes a class is described by (chosen on MNIST, seeds 0 and 2's plantings)
+SHAPE_Z = 7.0  # listed at or above this robust z of the shape residual (chosen there too)
+SHAPE_SIDE = 32  # larger images are pooled to at most this many pixels a side first
+SHAPE_FIT = 5000  # images of a class at most that its principal shapes are fitted on
+SHAPE_MIN = 200  # a class with fewer images is not judged
+TURN_GAIN = 0.05  # a turned image's shape residual must fall by this much turned back (chosen with SHAPE_Z)
+OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z", "turned", "turned_gain",
+                   "shape_z")
 KINDS = ("across train and valid", "within train", "within valid")
 _CHUNK = 4096
 # products are computed in blocks of at most this many entries (32 MB of float32), each
@@ -510,13 +527,129 @@ def turned_probability(features: np.ndarray, labels: np.ndarray, sample: np.ndar
     return out
 
 
+def pooled(x: np.ndarray, side: int = SHAPE_SIDE) -> np.ndarray:
+    """Images (N, C, H, W) as float32 in [0, 1], averaged over square blocks of the
+    smallest whole size that leaves at most ``side`` pixels a side (as they are where
+    they are no larger)."""
+    x = to_float32(x)
+    f = -(-max(x.shape[-2:]) // side)
+    if f == 1:
+        return x
+    n, c, h, w = x.shape
+    return x[:, :, :h // f * f, :w // f * f].reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5))
+
+
+SHIFTS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+class ClassShapes:
+    """Each class's principal shapes, to measure how far an image is from them: per class
+    two PCAs (scikit-learn, randomized) of the :func:`pooled` pixels, each fitted on every
+    other image of a sample of at most SHAPE_FIT of the class's images drawn by ``seed``,
+    ``dims`` components each. An image of the sample is measured against the components
+    it did not help fit (an odd image among few would otherwise get a component of its
+    own), the others by the mean of both. A class with fewer than SHAPE_MIN images gets
+    none. ``x`` (N, C, H, W); ``rows``: the images judged (default all), read a block at
+    a time; ``labels``: theirs."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, *, rows: np.ndarray | None = None,
+                 dims: int = SHAPE_DIMS, seed: int = 0) -> None:
+        from sklearn.decomposition import PCA
+
+        self.x = x
+        self.rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+        self.labels = np.asarray(labels)
+        rng = np.random.default_rng(seed)
+        self.bases: dict = {}
+        self.fitted_by = np.full(len(self.rows), -1, np.int8)  # the half an image helped fit
+        with threadpool_limits(limits=1), np.errstate(invalid="ignore", divide="ignore"):
+            for c in np.unique(self.labels):
+                mine = np.flatnonzero(self.labels == c)
+                if len(mine) < SHAPE_MIN:
+                    continue
+                fit = mine if len(mine) <= SHAPE_FIT else np.sort(rng.choice(mine, SHAPE_FIT, replace=False))
+                self.bases[c] = []
+                for half in (0, 1):
+                    a = pooled(x[self.rows[fit[half::2]]]).reshape(len(fit[half::2]), -1)
+                    pca = PCA(n_components=min(dims, a.shape[1] // 4, len(a) // 2), svd_solver="randomized",
+                              random_state=seed).fit(a)
+                    self.bases[c].append((pca.mean_.astype(np.float32), pca.components_.astype(np.float32)))
+                    self.fitted_by[fit[half::2]] = half
+
+    def residual(self, *, only: np.ndarray | None = None, turn: int = 0) -> np.ndarray:
+        """The judged images' (positions ``only`` among them, default all) residual after
+        projecting onto their class's principal shapes, the smallest over shifts of the
+        image by up to one pixel each way (a digit written a pixel off its class's usual
+        place reconstructs; a scribble reconstructs from no shift), over the image's own
+        norm: scale-free, most images in [0, 1]. Each image turned ``turn`` quarters
+        first. NaN where the class has no shapes, and for a flat image (no shape)."""
+        only = np.arange(len(self.rows)) if only is None else np.asarray(only)
+
+        def block(a: int, b: int) -> np.ndarray:
+            at = only[a:b]
+            g = pooled(self.x[self.rows[at]])
+            if turn:
+                g = turned(g, turn)
+            flat = g.reshape(len(g), -1)
+            norm = np.linalg.norm(flat, axis=1)
+            out = np.full(len(g), np.nan, np.float32)
+            has_shape = (flat != flat[:, :1]).any(axis=1)
+            for c, halves in self.bases.items():
+                mine = np.flatnonzero((self.labels[at] == c) & has_shape)
+                if not len(mine):
+                    continue
+                r = np.full((2, len(mine)), np.inf, np.float32)
+                for h, (mean, comps) in enumerate(halves):
+                    for dy, dx in SHIFTS:
+                        v = np.roll(g[mine], (dy, dx), axis=(2, 3)).reshape(len(mine), -1) - mean
+                        r[h] = np.minimum(r[h], np.linalg.norm(v - (v @ comps.T) @ comps, axis=1))
+                by = self.fitted_by[at[mine]]
+                out[mine] = np.where(by == 0, r[1], np.where(by == 1, r[0], r.mean(axis=0))) / np.maximum(
+                    norm[mine], 1e-12)
+            return out
+
+        return np.concatenate(in_blocks(block, len(only), _CHUNK)) if len(only) else np.zeros(0, np.float32)
+
+    def turned_gain(self, only: np.ndarray) -> np.ndarray:
+        """How much the residual of the judged images at positions ``only`` falls when
+        they are turned back: their residual as they are less the smallest over the
+        quarter turns their shape allows (:func:`quarter_turns`). Positive where some
+        turn fits the class better than upright."""
+        if not len(only):
+            return np.zeros(0, np.float32)
+        upright = self.residual(only=only)
+        back = np.min([self.residual(only=only, turn=k) for k in quarter_turns(self.x.shape)], axis=0)
+        return (upright - back).astype(np.float32)
+
+
+def shape_residual(x: np.ndarray, labels: np.ndarray, *, rows: np.ndarray | None = None, dims: int = SHAPE_DIMS,
+                   seed: int = 0) -> np.ndarray:
+    """Each image's distance from the principal shapes of its class, over its own norm
+    (:class:`ClassShapes`, :meth:`ClassShapes.residual`). The same numbers on any number
+    of cores."""
+    return ClassShapes(x, labels, rows=rows, dims=dims, seed=seed).residual()
+
+
+def is_turned(turned, gain=None) -> np.ndarray:
+    """Which images are listed as turned: the orientation probe at TURNED_P or more, and
+    turned back they fit their class's principal shapes better by at least TURN_GAIN
+    (:meth:`ClassShapes.turned_gain`): two views, the network's features and the pixels,
+    agreeing. ``gain`` None (a run scored before the second view): the probe alone."""
+    listed = np.nan_to_num(np.asarray(turned, np.float64), nan=0) >= TURNED_P
+    if gain is not None:
+        listed &= np.nan_to_num(np.asarray(gain, np.float64), nan=-np.inf) >= TURN_GAIN
+    return listed
+
+
 def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]], labels: dict[str, np.ndarray],
                    features: dict[str, np.ndarray], *, neighbours: int = OUTLIER_NEIGHBOURS,
                    images: Images | None = None, turned: np.ndarray | None = None) -> pd.DataFrame:
     """Every image's outlier score (OUTLIER_COLUMNS; higher = more unlike the rest), in
     the order of ``splits``. ``features``: the trunk's (N, D) per split; ``images``: the
     splits prepared already (:class:`Images`); ``turned``: each image's probability of
-    not being upright (:func:`turned_probability`), NaN where not judged or not given."""
+    not being upright (:func:`turned_probability`), NaN where not judged or not given.
+    ``shape_z``: the robust z of :func:`shape_residual` (over the images it judges; NaN
+    where it does not), on its own scale: listed from SHAPE_Z, not with outlier_score."""
     images = images or Images(splits)
     where, first, inverse = images.where, images.first, images.inverse
     f = np.concatenate([np.asarray(features[s], np.float32).reshape(len(features[s]), -1) for s in splits])
@@ -529,12 +662,22 @@ def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]],
     pixel[images.flat] = FLAT_DISTANCE
     pixel_z = robust_z(pixel)[inverse]
     feature_z = robust_z(knn_mean_distance(f, neighbours))[inverse]
+    label = np.concatenate([np.asarray(labels[s], np.int64) for s in splits])
+    shapes = ClassShapes(images.x, label[first], rows=first)
+    residual = shapes.residual()
+    judged = np.isfinite(residual)
+    shape = np.full(len(first), np.nan, np.float32)
+    if judged.any():
+        shape[judged] = robust_z(residual[judged])
+    turned = np.full(len(where), np.nan, np.float32) if turned is None else np.asarray(turned, np.float32)
+    gain = np.full(len(first), np.nan, np.float32)
+    probed = np.unique(inverse[np.nan_to_num(turned, nan=0) >= TURNED_P])
+    gain[probed] = shapes.turned_gain(probed)
     paths = [(splits[s][1][i] if splits[s][1] else "") for s, i in where]
     return pd.DataFrame({
         "split": [s for s, _ in where], "index": np.array([i for _, i in where], np.int64), "path": paths,
-        "label": np.concatenate([np.asarray(labels[s], np.int64) for s in splits]),
-        "outlier_score": np.maximum(pixel_z, feature_z), "pixel_z": pixel_z, "feature_z": feature_z,
-        "turned": np.full(len(where), np.nan, np.float32) if turned is None else np.asarray(turned, np.float32),
+        "label": label, "outlier_score": np.maximum(pixel_z, feature_z), "pixel_z": pixel_z, "feature_z": feature_z,
+        "turned": turned, "turned_gain": gain[inverse], "shape_z": shape[inverse],
     }, columns=list(OUTLIER_COLUMNS))
 
 

@@ -340,7 +340,7 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     """Near-duplicate pairs (leakage first) and the most unlike images, from
     near_duplicates.csv and outliers.csv, for the page (image keys ``n<k>``, ``o<k>``);
     with run.json's counts and class balance. None for a run scored before these checks."""
-    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS, OUTLIER_Z, TURNED_P
+    from .datachecks import NEAR_COLUMNS, OUTLIER_COLUMNS, OUTLIER_Z, SHAPE_Z, is_turned
     from .tables import restore_frame
 
     checks = (store.meta().score or {}).get("data_checks")
@@ -349,21 +349,27 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     near = store.read_table(runs.NEAR_DUPLICATES, NEAR_COLUMNS, numeric=("pair", "index", "other_index", "similarity"),
                             dtype={"split": str, "path": str, "other_split": str, "other_path": str, "kind": str},
                             keep_default_na=False)
-    # "turned" is not required: a run scored before the orientation probe has no such column
-    out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS[:-1],
-                           numeric=("index", "outlier_score", "pixel_z", "feature_z", "turned"),
+    # "turned", "turned_gain" and "shape_z" are not required: a run scored before the
+    # orientation probe or the class shapes has no such column
+    out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS[:-3],
+                           numeric=("index", "outlier_score", "pixel_z", "feature_z", "turned", "turned_gain", "shape_z"),
                            dtype={"split": str, "path": str, "label": str}, keep_default_na=False)
-    if "turned" not in out:
-        out["turned"] = np.nan
-    turned = out[out["turned"].to_numpy() >= TURNED_P].sort_values("turned", ascending=False, kind="stable")
-    unlike = out[out["outlier_score"].to_numpy(float) >= float((checks.get("outliers") or {}).get("z", OUTLIER_Z))]
+    gain = out["turned_gain"].to_numpy() if "turned_gain" in out else None
+    for optional in ("turned", "turned_gain", "shape_z"):
+        if optional not in out:
+            out[optional] = np.nan
+    o = checks.get("outliers") or {}
+    turned = out[is_turned(out["turned"], gain)].sort_values("turned", ascending=False, kind="stable")
+    odd = out[out["shape_z"].to_numpy() >= float(o.get("shape_z", SHAPE_Z))].sort_values(
+        "shape_z", ascending=False, kind="stable")
+    unlike = out[out["outlier_score"].to_numpy(float) >= float(o.get("z", OUTLIER_Z))]
     restore_frame(near, ["path", "other_path"])
     restore_frame(out, ["path", "label"])
     for name, df, pairs_of in ((runs.NEAR_DUPLICATES, near, (("split", "index"), ("other_split", "other_index"))),
                                (runs.OUTLIERS, out, (("split", "index"),))):
         for split_col, index_col in pairs_of:
             check_rows(store.path / name, df[split_col], df[index_col], dataset)
-    images, pairs, outliers, turns = [], [], [], []
+    images, pairs, outliers, turns, shapes = [], [], [], [], []
 
     def image(prefix: str, split: str, index: int) -> str:
         key = f"{prefix}{len(images)}"
@@ -375,17 +381,19 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
                       "members": [{"key": image("n", r.split, r.index), "split": r.split, "index": int(r.index)},
                                   {"key": image("n", r.other_split, r.other_index), "split": r.other_split,
                                    "index": int(r.other_index)}]})
-    for shown, rows, prefix in ((outliers, unlike, "o"), (turns, turned, "t")):
+    for shown, rows, prefix in ((outliers, unlike, "o"), (turns, turned, "t"), (shapes, odd, "s")):
         for r in rows.head(MAX_CHECK_ROWS).itertuples(index=False):
             shown.append({"key": image(prefix, r.split, r.index), "split": r.split, "index": int(r.index),
-                          "label": r.label, "score": float(r.outlier_score), "turned": float(r.turned)})
+                          "label": r.label, "score": float(r.outlier_score), "turned": float(r.turned),
+                          "shape_z": float(r.shape_z)})
     counts = checks["imbalance"]["counts"]
     balance = counts.get("train") or next(iter(counts.values()), [])
     return {"summary": checks, "balance_split": "train" if "train" in counts else next(iter(counts), ""),
             "balance": list(zip(dataset.class_names, balance)), "pairs": pairs, "outliers": outliers, "images": images,
             "more_pairs": max(0, int(near["pair"].nunique()) - len(pairs)),
             "more_outliers": max(0, len(unlike) - len(outliers)), "turned": turns,
-            "more_turned": max(0, len(turned) - len(turns))}
+            "more_turned": max(0, len(turned) - len(turns)), "shapes": shapes,
+            "more_shapes": max(0, len(odd) - len(shapes))}
 
 
 STABILITY_DRAWS = 200

@@ -739,7 +739,7 @@ def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, fea
     """Near-duplicates (leakage across the splits among them), outliers and class
     imbalance of the scored splits (:mod:`audit.datachecks`): run.json's counts, the
     near-duplicate pairs, the outliers (most unlike first: at or above
-    ``config.outlier_z``, or turned), and ``scores`` with each image's
+    ``config.outlier_z``, or turned, or unlike their class's shapes), and ``scores`` with each image's
     ``outlier_score``. ``features``: the trunk's output for each scored split;
     ``turned``: :func:`turned_check`'s probabilities."""
     from . import datachecks as dc
@@ -751,8 +751,9 @@ def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, fea
     o = dc.outlier_scores(splits, {n: dataset.split(n).y for n in config.splits}, features, images=images,
                           turned=turned)
     scores = scores.merge(o[["split", "index", "outlier_score"]], on=["split", "index"], how="left", validate="1:1")
-    is_turned = (o["turned"] >= dc.TURNED_P).to_numpy()
-    flagged = o[(o["outlier_score"] >= config.outlier_z).to_numpy() | is_turned].sort_values(
+    is_turned = dc.is_turned(o["turned"], o["turned_gain"])
+    odd_shape = (o["shape_z"] >= dc.SHAPE_Z).to_numpy()
+    flagged = o[(o["outlier_score"] >= config.outlier_z).to_numpy() | is_turned | odd_shape].sort_values(
         "outlier_score", ascending=False, kind="stable")
     flagged = flagged.assign(label=[dataset.class_names[i] for i in flagged["label"]])
     pairs = near.drop_duplicates("pair")
@@ -760,8 +761,8 @@ def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, fea
         "seconds": round(time.perf_counter() - t0, 3),
         "near_duplicates": {"threshold": config.near_threshold, "pairs": int(len(pairs)),
                             **{k: int((pairs["kind"] == k).sum()) for k in dc.KINDS}},
-        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)), "turned_p": dc.TURNED_P,
-                     "turned": int(is_turned.sum()),
+        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)), "turned_p": dc.TURNED_P, "turn_gain": dc.TURN_GAIN,
+                     "turned": int(is_turned.sum()), "shape_z": dc.SHAPE_Z, "odd_shape": int(odd_shape.sum()),
                      **{n: int((flagged["split"] == n).sum()) for n in config.splits}},
         "imbalance": dc.imbalance({n: dataset.split(n).y for n in config.splits}, dataset.class_names),
     }

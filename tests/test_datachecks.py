@@ -182,6 +182,73 @@ def pixels(x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1).astype(np.float32)
 
 
+def handwritten(per_class: int, *, classes: int = 3, styles: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``classes`` classes of ``styles`` soft-stroke shapes each, every image one of its
+    class's shapes moved by up to a pixel, its ink scaled by 0.7-1 and lightly noised;
+    (classes * per_class, 1, 20, 20) uint8 and labels."""
+    rng = np.random.default_rng(seed)
+    protos = blobs(styles * classes, seed=seed)[:, 0].astype(np.float32)
+    y = np.arange(classes * per_class) % classes
+    x = np.stack([np.clip(np.roll(protos[c * styles + rng.integers(styles)], rng.integers(-1, 2, 2), axis=(0, 1))
+                          * rng.uniform(0.7, 1.0) + rng.normal(0, 4, (20, 20)), 0, 255).astype(np.uint8)[None]
+                  for c in y])
+    return x, y
+
+
+def scribble(rng, size: int = 20) -> np.ndarray:
+    """(size, size) uint8: three straight hard-edged segments joined end to end."""
+    im = np.zeros((size, size), np.uint8)
+    points = rng.integers(1, size - 1, (4, 2))
+    t = np.linspace(0, 1, 3 * size)
+    for (r0, c0), (r1, c1) in zip(points[:-1], points[1:]):
+        im[np.round(r0 + (r1 - r0) * t).astype(int), np.round(c0 + (c1 - c0) * t).astype(int)] = 255
+    return im
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_shape_residual_lists_scribbles_and_only_them(seed):
+    """Scribbles among a class's images are rebuilt by none of its principal shapes, even
+    where they are among the images the shapes are fitted on; a flat image is not
+    judged (the pixel distance lists it)."""
+    x, y = handwritten(300, seed=seed)
+    rng = np.random.default_rng(seed)
+    planted = rng.choice(len(y), 8, replace=False)
+    for i in planted:
+        x[i, 0] = scribble(rng)
+    x[planted[0] + 1] = 0
+    o = dc.outlier_scores({"train": (x, None)}, {"train": y}, {"train": pixels(x)}, neighbours=10)
+    z = o["shape_z"].to_numpy()
+    assert np.isnan(z[planted[0] + 1]) and np.isfinite(np.delete(z, planted[0] + 1)).all()
+    assert set(np.flatnonzero(z >= dc.SHAPE_Z)) == set(planted.tolist())
+
+
+def test_the_shape_residual_skips_small_classes_pools_large_images_and_reads_only_its_rows():
+    x, y = handwritten(dc.SHAPE_MIN + 200, classes=2)
+    y[:300:2] = 2  # class 2: 150 images, fewer than SHAPE_MIN (taken from class 0)
+    r = dc.shape_residual(x, y)
+    assert np.isnan(r[y == 2]).all() and np.isfinite(r[y < 2]).all() and (r[y < 2] < 1).all()
+    rows = np.arange(0, len(y), 3)
+    np.testing.assert_array_equal(dc.shape_residual(x, y[rows], rows=rows), dc.shape_residual(x[rows], y[rows]))
+    big = np.arange(2 * 3 * 70 * 40, dtype=np.float32).reshape(2, 3, 70, 40) % 256
+    p = dc.pooled(big.astype(np.uint8))  # 70 pixels a side: blocks of 3, the last row left out
+    assert p.shape == (2, 3, 23, 13)
+    np.testing.assert_allclose(p[1, 2, 4, 5], big[1, 2, 12:15, 15:18].mean() / 255, rtol=1e-6)
+    assert dc.pooled(x).shape == x.shape
+
+
+def test_turned_back_a_turned_image_fits_its_class_and_both_views_must_agree():
+    x, y = handwritten(300, seed=2)
+    planted = np.array([3, 10, 17, 24])
+    for j, i in enumerate(planted):
+        x[i] = dc.turned(x[i:i + 1], 1 + j % 3)[0]
+    upright = np.array([0, 1, 2, 4, 5])
+    gain = dc.ClassShapes(x, y).turned_gain(np.concatenate([planted, upright]))
+    assert (gain[:4] >= dc.TURN_GAIN).all() and (gain[4:] < 0).all(), gain
+    assert dc.is_turned([0.999, 0.999, 0.9, np.nan, 0.999], [0.1, 0.0, 0.1, 0.1, np.nan]).tolist() == [
+        True, False, False, False, False]
+    assert dc.is_turned([0.999, 0.9, np.nan]).tolist() == [True, False, False]  # a run without the gain
+
+
 def test_the_orientation_probe_finds_turned_images_and_only_them():
     """Images turned by a quarter or three quarters stand out from their class's upright
     images; a class that looks the same every way up has nothing listed."""
@@ -253,7 +320,7 @@ def test_score_writes_the_data_checks(tmp_path):
     r = invoke("score", "--run", run, "-T", "4")
     assert r.exit_code == 0, r.output
     assert "near-duplicates (correlation >= 0.99): 1 pairs, 1 across train and valid (leakage)" in r.output
-    assert "outliers (robust z >= 5, or turned): " in r.output and "class balance (train): largest/smallest class 1" in r.output
+    assert "outliers (robust z >= 5, or turned, or shape z >= 7): " in r.output and "class balance (train): largest/smallest class 1" in r.output
     near = pd.read_csv(run / "near_duplicates.csv", keep_default_na=False)
     assert sorted(zip(near["split"], near["index"])) == [("train", 1), ("valid", 0)]
     out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
@@ -276,6 +343,47 @@ def test_score_writes_the_data_checks(tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((run / "run.json").read_text())["score"]
     assert meta["outlier_z"] == 1000 and meta["data_checks"]["outliers"]["flagged"] == 0
+
+
+def test_score_lists_scribbles_unlike_their_class_and_the_report_shows_them(tmp_path):
+    x, y = handwritten(270, seed=3)
+    x, y, v, yv = x[:750], y[:750], x[750:], y[750:]
+    rng = np.random.default_rng(3)
+    planted = rng.choice(len(y), 6, replace=False)
+    for i in planted:
+        x[i, 0] = scribble(rng)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:, 0], y_train=y, x_valid=v[:, 0], y_valid=yv)
+    run = tmp_path / "r"
+    assert invoke("train", "--data", npz, "--run", run, "--epochs", "1").exit_code == 0
+    r = invoke("score", "--run", run, "-T", "2")
+    assert r.exit_code == 0, r.output
+    out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
+    odd = out[pd.to_numeric(out["shape_z"], errors="coerce") >= dc.SHAPE_Z]
+    assert set(zip(odd["split"], odd["index"])) == {("train", int(i)) for i in planted}
+    checks = json.loads((run / "run.json").read_text())["score"]["data_checks"]["outliers"]
+    assert checks["odd_shape"] == 6 and checks["shape_z"] == dc.SHAPE_Z
+    assert "6 unlike their class's shapes; listed in" in r.output
+    r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "3")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "<h3>Unlike their class's shapes</h3>" in page and "6 images that the principal shapes" in page
+    for i, z in zip(odd["index"], pd.to_numeric(odd["shape_z"])):
+        assert f"#{i} · {y[i]}<br>train · z {z:.1f}" in page
+    # an outliers.csv written before the shape residual (no shape_z) still makes a report
+    from audit.runs import OUTLIERS, RunStore
+
+    store = RunStore(run)
+    meta = store.meta()
+    score = json.loads(json.dumps(meta.score))
+    for key in ("turn_gain", "shape_z", "odd_shape"):
+        del score["data_checks"]["outliers"][key]
+    with store.writing(), store.transaction() as txn:
+        txn.write_csv(OUTLIERS, pd.read_csv(run / "outliers.csv").drop(columns=["turned_gain", "shape_z"]))
+        txn.commit(meta.evolve(score=score))
+    r = invoke("report", "--run", run, "--out", tmp_path / "rep2", "--top", "3")
+    assert r.exit_code == 0, r.output
+    assert "principal shapes" not in (tmp_path / "rep2" / "index.html").read_text()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -307,11 +415,13 @@ def test_the_checks_give_the_same_numbers_on_any_number_of_threads(monkeypatch, 
 
     x, y = shapes_by_class(60)  # the orientation probe, pixels as the features
     sample = dc.turn_sample(y)
+    hx, hy = handwritten(dc.SHAPE_MIN * 10, classes=2)  # several blocks of the shape residual
 
     def run():
         return (dc.knn_mean_distance(f, 5), dc.reduce_features(f), dc.similar_pairs(d, at_least=0.99),
                 dc.indexed_pairs(d, at_least=0.99, lists=40, probes=3),
-                dc.turned_probability(pixels(x), y, sample, {k: pixels(dc.turned(x[sample], k)) for k in (1, 2, 3)}))
+                dc.turned_probability(pixels(x), y, sample, {k: pixels(dc.turned(x[sample], k)) for k in (1, 2, 3)}),
+                dc.shape_residual(hx, hy), dc.ClassShapes(hx, hy).turned_gain(np.arange(0, len(hy), 7)))
 
     with threadpool_limits(limits=1):
         monkeypatch.setattr(device, "cpu_workers", lambda: 1)
@@ -345,10 +455,11 @@ def test_in_blocks_keeps_the_order_and_its_memory_bound():
     assert in_blocks(block, 0, 3) == []
 
 
-def test_score_lists_turned_digits_and_the_report_shows_them(tmp_path, mnist_dir, monkeypatch):
-    """Ten of 6,000 MNIST digits turned by a quarter (labels kept): `audit score` with
-    its defaults lists most of them as turned and hardly any other image; the report
-    shows them."""
+def test_score_lists_turned_digits_and_scribbles_and_the_report_shows_them(tmp_path, mnist_dir, monkeypatch):
+    """Ten of 6,000 MNIST digits turned by a quarter and ten replaced by scribbles
+    (labels kept): `audit score` with its defaults lists most of the turned ones as
+    turned, most scribbles as unlike their class's shapes, and hardly any other image;
+    the report shows them."""
     from audit.data import load_mnist
 
     monkeypatch.setenv("AUDIT_DATA_DIR", str(mnist_dir))
@@ -356,16 +467,26 @@ def test_score_lists_turned_digits_and_the_report_shows_them(tmp_path, mnist_dir
     x, y = m.train.x[:6000].copy(), m.train.y[:6000]
     planted = np.arange(0, 6000, 600)
     x[planted] = dc.turned(x[planted], 1)
+    scribbled = planted + 300
+    rng = np.random.default_rng(0)
+    for i in scribbled:
+        x[i, 0] = scribble(rng, 28)
     npz = tmp_path / "m.npz"
     np.savez(npz, x_train=x[:, 0], y_train=y, x_valid=m.train.x[50000:51000, 0], y_valid=m.train.y[50000:51000])
     run = tmp_path / "r"
     r = invoke("score", "--data", npz, "--run", run, "-T", "4")
     assert r.exit_code == 0, r.output
     out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
-    turned = out[pd.to_numeric(out["turned"], errors="coerce") >= dc.TURNED_P]
+    turned = out[dc.is_turned(pd.to_numeric(out["turned"], errors="coerce"),
+                              pd.to_numeric(out["turned_gain"], errors="coerce"))]
     found = set(zip(turned["split"], turned["index"]))
     hits = found & {("train", int(i)) for i in planted}
-    assert len(hits) >= 6 and len(found - hits) <= 2, out  # MNIST has odd digits of its own
+    others = found - hits - {("train", int(i)) for i in scribbled}  # the probe may call a scribble turned
+    assert len(hits) >= 6 and len(others) <= 2, out  # MNIST has odd digits of its own
+    odd = out[pd.to_numeric(out["shape_z"], errors="coerce") >= dc.SHAPE_Z]
+    odd_found = set(zip(odd["split"], odd["index"]))
+    odd_hits = odd_found & {("train", int(i)) for i in scribbled}
+    assert len(odd_hits) >= 7 and len(odd_found - odd_hits) <= 2, out
     checks = json.loads((run / "run.json").read_text())["score"]["data_checks"]["outliers"]
     assert checks["turned"] == len(found) and checks["turned_p"] == dc.TURNED_P
     assert f"{len(found):,} of them turned (sideways or upside down)" in r.output
@@ -375,3 +496,6 @@ def test_score_lists_turned_digits_and_the_report_shows_them(tmp_path, mnist_dir
     assert "<h3>Turned images</h3>" in page and f"{len(found)} images that look sideways or upside down" in page
     for i, p in zip(turned["index"], pd.to_numeric(turned["turned"])):
         assert f"#{i} · {m.class_names[y[i]]}<br>train · p {p:.3f}" in page
+    assert f"{len(odd_found)} images that the principal shapes of their class do not rebuild" in page
+    for i, z in zip(odd["index"], pd.to_numeric(odd["shape_z"])):
+        assert f"#{i} · {m.class_names[y[i]]}<br>train · z {z:.1f}" in page
