@@ -1,7 +1,8 @@
 """The command's own part after the scoring, step by step, on all of MNIST's 70,000
 images: the trunk's features, the exact near-duplicate search, the outlier distances
-(pixels and features), the features' PCA, and the orientation probe (the trunk on a
-sample's turned copies, then the probes' fits; where the checkout has them). Each step runs in fixed blocks on
+(pixels and features), the features' PCA, the orientation probe (the trunk on a
+sample's turned copies, then the probes' fits) and the class shapes (their fits and
+every image's residual; then 100 images turned back), where the checkout has them. Each step runs in fixed blocks on
 single-threaded BLAS, one thread per core (`audit.device.in_blocks`); ``--threads 1``
 puts it on one thread. Best of ``--repeats``, seconds per step.
 
@@ -72,6 +73,14 @@ def main() -> None:
             t0 = time.perf_counter()
             dc.turned_probability(f, y, sample, taught)
             steps["turned: probes"] = time.perf_counter() - t0
+        if hasattr(dc, "ClassShapes"):
+            t0 = time.perf_counter()
+            shapes = dc.ClassShapes(x, y)
+            shapes.residual()
+            steps["class shapes: residuals"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            shapes.turned_gain(np.arange(0, len(y), 700))  # 100 images, as many as the probe lists on MNIST
+            steps["class shapes: 100 turned back"] = time.perf_counter() - t0
         best = {k: min(v, best.get(k, np.inf)) for k, v in steps.items()}
     print(f"audit {audit.__version__} from {audit.__file__}; {len(x):,} images, best of {args.repeats}")
     for k, v in best.items():
