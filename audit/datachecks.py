@@ -98,6 +98,8 @@ SHAPE_Z = 7.0  # listed at or above this robust z of the shape residual (chosen 
 SHAPE_SIDE = 32  # larger images are pooled to at most this many pixels a side first
 SHAPE_FIT = 5000  # images of a class at most that its principal shapes are fitted on
 SHAPE_MIN = 200  # a class with fewer images is not judged
+SHAPE_SCALE = 0.01  # the least spread of residuals their z is taken over (1% of an image's norm): in
+# data its shapes rebuild all but exactly, a rounding's worth more is not unlike the class
 TURN_GAIN = 0.05  # a turned image's shape residual must fall by this much turned back (chosen with SHAPE_Z)
 OUTLIER_COLUMNS = ("split", "index", "path", "label", "outlier_score", "pixel_z", "feature_z", "turned", "turned_gain",
                    "shape_z")
@@ -382,10 +384,11 @@ def near_duplicates(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]]
     return pd.DataFrame(recs, columns=list(NEAR_COLUMNS)) if recs else empty
 
 
-def robust_z(d: np.ndarray) -> np.ndarray:
+def robust_z(d: np.ndarray, floor: float = 1e-12) -> np.ndarray:
+    """(d - median) / (1.4826 MAD), the scale at least ``floor``."""
     med = np.median(d)
     mad = np.median(np.abs(d - med)) * 1.4826
-    return ((d - med) / max(mad, 1e-12)).astype(np.float32)
+    return ((d - med) / max(mad, floor)).astype(np.float32)
 
 
 def knn_mean_distance(f: np.ndarray, k: int, *, reference: int = REFERENCE, seed: int = 0) -> np.ndarray:
@@ -568,13 +571,18 @@ class ClassShapes:
                 if len(mine) < SHAPE_MIN:
                     continue
                 fit = mine if len(mine) <= SHAPE_FIT else np.sort(rng.choice(mine, SHAPE_FIT, replace=False))
-                self.bases[c] = []
+                halves = []
                 for half in (0, 1):
                     a = pooled(x[self.rows[fit[half::2]]]).reshape(len(fit[half::2]), -1)
-                    pca = PCA(n_components=min(dims, a.shape[1] // 4, len(a) // 2), svd_solver="randomized",
-                              random_state=seed).fit(a)
-                    self.bases[c].append((pca.mean_.astype(np.float32), pca.components_.astype(np.float32)))
-                    self.fitted_by[fit[half::2]] = half
+                    k = min(dims, a.shape[1] // 4, len(a) // 2)
+                    if k < 1:  # images of under 4 values have no shapes to speak of
+                        break
+                    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(a)
+                    halves.append((pca.mean_.astype(np.float32), pca.components_.astype(np.float32)))
+                else:
+                    self.bases[c] = halves
+                    for half in (0, 1):
+                        self.fitted_by[fit[half::2]] = half
 
     def residual(self, *, only: np.ndarray | None = None, turn: int = 0) -> np.ndarray:
         """The judged images' (positions ``only`` among them, default all) residual after
@@ -668,7 +676,7 @@ def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]],
     judged = np.isfinite(residual)
     shape = np.full(len(first), np.nan, np.float32)
     if judged.any():
-        shape[judged] = robust_z(residual[judged])
+        shape[judged] = robust_z(residual[judged], floor=SHAPE_SCALE)
     turned = np.full(len(where), np.nan, np.float32) if turned is None else np.asarray(turned, np.float32)
     gain = np.full(len(first), np.nan, np.float32)
     probed = np.unique(inverse[np.nan_to_num(turned, nan=0) >= TURNED_P])

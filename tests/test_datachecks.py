@@ -234,6 +234,20 @@ def test_the_shape_residual_skips_small_classes_pools_large_images_and_reads_onl
     assert p.shape == (2, 3, 23, 13)
     np.testing.assert_allclose(p[1, 2, 4, 5], big[1, 2, 12:15, 15:18].mean() / 255, rtol=1e-6)
     assert dc.pooled(x).shape == x.shape
+    assert np.isnan(dc.shape_residual(x[:, :, :1, :1], y)).all()  # one pixel has no shape
+
+
+def test_data_its_shapes_rebuild_exactly_has_no_shape_outliers():
+    """One noiseless shape per class at one-pixel shifts and inks: every residual is
+    about zero (the rounding to whole levels), and a little more (a single pixel 20 levels
+    brighter) is not listed."""
+    protos = handwritten(1, classes=2)[0].astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = np.stack([np.round(np.roll(protos[i % 2], rng.integers(-1, 2, 2), axis=(1, 2)) * rng.uniform(0.5, 1))
+                  for i in range(600)]).astype(np.uint8)
+    x[7, 0, 10, 10] = min(255, int(x[7, 0, 10, 10]) + 20)
+    o = dc.outlier_scores({"train": (x, None)}, {"train": np.arange(600) % 2}, {"train": pixels(x)})
+    assert np.isfinite(o["shape_z"]).all() and (o["shape_z"] < dc.SHAPE_Z).all()
 
 
 def test_turned_back_a_turned_image_fits_its_class_and_both_views_must_agree():
