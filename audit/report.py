@@ -352,7 +352,8 @@ def data_checks_context(store: runs.RunStore, dataset: Dataset) -> dict | None:
     # "turned", "turned_gain" and "shape_z" are not required: a run scored before the
     # orientation probe or the class shapes has no such column
     out = store.read_table(runs.OUTLIERS, OUTLIER_COLUMNS[:-3],
-                           numeric=("index", "outlier_score", "pixel_z", "feature_z", "turned", "turned_gain", "shape_z"),
+                           numeric=("index", "outlier_score", "pixel_z", "feature_z", "turned", "turned_gain",
+                                    "shape_z"),
                            dtype={"split": str, "path": str, "label": str}, keep_default_na=False)
     gain = out["turned_gain"].to_numpy() if "turned_gain" in out else None
     for optional in ("turned", "turned_gain", "shape_z"):

@@ -739,8 +739,8 @@ def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, fea
     """Near-duplicates (leakage across the splits among them), outliers and class
     imbalance of the scored splits (:mod:`audit.datachecks`): run.json's counts, the
     near-duplicate pairs, the outliers (most unlike first: at or above
-    ``config.outlier_z``, or turned, or unlike their class's shapes), and ``scores`` with each image's
-    ``outlier_score``. ``features``: the trunk's output for each scored split;
+    ``config.outlier_z``, or turned, or unlike their class's shapes), and ``scores`` with
+    each image's ``outlier_score``. ``features``: the trunk's output for each scored split;
     ``turned``: :func:`turned_check`'s probabilities."""
     from . import datachecks as dc
 
@@ -761,8 +761,9 @@ def data_checks(dataset: Dataset, scores: pd.DataFrame, config: ScoreConfig, fea
         "seconds": round(time.perf_counter() - t0, 3),
         "near_duplicates": {"threshold": config.near_threshold, "pairs": int(len(pairs)),
                             **{k: int((pairs["kind"] == k).sum()) for k in dc.KINDS}},
-        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)), "turned_p": dc.TURNED_P, "turn_gain": dc.TURN_GAIN,
-                     "turned": int(is_turned.sum()), "shape_z": dc.SHAPE_Z, "odd_shape": int(odd_shape.sum()),
+        "outliers": {"z": config.outlier_z, "flagged": int(len(flagged)), "turned_p": dc.TURNED_P,
+                     "turn_gain": dc.TURN_GAIN, "turned": int(is_turned.sum()), "shape_z": dc.SHAPE_Z,
+                     "odd_shape": int(odd_shape.sum()),
                      **{n: int((flagged["split"] == n).sum()) for n in config.splits}},
         "imbalance": dc.imbalance({n: dataset.split(n).y for n in config.splits}, dataset.class_names),
     }

@@ -334,7 +334,8 @@ def test_score_writes_the_data_checks(tmp_path):
     r = invoke("score", "--run", run, "-T", "4")
     assert r.exit_code == 0, r.output
     assert "near-duplicates (correlation >= 0.99): 1 pairs, 1 across train and valid (leakage)" in r.output
-    assert "outliers (robust z >= 5, or turned, or shape z >= 7): " in r.output and "class balance (train): largest/smallest class 1" in r.output
+    assert "outliers (robust z >= 5, or turned, or shape z >= 7): " in r.output
+    assert "class balance (train): largest/smallest class 1" in r.output
     near = pd.read_csv(run / "near_duplicates.csv", keep_default_na=False)
     assert sorted(zip(near["split"], near["index"])) == [("train", 1), ("valid", 0)]
     out = pd.read_csv(run / "outliers.csv", keep_default_na=False)
