@@ -350,7 +350,7 @@ def test_score_writes_the_data_checks(tmp_path):
     r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "3")
     assert r.exit_code == 0, r.output
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "<h2>Near-duplicates</h2>" in page and "1 pairs at a correlation of at least 0.99" in page
+    assert "<h2>Near-duplicates</h2>" in page and "1 pair at a correlation of at least 0.99" in page
     assert "<h2>Outliers</h2>" in page and "#2 · 2<br>train · z " in page
     assert "Images per class (train): 0 50, 1 50, 2 50." in page
     # other thresholds: recorded, and fewer outliers at a higher z
@@ -508,7 +508,7 @@ def test_score_lists_turned_digits_and_scribbles_and_the_report_shows_them(tmp_p
     r = invoke("report", "--run", run, "--out", tmp_path / "rep", "--top", "3")
     assert r.exit_code == 0, r.output
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "<h3>Turned images</h3>" in page and f"{len(found)} images that look sideways or upside down" in page
+    assert "<h3>Turned images</h3>" in page and f"{len(found)} images that look sideways or upside down" in page  # more than one
     for i, p in zip(turned["index"], pd.to_numeric(turned["turned"])):
         assert f"#{i} · {m.class_names[y[i]]}<br>train · p {p:.3f}" in page
     assert f"{len(odd_found)} images that the principal shapes of their class do not rebuild" in page
