@@ -618,14 +618,14 @@ class ClassShapes:
 
         return np.concatenate(in_blocks(block, len(only), _CHUNK)) if len(only) else np.zeros(0, np.float32)
 
-    def turned_gain(self, only: np.ndarray) -> np.ndarray:
+    def turned_gain(self, only: np.ndarray, upright: np.ndarray | None = None) -> np.ndarray:
         """How much the residual of the judged images at positions ``only`` falls when
-        they are turned back: their residual as they are less the smallest over the
-        quarter turns their shape allows (:func:`quarter_turns`). Positive where some
-        turn fits the class better than upright."""
+        they are turned back: their residual as they are (``upright``, where computed
+        already) less the smallest over the quarter turns their shape allows
+        (:func:`quarter_turns`). Positive where some turn fits the class better."""
         if not len(only):
             return np.zeros(0, np.float32)
-        upright = self.residual(only=only)
+        upright = self.residual(only=only) if upright is None else upright
         back = np.min([self.residual(only=only, turn=k) for k in quarter_turns(self.x.shape)], axis=0)
         return (upright - back).astype(np.float32)
 
@@ -680,7 +680,7 @@ def outlier_scores(splits: dict[str, tuple[np.ndarray, tuple[str, ...] | None]],
     turned = np.full(len(where), np.nan, np.float32) if turned is None else np.asarray(turned, np.float32)
     gain = np.full(len(first), np.nan, np.float32)
     probed = np.unique(inverse[np.nan_to_num(turned, nan=0) >= TURNED_P])
-    gain[probed] = shapes.turned_gain(probed)
+    gain[probed] = shapes.turned_gain(probed, residual[probed])
     paths = [(splits[s][1][i] if splits[s][1] else "") for s, i in where]
     return pd.DataFrame({
         "split": [s for s, _ in where], "index": np.array([i for _, i in where], np.int64), "path": paths,

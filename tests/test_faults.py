@@ -529,6 +529,11 @@ def test_scores_rows_out_of_range_are_refused(scored, column, value, fragment):
      "line 2: test #1 is not an image of this run's data"),
     ("outliers.csv", "split,index,path,label,outlier_score,pixel_z,feature_z,turned\ntrain,1,,0,9.0,9.0,1.0,\n"
      "train,2,,0,1.0,1.0,1.0,=1+1\n", "column 'turned', line 3: expected a number, found '=1+1'"),
+    ("outliers.csv", "split,index,path,label,outlier_score,pixel_z,feature_z,turned,turned_gain,shape_z\n"
+     "train,1,,0,9.0,9.0,1.0,0.999,0.2,3.0\ntrain,2,,0,1.0,1.0,1.0,,,big\n",
+     "column 'shape_z', line 3: expected a number, found 'big'"),
+    ("outliers.csv", "split,index,path,label,outlier_score,pixel_z,feature_z,turned,turned_gain,shape_z\n"
+     "train,1,,0,9.0,9.0,1.0,0.999,-inf-,3.0\n", "column 'turned_gain', line 2: expected a number, found '-inf-'"),
 ])
 def test_data_check_tables_naming_no_image_are_refused(scored, name, text, fragment):
     """A table the report shows images from, edited with its manifest entry to name an
